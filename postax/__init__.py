@@ -1,0 +1,33 @@
+"""postax: JAX-native, white-box post-training for large language models."""
+
+from postax.models import (
+    PRESETS,
+    CausalLM,
+    CheckpointError,
+    ConfigError,
+    KVCache,
+    ModelConfig,
+    RopeConfig,
+    abstract_model,
+    build_model,
+    load_model,
+    preset,
+    save_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "ModelConfig",
+    "RopeConfig",
+    "abstract_model",
+    "build_model",
+    "load_model",
+    "preset",
+    "save_model",
+]

@@ -1,0 +1,151 @@
+"""Typed model configuration shared by every family.
+
+A `ModelConfig` describes one decoder-only transformer completely: the family
+files (`llama.py`, `qwen.py`, `gemma.py`) only translate Hugging Face
+`config.json` dictionaries to and from it. Every switch that separates the
+families (q/k/v bias, q/k norm, sandwich norms, soft-capping, sliding windows,
+embedding scaling, norm offset) is a field here, not a subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROPE_KINDS = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+def _require(condition: bool, field: str, value: object, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary position embedding (Su et al. 2021, "RoFormer") frequencies.
+
+    kind:
+      - "default": inv_freq[i] = theta ** (-2i / rotary_dim).
+      - "linear": positions divided by `factor` (position interpolation,
+        Chen et al. 2023); Gemma 3 uses it on its global layers.
+      - "llama3": the Llama 3.1 frequency-dependent scaling (low frequencies
+        divided by `factor`, high frequencies kept, a smooth ramp between).
+    """
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _require(self.theta > 0, "rope.theta", self.theta, "must be > 0")
+        _require(self.kind in ROPE_KINDS, "rope.kind", self.kind, f"one of {ROPE_KINDS}")
+        _require(self.factor > 0, "rope.factor", self.factor, "must be > 0")
+        if self.kind == "llama3":
+            _require(
+                self.high_freq_factor > self.low_freq_factor,
+                "rope.high_freq_factor",
+                self.high_freq_factor,
+                f"must exceed low_freq_factor={self.low_freq_factor}",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of a decoder-only causal language model.
+
+    `family` selects the Hugging Face architecture used when saving
+    (`llama`, `qwen2`, `qwen3`, `gemma`, `gemma2`, `gemma3`). `layer_types`
+    gives each layer "full_attention" or "sliding_attention"; sliding layers
+    attend to the last `sliding_window` positions (the query included) and use
+    `local_rope` when it is set (Gemma 3), `rope` otherwise.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    local_rope: RopeConfig | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    activation: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, value, "a positive integer")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            self.num_kv_heads,
+            f"must divide num_heads={self.num_heads} (grouped-query attention)",
+        )
+        _require(self.activation in ACTIVATIONS, "activation", self.activation, f"one of {ACTIVATIONS}")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("full_attention",) * self.num_layers)
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        _require(
+            len(self.layer_types) == self.num_layers,
+            "layer_types",
+            self.layer_types,
+            f"one entry per layer ({self.num_layers})",
+        )
+        for kind in self.layer_types:
+            _require(kind in LAYER_TYPES, "layer_types", kind, f"entries in {LAYER_TYPES}")
+        if "sliding_attention" in self.layer_types:
+            _require(
+                isinstance(self.sliding_window, int) and self.sliding_window > 0,
+                "sliding_window",
+                self.sliding_window,
+                "a positive integer when any layer is 'sliding_attention'",
+            )
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, value, "None or > 0")
+
+    @property
+    def attention_scale(self) -> float:
+        """Multiplier of q.k: query_pre_attn_scalar**-0.5 (Gemma 2/3) or head_dim**-0.5."""
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+        return float(base) ** -0.5
+
+    def rope_for_layer(self, index: int) -> RopeConfig:
+        if self.layer_types[index] == "sliding_attention" and self.local_rope is not None:
+            return self.local_rope
+        return self.rope
+
+    def window_for_layer(self, index: int) -> int | None:
+        return self.sliding_window if self.layer_types[index] == "sliding_attention" else None
+
+    def replace(self, **changes: object) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+

@@ -1,0 +1,240 @@
+"""Hugging Face checkpoints: `config.json` plus safetensors, in and out.
+
+`load_model(path)` picks the family from `model_type` (or `architectures`),
+builds the module abstractly (no memory), then streams tensors from the
+safetensors file(s) one at a time straight into parameters of the requested
+dtype. Module paths equal Hugging Face tensor names, so the only per-family
+table is `checkpoint_name` (e.g. Gemma 3's multimodal prefixes).
+
+`save_model(model, path)` writes `config.json` and safetensors (sharded with
+`model.safetensors.index.json` past `max_shard_bytes`) that
+`transformers.AutoModelForCausalLM.from_pretrained` loads. Each file is
+written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from postax.models import gemma, llama, qwen
+from postax.models.config import ConfigError, ModelConfig
+from postax.models.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensor, write_file
+from postax.models.transformer import CausalLM
+
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, qwen, gemma)
+MODEL_TYPES: dict[str, ModuleType] = {t: m for m in FAMILY_MODULES for t in m.MODEL_TYPES}
+FAMILY_OF_CONFIG: dict[str, ModuleType] = {
+    "llama": llama, "qwen2": qwen, "qwen3": qwen, "gemma": gemma, "gemma2": gemma, "gemma3": gemma,
+}
+ARCHITECTURE_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",
+}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _family(hf: dict[str, Any], source: Path) -> ModuleType:
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        model_type = next((ARCHITECTURE_MODEL_TYPES[a] for a in hf.get("architectures") or []
+                           if a in ARCHITECTURE_MODEL_TYPES), model_type)
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: unsupported architecture (model_type={hf.get('model_type')!r}, "
+            f"architectures={hf.get('architectures')!r}); supported model types: "
+            f"{', '.join(sorted(MODEL_TYPES))}; architectures: {', '.join(sorted(ARCHITECTURE_MODEL_TYPES))}"
+        )
+    return MODEL_TYPES[model_type]
+
+
+def config_from_hf(hf: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
+    """A ModelConfig from a parsed Hugging Face config.json."""
+    hf = dict(hf)
+    family = _family(hf, Path(source))
+    if hf.get("model_type") not in MODEL_TYPES:
+        hf["model_type"] = next(ARCHITECTURE_MODEL_TYPES[a] for a in hf["architectures"]
+                                if a in ARCHITECTURE_MODEL_TYPES)
+    try:
+        return family.config_from_hf(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json dictionary transformers reads for this config."""
+    return FAMILY_OF_CONFIG[cfg.family].config_to_hf(cfg)
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    config_path = Path(path) / "config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{config_path}: not found; a checkpoint directory needs config.json") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+    return config_from_hf(hf, config_path)
+
+
+def build_model(cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str | None = None,
+                seed: int = 0) -> CausalLM:
+    """A randomly initialised model (std 0.02 normal weights)."""
+    return CausalLM(cfg, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype),
+                    rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str | None = None) -> CausalLM:
+    """The model with jax.ShapeDtypeStruct leaves: shapes and counts without memory."""
+    return nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, param_dtype=param_dtype))
+
+
+def _dtype(name: str) -> jnp.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is invalid: one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _checkpoint_tensors(path: Path) -> dict[str, TensorInfo]:
+    index_path = path / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: corrupt index, expected a JSON object with 'weight_map'") from e
+        tensors: dict[str, TensorInfo] = {}
+        for file in sorted(set(weight_map.values())):
+            header = read_header(path / file)
+            for name, info in header.items():
+                if weight_map.get(name) != file:
+                    raise CheckpointError(f"{path / file}: tensor '{name}' is not listed for this file in {INDEX_FILE}")
+                tensors[name] = info
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{index_path}: tensors listed but absent from their files: {missing[:5]}")
+        return tensors
+    if (path / SINGLE_FILE).exists():
+        return read_header(path / SINGLE_FILE)
+    found = sorted(p.name for p in path.glob("*")) if path.is_dir() else []
+    raise CheckpointError(
+        f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found (only safetensors checkpoints are "
+        f"supported; found: {found[:10]})"
+    )
+
+
+def param_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> CausalLM:
+    """Loads a Hugging Face checkpoint directory (config.json + safetensors).
+
+    dtype is the compute dtype, param_dtype the storage dtype (default: dtype).
+    Tensors stream one at a time: peak host memory is the model plus about one
+    tensor. A tied `lm_head.weight` present in the file is ignored; any other
+    missing, unexpected or mis-shaped tensor is an error naming it.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    family = FAMILY_OF_CONFIG[cfg.family]
+    naming = getattr(family, "checkpoint_name", lambda name: name)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
+    expected = {param_name(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
+
+    found: dict[str, TensorInfo] = {}
+    unexpected = []
+    for name, info in _checkpoint_tensors(path).items():
+        target = naming(name)
+        if target is None or (cfg.tie_word_embeddings and target == "lm_head.weight"):
+            continue
+        if target not in expected:
+            unexpected.append(name)
+        found[target] = info
+    missing = sorted(set(expected) - set(found))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: checkpoint does not match {cfg.family} config: "
+            f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+            f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    flat = []
+    for name, (param_path, variable) in expected.items():
+        info = found[name]
+        want = tuple(variable.shape)
+        if info.shape != want:
+            raise CheckpointError(
+                f"{info.file}: tensor '{info.name}' has shape {info.shape}, expected {want} for {cfg.family}"
+            )
+        if not np.issubdtype(info.dtype, np.floating) and info.dtype.name != "bfloat16":
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' has non-float dtype {info.dtype}")
+        array = read_tensor(info).astype(variable.dtype, copy=False)
+        flat.append((param_path, variable.replace(jax.device_put(array))))
+        del array
+    state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, state)
+
+
+def model_tensors(model: CausalLM) -> dict[str, jax.Array]:
+    """Hugging Face tensor name -> parameter array."""
+    return {param_name(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def save_model(model: CausalLM, path: str | os.PathLike, *, dtype: str | None = None,
+               max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes config.json and safetensors that transformers loads.
+
+    dtype: storage dtype of the tensors (default: the params' dtype).
+    Checkpoints above `max_shard_bytes` are split into numbered shards with
+    an index. Old shard files of a previous save in the same directory are
+    removed once the new files are in place.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = model_tensors(model)
+    target = {name: np.dtype(_dtype(dtype) if dtype else a.dtype) for name, a in tensors.items()}
+    sizes = {name: math.prod(a.shape) * target[name].itemsize for name, a in tensors.items()}
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name in tensors:
+        if shards[-1] and shard_bytes + sizes[name] > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += sizes[name]
+    files = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file, names in zip(files, shards, strict=True):
+        entries = [(n, tuple(tensors[n].shape), target[n],
+                    lambda n=n: np.asarray(jax.device_get(tensors[n])).astype(target[n], copy=False))
+                   for n in names]
+        write_file(path / file, entries)
+    hf_config = config_to_hf(model.config)
+    hf_config["torch_dtype"] = str(next(iter(target.values()), np.dtype("float32")))
+    _write_json(path / "config.json", hf_config)
+    if len(files) > 1:
+        weight_map = {n: f for f, names in zip(files, shards, strict=True) for n in names}
+        _write_json(path / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+    elif (path / INDEX_FILE).exists():
+        (path / INDEX_FILE).unlink()
+    for stale in path.glob("model*.safetensors"):
+        if stale.name not in files:
+            stale.unlink()
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,259 @@
+"""Layers shared by every model family.
+
+Parameters are stored in Hugging Face layout and named as Hugging Face names
+them (`weight` of shape [out, in], `bias`), so that a checkpoint's tensor
+names map onto module paths one to one. Every parameter carries logical axis
+names (`sharding_names`: vocab, embed, mlp, heads, kv_heads, head_dim) that a
+mesh maps onto devices.
+
+Numerics follow the reference implementations: RMSNorm and softmax in
+float32, rotary angles in float32, logits accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from postax.models.config import ModelConfig, RopeConfig
+
+# A large negative instead of -inf keeps fully masked rows (left padding) finite.
+MASK_VALUE = -1e30
+
+
+def make_param(
+    rngs: nnx.Rngs | None,
+    shape: Sequence[int],
+    axes: tuple[str | None, ...],
+    dtype: jnp.dtype,
+    init: str = "normal",
+    std: float = 0.02,
+) -> nnx.Param:
+    """A parameter with logical axis names; `init` is "normal", "zeros" or "ones"."""
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(tuple(shape), jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(tuple(shape), jnp.float32)
+    else:
+        raise ValueError(f"init={init!r}: expected 'normal', 'zeros' or 'ones'")
+    return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x W^T + b with W stored as [out_features, in_features] (Hugging Face layout)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        out_axis, in_axis = axes
+        self.weight = make_param(rngs, (out_features, in_features), (out_axis, in_axis), param_dtype)
+        self.bias = make_param(rngs, (out_features,), (out_axis,), param_dtype, "zeros") if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...].astype(self.dtype)
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [vocab, embed]; also the tied output projection."""
+
+    def __init__(self, vocab_size: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.weight = make_param(rngs, (vocab_size, features), ("vocab", "embed"), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the embedding table, accumulated in float32."""
+        w = self.weight[...].astype(self.dtype)
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), w, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32.
+
+    `plus_one=False` (Llama, Qwen): weight * cast(x / rms(x)), weight starts at 1.
+    `plus_one=True` (Gemma): cast((x / rms(x)) * (1 + weight)), weight starts at 0.
+    The order of cast and multiply follows each reference implementation, so
+    bfloat16 results agree too.
+    """
+
+    def __init__(self, features: int, *, eps: float, plus_one: bool, axis_name: str, param_dtype, rngs):
+        init = "zeros" if plus_one else "ones"
+        self.weight = make_param(rngs, (features,), (axis_name,), param_dtype, init)
+        self.eps = eps
+        self.plus_one = plus_one
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        weight = self.weight[...]
+        return weight.astype(jnp.promote_types(weight.dtype, x.dtype)) * normed.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def rope_inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2] in float32 (computed as the references do)."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.kind == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.kind == "llama3":
+        context = rope.original_max_position_embeddings
+        low_freq_wavelen = context / rope.low_freq_factor
+        high_freq_wavelen = context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope: RopeConfig) -> jax.Array:
+    """Rotate x [batch, seq, heads, head_dim] by positions [batch, seq] (rotate-half layout)."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(rope, x.shape[-1]))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def make_attention_mask(
+    query_index: jax.Array,
+    key_valid: jax.Array,
+    *,
+    query_segments: jax.Array | None = None,
+    key_segments: jax.Array | None = None,
+    window: int | None = None,
+) -> jax.Array:
+    """Boolean mask [batch, q, k]: causal by slot index, padding, segments, window.
+
+    query_index [q] holds each query's slot in the key sequence; key slot j is
+    visible to query slot i when j <= i, the key is valid (not padding), both
+    belong to the same segment (packed sequences) and, for sliding layers,
+    i - j < window.
+    """
+    key_index = jnp.arange(key_valid.shape[-1])
+    visible = key_index[None, :] <= query_index[:, None]
+    if window is not None:
+        visible &= key_index[None, :] > query_index[:, None] - window
+    mask = visible[None] & key_valid[:, None, :]
+    if query_segments is not None:
+        mask &= query_segments[:, :, None] == key_segments[:, None, :]
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Grouped-query attention. q [b, t, h, d]; k, v [b, s, kv, d]; mask [b, t, s].
+
+    Scores are accumulated and soft-maxed in float32; soft-capping
+    (Gemma 2: cap * tanh(scores / cap)) comes before the mask.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * v.shape[-1])
+
+
+ACTIVATION_FUNCTIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+class MLP(nnx.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x)) (Shazeer 2020, "GLU variants")."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("mlp", "embed"), **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("mlp", "embed"), **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("embed", "mlp"), **kw)
+        self.activation = cfg.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATION_FUNCTIONS[self.activation]
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped KV heads, optional q/k norm, bias and soft-cap."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        qkv = dict(use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, q_out, axes=("heads", "embed"), **qkv)
+        self.k_proj = Linear(cfg.hidden_size, kv_out, axes=("kv_heads", "embed"), **qkv)
+        self.v_proj = Linear(cfg.hidden_size, kv_out, axes=("kv_heads", "embed"), **qkv)
+        self.o_proj = Linear(
+            q_out, cfg.hidden_size, axes=("embed", "heads"), use_bias=cfg.o_bias,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, axis_name="head_dim",
+                        param_dtype=param_dtype, rngs=rngs)
+            self.q_norm = RMSNorm(cfg.head_dim, **norm)
+            self.k_norm = RMSNorm(cfg.head_dim, **norm)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope = cfg.rope_for_layer(layer_index)
+        self.window = cfg.window_for_layer(layer_index)
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcap
+
+    def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values of x [b, t, embed], normed and rotated."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope), v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        return self.o_proj(out)

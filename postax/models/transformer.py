@@ -1,0 +1,244 @@
+"""The decoder-only transformer every family instantiates, and its KV cache.
+
+Module paths mirror Hugging Face names (`model.layers.3.self_attn.q_proj.weight`,
+`lm_head.weight`), so a checkpoint maps onto the module without a table.
+
+Two entry points share one layer stack:
+  - `model(tokens, ...)`: a full forward pass (training, scoring) with
+    explicit positions, a padding mask and segment ids for packed rows;
+  - `model.decode(tokens, cache, ...)`: appends tokens to a preallocated
+    `KVCache` and returns their logits (prefill and decoding in the sampler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from postax.models.config import ModelConfig
+from postax.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, make_attention_mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Preallocated keys and values for every layer.
+
+    keys[i], values[i]: [batch, capacity, kv_heads, head_dim];
+    valid: [batch, capacity] bool, True where a slot holds a real token;
+    length: int32 scalar, the number of slots written so far (the next write
+    slot). Rows are left-padded, so every row writes at the same slot.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    length: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Positions counting only real tokens: left padding gets position 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions restarting at 0 at the start of every segment of a packed row."""
+    index = jnp.arange(segment_ids.shape[-1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
+    )
+    segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - segment_start
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block; with `sandwich_norms` (Gemma 2/3) each sub-block output is normed too.
+
+    Attribute names follow Hugging Face: in Llama-style blocks
+    `post_attention_layernorm` is the norm *before* the MLP; in sandwich
+    blocks it is applied to the attention output and the MLP gets
+    `pre_feedforward_layernorm` / `post_feedforward_layernorm`.
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, axis_name="embed",
+                    param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = Attention(cfg, index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.sandwich = cfg.sandwich_norms
+
+    def _attention_out(self, x, positions, attend):
+        q, k, v = self.self_attn.project_qkv(self.input_layernorm(x), positions)
+        out, extra = attend(q, k, v)
+        if self.sandwich:
+            out = self.post_attention_layernorm(out)
+        return x + out, extra
+
+    def _mlp_out(self, x):
+        if self.sandwich:
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def __call__(self, x, positions, masks):
+        """masks: {window or None: [b, t, t] bool}, shared across layers."""
+        attn = self.self_attn
+
+        def attend(q, k, v):
+            return attn.attend(q, k, v, masks[attn.window]), None
+
+        x, _ = self._attention_out(x, positions, attend)
+        return self._mlp_out(x)
+
+    def decode(self, x, positions, keys, values, write_at, valid):
+        """Writes this step's k/v into the cache at `write_at`, attends over the cache."""
+        attn = self.self_attn
+        query_index = write_at + jnp.arange(x.shape[1])
+
+        def attend(q, k, v):
+            new_keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), write_at, axis=1)
+            new_values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), write_at, axis=1)
+            mask = make_attention_mask(query_index, valid, window=attn.window)
+            return attn.attend(q, new_keys.astype(q.dtype), new_values.astype(q.dtype), mask), (new_keys, new_values)
+
+        x, (keys, values) = self._attention_out(x, positions, attend)
+        return self._mlp_out(x), keys, values
+
+
+class Decoder(nnx.Module):
+    """Embedding, layer stack and final norm: Hugging Face's `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for i in range(cfg.num_layers)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
+                            axis_name="embed", param_dtype=param_dtype, rngs=rngs)
+        self.embed_scale = cfg.hidden_size**0.5 if cfg.scale_embeddings else None
+        self.dtype = dtype
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        x = self.embed_tokens(tokens)
+        if self.embed_scale is not None:
+            # Gemma rounds sqrt(hidden) to the activation dtype before scaling.
+            x = x * jnp.asarray(self.embed_scale, x.dtype)
+        return x
+
+
+class CausalLM(nnx.Module):
+    """A decoder-only language model: `model(tokens) -> float32 logits [b, t, vocab]`."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        self.config = cfg
+        self.model = Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"),
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits of final hidden states (soft-capped for Gemma 2)."""
+        if self.lm_head is None:
+            out = self.model.embed_tokens.attend(hidden)
+        else:
+            w = self.lm_head.weight[...].astype(self.dtype)
+            out = jnp.einsum("...e,ve->...v", hidden.astype(self.dtype), w,
+                             preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcap
+        return out if cap is None else jnp.tanh(out / cap) * cap
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final normed hidden states [b, t, embed] of a full forward pass.
+
+        attention_mask [b, t]: 1 for real tokens, 0 for padding (left or right).
+        segment_ids [b, t]: packed documents; attention never crosses segments.
+        positions default to counting real tokens (restarting per segment).
+        """
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            if segment_ids is not None:
+                positions = positions_from_segments(segment_ids)
+            else:
+                positions = positions_from_mask(valid)
+        index = jnp.arange(t)
+        masks = {
+            window: make_attention_mask(index, valid, query_segments=segment_ids,
+                                   key_segments=segment_ids, window=window)
+            for window in {layer.self_attn.window for layer in self.model.layers}
+        }
+        x = self.model.embed(tokens)
+        for layer in self.model.layers:
+            x = layer(x, positions, masks)
+        return self.model.norm(x)
+
+    def __call__(self, tokens: jax.Array, **kwargs) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, **kwargs))
+
+    def init_cache(self, batch_size: int, capacity: int, dtype: jnp.dtype | None = None) -> KVCache:
+        """An empty cache for `batch_size` rows of at most `capacity` tokens."""
+        cfg = self.config
+        dtype = self.dtype if dtype is None else dtype
+        shape = (batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                       valid=jnp.zeros((batch_size, capacity), bool), length=jnp.zeros((), jnp.int32))
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        *,
+        positions: jax.Array,
+        attention_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends tokens [b, t] at slot `cache.length`; returns their logits and the new cache.
+
+        Used for prefill (t = prompt length, left-padded rows with
+        attention_mask) and for decoding (t = 1). Positions are explicit: the
+        sampler tracks each row's count of real tokens.
+        """
+        b, t = tokens.shape
+        step_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.length, axis=1)
+        x = self.model.embed(tokens)
+        keys, values = [], []
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = layer.decode(x, positions, cache.keys[i], cache.values[i], cache.length, valid)
+            keys.append(k)
+            values.append(v)
+        logits = self.logits(self.model.norm(x))
+        return logits, KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
+                               length=cache.length + t)
+

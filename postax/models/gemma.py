@@ -111,7 +111,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         return out
     out.update(
         hidden_activation=cfg.activation,
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
         attn_logit_softcapping=cfg.attn_logit_softcap,
         final_logit_softcapping=cfg.final_logit_softcap,
         sliding_window=cfg.sliding_window,
@@ -123,6 +123,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             raise ValueError("Gemma 3 config.json cannot express a scaled rope on sliding layers")
         out["rope_local_base_freq"] = local.theta
     return out
+
+
+def _int_if_whole(value: float | None) -> float | int | None:
+    """transformers 5 types query_pre_attn_scalar as int; keep fractional values as they are."""
+    return int(value) if value is not None and float(value).is_integer() else value
 
 
 def checkpoint_name(name: str) -> str | None:

@@ -3,7 +3,7 @@
 Parameters are stored in Hugging Face layout and named as Hugging Face names
 them (`weight` of shape [out, in], `bias`), so that a checkpoint's tensor
 names map onto module paths one to one. Every parameter carries logical axis
-names (`sharding_names`: vocab, embed, mlp, heads, kv_heads, head_dim) that a
+names (`out_sharding`: vocab, embed, mlp, heads, kv_heads, head_dim) that a
 mesh maps onto devices.
 
 Numerics follow the reference implementations: RMSNorm and softmax in
@@ -44,7 +44,7 @@ def make_param(
         value = jnp.ones(tuple(shape), jnp.float32)
     else:
         raise ValueError(f"init={init!r}: expected 'normal', 'zeros' or 'ones'")
-    return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
 class Linear(nnx.Module):

@@ -1,0 +1,50 @@
+"""Full-size presets build abstractly and have the published parameter counts."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import postax
+from postax.models.hf import config_to_hf
+
+# Published sizes in billions, to the digits the model cards give (Gemma-3-4B:
+# its language model; the 4.3B release adds a vision encoder).
+PUBLISHED_BILLIONS = {
+    "Llama-3-8B": "8.03", "Llama-3.1-8B": "8.03", "Llama-3.2-1B": "1.24", "Llama-3.2-3B": "3.21",
+    "Qwen2.5-0.5B": "0.49", "Qwen2.5-1.5B": "1.54", "Qwen2.5-7B": "7.61", "Qwen3-0.6B": "0.6",
+    "Qwen3-1.7B": "1.7", "Qwen3-8B": "8.2", "Gemma-2B": "2.51", "Gemma-2-2B": "2.61",
+    "Gemma-2-9B": "9.24", "Gemma-3-1B": "1.0", "Gemma-3-4B": "3.88",
+}
+
+
+def abstract_count(cfg) -> int:
+    model = postax.abstract_model(cfg)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    return sum(leaf.size for leaf in leaves)
+
+
+def test_every_preset_has_a_published_count():
+    assert set(PUBLISHED_BILLIONS) == set(postax.PRESETS)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_BILLIONS))
+def test_preset_parameter_count(name):
+    cfg = postax.preset(name)
+    count = abstract_count(cfg)
+    published = PUBLISHED_BILLIONS[name]
+    digits = len(published.split(".")[1])
+    assert abs(count / 1e9 - float(published)) <= 10.0**-digits, count
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf(cfg))
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(hf_config)
+    assert count == sum(p.numel() for p in reference.parameters())
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(postax.ConfigError, match=r"preset='Llama-9' is unknown; available: Llama-3-8B"):
+        postax.preset("Llama-9")

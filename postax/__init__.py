@@ -14,20 +14,25 @@ from postax.models import (
     preset,
     save_model,
 )
+from postax.tokenizer import ChatEncoding, ChatTemplateError, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
     "CausalLM",
+    "ChatEncoding",
+    "ChatTemplateError",
     "CheckpointError",
     "ConfigError",
     "KVCache",
     "ModelConfig",
     "RopeConfig",
+    "Tokenizer",
     "abstract_model",
     "build_model",
     "load_model",
+    "load_tokenizer",
     "preset",
     "save_model",
 ]

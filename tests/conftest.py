@@ -8,10 +8,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from hf_fixtures import TINY_CONFIGS, make_hf_model  # noqa: E402
+from hf_fixtures import TINY_CONFIGS, make_hf_model
 
 torch.set_num_threads(2)
 

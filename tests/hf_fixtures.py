@@ -14,34 +14,109 @@ import transformers
 VOCAB = 96
 
 TINY_CONFIGS: dict[str, tuple[type, dict]] = {
-    "llama": (transformers.LlamaConfig, dict(
-        hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=12, tie_word_embeddings=False, rms_norm_eps=1e-5,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-        rope_theta=500000.0, max_position_embeddings=128)),
-    "llama_tied_bias": (transformers.LlamaConfig, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
-    "qwen2": (transformers.Qwen2Config, dict(
-        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0)),
-    "qwen3": (transformers.Qwen3Config, dict(
-        hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
-    "gemma": (transformers.GemmaConfig, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16)),
-    "gemma2": (transformers.Gemma2Config, dict(
-        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-        attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
-    "gemma3": (transformers.Gemma3TextConfig, dict(
-        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=1000000.0,
-        rope_local_base_freq=10000.0, tie_word_embeddings=False)),
+    "llama": (
+        transformers.LlamaConfig,
+        dict(
+            hidden_size=48,
+            intermediate_size=72,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=12,
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-5,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            rope_theta=500000.0,
+            max_position_embeddings=128,
+        ),
+    ),
+    "llama_tied_bias": (
+        transformers.LlamaConfig,
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        dict(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+        ),
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(
+            hidden_size=40,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "gemma": (
+        transformers.GemmaConfig,
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
+    ),
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            rope_theta=1000000.0,
+            rope_local_base_freq=10000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 

@@ -37,7 +37,9 @@ def test_saved_checkpoint_loads_in_transformers(family, sharded, hf_checkpoints,
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert (len(files) > 1) == sharded
     assert (tmp_path / "model.safetensors.index.json").exists() == sharded
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    )
     assert type(reloaded) is type(hf_model)
     original = hf_model.state_dict()
     for name, tensor in reloaded.state_dict().items():
@@ -56,7 +58,9 @@ def test_bfloat16_checkpoint_round_trip(hf_checkpoints, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     ours = postax.models.hf.model_tensors(model)
     for name, tensor in reloaded.state_dict().items():
-        np.testing.assert_array_equal(tensor.float().numpy(), np.asarray(ours[name], np.float32), name)
+        np.testing.assert_array_equal(
+            tensor.float().numpy(), np.asarray(ours[name], np.float32), name
+        )
 
 
 def test_save_converts_dtype_and_replaces_previous_shards(hf_checkpoints, tmp_path):
@@ -83,13 +87,29 @@ def test_safetensors_written_by_postax_read_by_reference_library(hf_checkpoints,
 
 
 def test_gemma3_multimodal_checkpoint_loads_language_model(tmp_path, tokens):
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"])
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                       image_token_index=VOCAB - 1)
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=VOCAB - 1
+    )
     torch.manual_seed(0)
     full = transformers.Gemma3ForConditionalGeneration(config).eval()
     full.save_pretrained(tmp_path)
@@ -127,27 +147,40 @@ def test_unknown_architecture_names_what_is_supported(checkpoint_copy):
 
 def test_missing_tensor_is_named(checkpoint_copy):
     rewrite_tensors(checkpoint_copy, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(postax.CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(
+        postax.CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"
+    ):
         postax.load_model(checkpoint_copy)
 
 
 def test_unexpected_tensor_is_named(checkpoint_copy):
-    rewrite_tensors(checkpoint_copy, lambda t: t.update({"model.layers.0.adapter.weight": torch.zeros(2)}))
-    with pytest.raises(postax.CheckpointError, match=r"unexpected tensors \['model.layers.0.adapter.weight'\]"):
+    rewrite_tensors(
+        checkpoint_copy, lambda t: t.update({"model.layers.0.adapter.weight": torch.zeros(2)})
+    )
+    with pytest.raises(
+        postax.CheckpointError, match=r"unexpected tensors \['model.layers.0.adapter.weight'\]"
+    ):
         postax.load_model(checkpoint_copy)
 
 
 def test_misshaped_tensor_names_both_shapes(checkpoint_copy):
-    rewrite_tensors(checkpoint_copy, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(24, 47)}))
-    with pytest.raises(postax.CheckpointError,
-                       match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(24, 47\), expected \(24, 48\)"):
+    rewrite_tensors(
+        checkpoint_copy,
+        lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(24, 47)}),
+    )
+    with pytest.raises(
+        postax.CheckpointError,
+        match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(24, 47\), expected \(24, 48\)",
+    ):
         postax.load_model(checkpoint_copy)
 
 
 def test_truncated_file_is_reported(checkpoint_copy):
     data = (checkpoint_copy / "model.safetensors").read_bytes()
     (checkpoint_copy / "model.safetensors").write_bytes(data[:-64])
-    with pytest.raises(postax.CheckpointError, match=r"model.safetensors: corrupt or truncated file"):
+    with pytest.raises(
+        postax.CheckpointError, match=r"model.safetensors: corrupt or truncated file"
+    ):
         postax.load_model(checkpoint_copy)
 
 
@@ -155,7 +188,10 @@ def test_garbage_header_is_reported(checkpoint_copy):
     data = bytearray((checkpoint_copy / "model.safetensors").read_bytes())
     data[8:20] = b"not json at!"
     (checkpoint_copy / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(postax.CheckpointError, match=r"model.safetensors: corrupt safetensors file: header is not valid JSON"):
+    with pytest.raises(
+        postax.CheckpointError,
+        match=r"model.safetensors: corrupt safetensors file: header is not valid JSON",
+    ):
         postax.load_model(checkpoint_copy)
 
 
@@ -198,12 +234,30 @@ def test_missing_shard_is_reported(hf_checkpoints, tmp_path):
 
 
 def test_invalid_config_values_name_the_field():
-    with pytest.raises(postax.ConfigError, match=r"num_kv_heads=3 is invalid: must divide num_heads=8"):
-        postax.ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
-                           num_layers=1, num_heads=8, num_kv_heads=3, head_dim=1)
+    with pytest.raises(
+        postax.ConfigError, match=r"num_kv_heads=3 is invalid: must divide num_heads=8"
+    ):
+        postax.ModelConfig(
+            family="llama",
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=8,
+            num_kv_heads=3,
+            head_dim=1,
+        )
     with pytest.raises(postax.ConfigError, match=r"sliding_window=None is invalid"):
-        postax.ModelConfig(family="gemma2", vocab_size=8, hidden_size=8, intermediate_size=8,
-                           num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
-                           layer_types=("sliding_attention",))
+        postax.ModelConfig(
+            family="gemma2",
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=8,
+            layer_types=("sliding_attention",),
+        )
     with pytest.raises(postax.ConfigError, match=r"dtype='float64' is invalid"):
         postax.build_model(postax.preset("Llama-3.2-1B"), dtype="float64")

@@ -67,9 +67,9 @@ def test_packed_segments_match_separate_sequences(family, hf_checkpoints, loaded
     ours = np.asarray(loaded[family](jnp.asarray(tokens), segment_ids=jnp.asarray(segments)))
     start = 0
     for length in lengths:
-        piece = tokens[:, start:start + length]
+        piece = tokens[:, start : start + length]
         reference = hf_logits(hf_model, piece)
-        assert relative_error(ours[:, start:start + length], reference) < TOL
+        assert relative_error(ours[:, start : start + length], reference) < TOL
         start += length
 
 
@@ -84,13 +84,18 @@ def test_cached_decode_equals_full_forward(family, loaded):
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     cache = model.init_cache(2, 16)
     prefill = 6
-    logits, cache = model.decode(jnp.asarray(tokens[:, :prefill]), cache,
-                                 positions=jnp.asarray(positions[:, :prefill]),
-                                 attention_mask=jnp.asarray(mask[:, :prefill]))
+    logits, cache = model.decode(
+        jnp.asarray(tokens[:, :prefill]),
+        cache,
+        positions=jnp.asarray(positions[:, :prefill]),
+        attention_mask=jnp.asarray(mask[:, :prefill]),
+    )
     steps = [np.asarray(logits)]
     decode = nnx.jit(lambda m, t, c, p: m.decode(t, c, positions=p))
     for i in range(prefill, 12):
-        logits, cache = decode(model, jnp.asarray(tokens[:, i:i + 1]), cache, jnp.asarray(positions[:, i:i + 1]))
+        logits, cache = decode(
+            model, jnp.asarray(tokens[:, i : i + 1]), cache, jnp.asarray(positions[:, i : i + 1])
+        )
         steps.append(np.asarray(logits))
     cached = np.concatenate(steps, axis=1)
     valid = mask.astype(bool)

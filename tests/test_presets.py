@@ -14,10 +14,21 @@ from postax.models.hf import config_to_hf
 # Published sizes in billions, to the digits the model cards give (Gemma-3-4B:
 # its language model; the 4.3B release adds a vision encoder).
 PUBLISHED_BILLIONS = {
-    "Llama-3-8B": "8.03", "Llama-3.1-8B": "8.03", "Llama-3.2-1B": "1.24", "Llama-3.2-3B": "3.21",
-    "Qwen2.5-0.5B": "0.49", "Qwen2.5-1.5B": "1.54", "Qwen2.5-7B": "7.61", "Qwen3-0.6B": "0.6",
-    "Qwen3-1.7B": "1.7", "Qwen3-8B": "8.2", "Gemma-2B": "2.51", "Gemma-2-2B": "2.61",
-    "Gemma-2-9B": "9.24", "Gemma-3-1B": "1.0", "Gemma-3-4B": "3.88",
+    "Llama-3-8B": "8.03",
+    "Llama-3.1-8B": "8.03",
+    "Llama-3.2-1B": "1.24",
+    "Llama-3.2-3B": "3.21",
+    "Qwen2.5-0.5B": "0.49",
+    "Qwen2.5-1.5B": "1.54",
+    "Qwen2.5-7B": "7.61",
+    "Qwen3-0.6B": "0.6",
+    "Qwen3-1.7B": "1.7",
+    "Qwen3-8B": "8.2",
+    "Gemma-2B": "2.51",
+    "Gemma-2-2B": "2.61",
+    "Gemma-2-9B": "9.24",
+    "Gemma-3-1B": "1.0",
+    "Gemma-3-4B": "3.88",
 }
 
 
@@ -46,5 +57,7 @@ def test_preset_parameter_count(name):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(postax.ConfigError, match=r"preset='Llama-9' is unknown; available: Llama-3-8B"):
+    with pytest.raises(
+        postax.ConfigError, match=r"preset='Llama-9' is unknown; available: Llama-3-8B"
+    ):
         postax.preset("Llama-9")

@@ -10,6 +10,7 @@ embedding scaling, norm offset) is a field here, not a subclass.
 from __future__ import annotations
 
 import dataclasses
+
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_KINDS = ("default", "linear", "llama3")
@@ -98,8 +99,16 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, name, value, "a positive integer")
         _require(
@@ -108,7 +117,9 @@ class ModelConfig:
             self.num_kv_heads,
             f"must divide num_heads={self.num_heads} (grouped-query attention)",
         )
-        _require(self.activation in ACTIVATIONS, "activation", self.activation, f"one of {ACTIVATIONS}")
+        _require(
+            self.activation in ACTIVATIONS, "activation", self.activation, f"one of {ACTIVATIONS}"
+        )
         _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_layers)
@@ -148,4 +159,3 @@ class ModelConfig:
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-

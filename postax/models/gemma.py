@@ -25,23 +25,45 @@ from typing import Any
 from postax.models.config import ModelConfig, RopeConfig
 from postax.models.hf_config import common_from_hf, common_to_hf, layer_types_from_hf, rope_from_hf
 
-ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3": "Gemma3ForCausalLM"}
+ARCHITECTURES = {
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _HF_MODEL_TYPE = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 # transformers' Gemma3TextConfig defaults; multimodal config.json files rely on them.
 GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
-    "sliding_window": 4096, "max_position_embeddings": 131072, "sliding_window_pattern": 6,
-    "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "max_position_embeddings": 131072,
+    "sliding_window_pattern": 6,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
 }
-_SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                     "model.multi_modal_projector.")
-_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                  ("language_model.lm_head.", "lm_head."))
+_SKIPPED_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+_TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 
 
 def _activation(hf: dict[str, Any]) -> str:
@@ -82,8 +104,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
             sliding_window=hf.get("sliding_window"),
             layer_types=layer_types_from_hf(hf, default),
-            local_rope=rope_from_hf(hf, "sliding_attention", default_theta=10000.0,
-                                    theta_key="rope_local_base_freq"),
+            local_rope=rope_from_hf(
+                hf, "sliding_attention", default_theta=10000.0, theta_key="rope_local_base_freq"
+            ),
         )
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
@@ -102,8 +125,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out = {
-        **common_to_hf(cfg, architecture=ARCHITECTURES[cfg.family],
-                       model_type=_HF_MODEL_TYPE[cfg.family]),
+        **common_to_hf(
+            cfg, architecture=ARCHITECTURES[cfg.family], model_type=_HF_MODEL_TYPE[cfg.family]
+        ),
         "attention_bias": cfg.qkv_bias,
     }
     if cfg.family == "gemma":
@@ -136,43 +160,117 @@ def checkpoint_name(name: str) -> str | None:
         return None
     for prefix, replacement in _TEXT_PREFIXES:
         if name.startswith(prefix):
-            return replacement + name[len(prefix):]
+            return replacement + name[len(prefix) :]
     return name
 
 
-def _gemma(family: str, *, vocab: int, window: int | None = None, local_theta: float | None = None,
-           rope: RopeConfig | None = None, **fields) -> ModelConfig:
+def _gemma(
+    family: str,
+    *,
+    vocab: int,
+    window: int | None = None,
+    local_theta: float | None = None,
+    rope: RopeConfig | None = None,
+    **fields,
+) -> ModelConfig:
     n = fields["num_layers"]
     if family == "gemma2":
         types = tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n))
-        fields.update(sandwich_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
-                      layer_types=types, sliding_window=window, max_position_embeddings=8192)
+        fields.update(
+            sandwich_norms=True,
+            attn_logit_softcap=50.0,
+            final_logit_softcap=30.0,
+            layer_types=types,
+            sliding_window=window,
+            max_position_embeddings=8192,
+        )
     elif family == "gemma3":
         types = tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n))
-        fields.update(sandwich_norms=True, qk_norm=True, layer_types=types, sliding_window=window,
-                      local_rope=RopeConfig(theta=local_theta))
-    return ModelConfig(family=family, vocab_size=vocab, rope=rope or RopeConfig(theta=10000.0),
-                       activation="gelu_pytorch_tanh", norm_plus_one=True, scale_embeddings=True,
-                       tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
-                       **fields)
+        fields.update(
+            sandwich_norms=True,
+            qk_norm=True,
+            layer_types=types,
+            sliding_window=window,
+            local_rope=RopeConfig(theta=local_theta),
+        )
+    return ModelConfig(
+        family=family,
+        vocab_size=vocab,
+        rope=rope or RopeConfig(theta=10000.0),
+        activation="gelu_pytorch_tanh",
+        norm_plus_one=True,
+        scale_embeddings=True,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        **fields,
+    )
 
 
 PRESETS = {
-    "Gemma-2B": _gemma("gemma", vocab=256000, hidden_size=2048, intermediate_size=16384,
-                       num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256),
-    "Gemma-2-2B": _gemma("gemma2", vocab=256000, window=4096, hidden_size=2304,
-                         intermediate_size=9216, num_layers=26, num_heads=8, num_kv_heads=4,
-                         head_dim=256, query_pre_attn_scalar=256.0),
-    "Gemma-2-9B": _gemma("gemma2", vocab=256000, window=4096, hidden_size=3584,
-                         intermediate_size=14336, num_layers=42, num_heads=16, num_kv_heads=8,
-                         head_dim=256, query_pre_attn_scalar=256.0),
-    "Gemma-3-1B": _gemma("gemma3", vocab=262144, window=512, local_theta=10000.0,
-                         rope=RopeConfig(theta=1000000.0), hidden_size=1152,
-                         intermediate_size=6912, num_layers=26, num_heads=4, num_kv_heads=1,
-                         head_dim=256, query_pre_attn_scalar=256.0, max_position_embeddings=32768),
-    "Gemma-3-4B": _gemma("gemma3", vocab=262208, window=1024, local_theta=10000.0,
-                         rope=RopeConfig(theta=1000000.0, kind="linear", factor=8.0),
-                         hidden_size=2560, intermediate_size=10240, num_layers=34, num_heads=8,
-                         num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256.0,
-                         max_position_embeddings=131072),
+    "Gemma-2B": _gemma(
+        "gemma",
+        vocab=256000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_layers=18,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=256,
+    ),
+    "Gemma-2-2B": _gemma(
+        "gemma2",
+        vocab=256000,
+        window=4096,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_layers=26,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256.0,
+    ),
+    "Gemma-2-9B": _gemma(
+        "gemma2",
+        vocab=256000,
+        window=4096,
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_layers=42,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256.0,
+    ),
+    "Gemma-3-1B": _gemma(
+        "gemma3",
+        vocab=262144,
+        window=512,
+        local_theta=10000.0,
+        rope=RopeConfig(theta=1000000.0),
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_layers=26,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256.0,
+        max_position_embeddings=32768,
+    ),
+    "Gemma-3-4B": _gemma(
+        "gemma3",
+        vocab=262208,
+        window=1024,
+        local_theta=10000.0,
+        rope=RopeConfig(theta=1000000.0, kind="linear", factor=8.0),
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_layers=34,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256.0,
+        max_position_embeddings=131072,
+    ),
 }

@@ -28,17 +28,32 @@ from flax import nnx
 
 from postax.models import gemma, llama, qwen
 from postax.models.config import ConfigError, ModelConfig
-from postax.models.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensor, write_file
+from postax.models.safetensors_io import (
+    CheckpointError,
+    TensorInfo,
+    read_header,
+    read_tensor,
+    write_file,
+)
 from postax.models.transformer import CausalLM
 
 FAMILY_MODULES: tuple[ModuleType, ...] = (llama, qwen, gemma)
 MODEL_TYPES: dict[str, ModuleType] = {t: m for m in FAMILY_MODULES for t in m.MODEL_TYPES}
 FAMILY_OF_CONFIG: dict[str, ModuleType] = {
-    "llama": llama, "qwen2": qwen, "qwen3": qwen, "gemma": gemma, "gemma2": gemma, "gemma3": gemma,
+    "llama": llama,
+    "qwen2": qwen,
+    "qwen3": qwen,
+    "gemma": gemma,
+    "gemma2": gemma,
+    "gemma3": gemma,
 }
 ARCHITECTURE_MODEL_TYPES = {
-    "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
     "Gemma3ForConditionalGeneration": "gemma3",
 }
 SINGLE_FILE = "model.safetensors"
@@ -49,8 +64,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 def _family(hf: dict[str, Any], source: Path) -> ModuleType:
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
-        model_type = next((ARCHITECTURE_MODEL_TYPES[a] for a in hf.get("architectures") or []
-                           if a in ARCHITECTURE_MODEL_TYPES), model_type)
+        model_type = next(
+            (
+                ARCHITECTURE_MODEL_TYPES[a]
+                for a in hf.get("architectures") or []
+                if a in ARCHITECTURE_MODEL_TYPES
+            ),
+            model_type,
+        )
     if model_type not in MODEL_TYPES:
         raise ConfigError(
             f"{source}: unsupported architecture (model_type={hf.get('model_type')!r}, "
@@ -65,8 +86,11 @@ def config_from_hf(hf: dict[str, Any], source: Path | str = "config.json") -> Mo
     hf = dict(hf)
     family = _family(hf, Path(source))
     if hf.get("model_type") not in MODEL_TYPES:
-        hf["model_type"] = next(ARCHITECTURE_MODEL_TYPES[a] for a in hf["architectures"]
-                                if a in ARCHITECTURE_MODEL_TYPES)
+        hf["model_type"] = next(
+            ARCHITECTURE_MODEL_TYPES[a]
+            for a in hf["architectures"]
+            if a in ARCHITECTURE_MODEL_TYPES
+        )
     try:
         return family.config_from_hf(hf)
     except ConfigError as e:
@@ -83,20 +107,26 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     try:
         hf = json.loads(config_path.read_text())
     except FileNotFoundError as e:
-        raise CheckpointError(f"{config_path}: not found; a checkpoint directory needs config.json") from e
+        raise CheckpointError(
+            f"{config_path}: not found; a checkpoint directory needs config.json"
+        ) from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
     return config_from_hf(hf, config_path)
 
 
-def build_model(cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str | None = None,
-                seed: int = 0) -> CausalLM:
+def build_model(
+    cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str | None = None, seed: int = 0
+) -> CausalLM:
     """A randomly initialised model (std 0.02 normal weights)."""
-    return CausalLM(cfg, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype),
-                    rngs=nnx.Rngs(seed))
+    return CausalLM(
+        cfg, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), rngs=nnx.Rngs(seed)
+    )
 
 
-def abstract_model(cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str | None = None) -> CausalLM:
+def abstract_model(
+    cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str | None = None
+) -> CausalLM:
     """The model with jax.ShapeDtypeStruct leaves: shapes and counts without memory."""
     return nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, param_dtype=param_dtype))
 
@@ -113,17 +143,23 @@ def _checkpoint_tensors(path: Path) -> dict[str, TensorInfo]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: corrupt index, expected a JSON object with 'weight_map'") from e
+            raise CheckpointError(
+                f"{index_path}: corrupt index, expected a JSON object with 'weight_map'"
+            ) from e
         tensors: dict[str, TensorInfo] = {}
         for file in sorted(set(weight_map.values())):
             header = read_header(path / file)
             for name, info in header.items():
                 if weight_map.get(name) != file:
-                    raise CheckpointError(f"{path / file}: tensor '{name}' is not listed for this file in {INDEX_FILE}")
+                    raise CheckpointError(
+                        f"{path / file}: tensor '{name}' is not listed for this file in {INDEX_FILE}"
+                    )
                 tensors[name] = info
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise CheckpointError(f"{index_path}: tensors listed but absent from their files: {missing[:5]}")
+            raise CheckpointError(
+                f"{index_path}: tensors listed but absent from their files: {missing[:5]}"
+            )
         return tensors
     if (path / SINGLE_FILE).exists():
         return read_header(path / SINGLE_FILE)
@@ -138,7 +174,9 @@ def param_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> CausalLM:
+def load_model(
+    path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None
+) -> CausalLM:
     """Loads a Hugging Face checkpoint directory (config.json + safetensors).
 
     dtype is the compute dtype, param_dtype the storage dtype (default: dtype).
@@ -178,7 +216,9 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: 
                 f"{info.file}: tensor '{info.name}' has shape {info.shape}, expected {want} for {cfg.family}"
             )
         if not np.issubdtype(info.dtype, np.floating) and info.dtype.name != "bfloat16":
-            raise CheckpointError(f"{info.file}: tensor '{info.name}' has non-float dtype {info.dtype}")
+            raise CheckpointError(
+                f"{info.file}: tensor '{info.name}' has non-float dtype {info.dtype}"
+            )
         array = read_tensor(info).astype(variable.dtype, copy=False)
         flat.append((param_path, variable.replace(jax.device_put(array))))
         del array
@@ -191,8 +231,13 @@ def model_tensors(model: CausalLM) -> dict[str, jax.Array]:
     return {param_name(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def save_model(model: CausalLM, path: str | os.PathLike, *, dtype: str | None = None,
-               max_shard_bytes: int = 5 * 2**30) -> Path:
+def save_model(
+    model: CausalLM,
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
     """Writes config.json and safetensors that transformers loads.
 
     dtype: storage dtype of the tensors (default: the params' dtype).
@@ -213,19 +258,31 @@ def save_model(model: CausalLM, path: str | os.PathLike, *, dtype: str | None = 
             shard_bytes = 0
         shards[-1].append(name)
         shard_bytes += sizes[name]
-    files = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    files = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for file, names in zip(files, shards, strict=True):
-        entries = [(n, tuple(tensors[n].shape), target[n],
-                    lambda n=n: np.asarray(jax.device_get(tensors[n])).astype(target[n], copy=False))
-                   for n in names]
+        entries = [
+            (
+                n,
+                tuple(tensors[n].shape),
+                target[n],
+                lambda n=n: np.asarray(jax.device_get(tensors[n])).astype(target[n], copy=False),
+            )
+            for n in names
+        ]
         write_file(path / file, entries)
     hf_config = config_to_hf(model.config)
     hf_config["torch_dtype"] = str(next(iter(target.values()), np.dtype("float32")))
     _write_json(path / "config.json", hf_config)
     if len(files) > 1:
         weight_map = {n: f for f, names in zip(files, shards, strict=True) for n in names}
-        _write_json(path / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+        _write_json(
+            path / INDEX_FILE,
+            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+        )
     elif (path / INDEX_FILE).exists():
         (path / INDEX_FILE).unlink()
     for stale in path.glob("model*.safetensors"):

@@ -20,8 +20,12 @@ def required(hf: dict[str, Any], key: str) -> Any:
     return hf[key]
 
 
-def rope_from_hf(hf: dict[str, Any], layer_type: str | None = None, default_theta: float = 10000.0,
-                 theta_key: str = "rope_theta") -> RopeConfig:
+def rope_from_hf(
+    hf: dict[str, Any],
+    layer_type: str | None = None,
+    default_theta: float = 10000.0,
+    theta_key: str = "rope_theta",
+) -> RopeConfig:
     """The rope of one layer type from either config generation."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and layer_type is not None and layer_type in params:
@@ -43,7 +47,9 @@ def rope_from_hf(hf: dict[str, Any], layer_type: str | None = None, default_thet
     if kind == "llama3":
         fields["low_freq_factor"] = float(scaling["low_freq_factor"])
         fields["high_freq_factor"] = float(scaling["high_freq_factor"])
-        fields["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+        fields["original_max_position_embeddings"] = int(
+            scaling["original_max_position_embeddings"]
+        )
     return RopeConfig(**fields)
 
 

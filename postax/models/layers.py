@@ -62,8 +62,14 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         out_axis, in_axis = axes
-        self.weight = make_param(rngs, (out_features, in_features), (out_axis, in_axis), param_dtype)
-        self.bias = make_param(rngs, (out_features,), (out_axis,), param_dtype, "zeros") if use_bias else None
+        self.weight = make_param(
+            rngs, (out_features, in_features), (out_axis, in_axis), param_dtype
+        )
+        self.bias = (
+            make_param(rngs, (out_features,), (out_axis,), param_dtype, "zeros")
+            if use_bias
+            else None
+        )
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -87,7 +93,9 @@ class Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the embedding table, accumulated in float32."""
         w = self.weight[...].astype(self.dtype)
-        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), w, preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...e,ve->...v", x.astype(self.dtype), w, preferred_element_type=jnp.float32
+        )
 
 
 class RMSNorm(nnx.Module):
@@ -99,7 +107,9 @@ class RMSNorm(nnx.Module):
     bfloat16 results agree too.
     """
 
-    def __init__(self, features: int, *, eps: float, plus_one: bool, axis_name: str, param_dtype, rngs):
+    def __init__(
+        self, features: int, *, eps: float, plus_one: bool, axis_name: str, param_dtype, rngs
+    ):
         init = "zeros" if plus_one else "ones"
         self.weight = make_param(rngs, (features,), (axis_name,), param_dtype, init)
         self.eps = eps
@@ -117,7 +127,9 @@ class RMSNorm(nnx.Module):
 @functools.lru_cache(maxsize=64)
 def rope_inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> np.ndarray:
     """Inverse frequencies [rotary_dim // 2] in float32 (computed as the references do)."""
-    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(
+        rotary_dim
+    )
     inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
     if rope.kind == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
@@ -127,7 +139,9 @@ def rope_inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> np.ndarray:
         high_freq_wavelen = context / rope.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smooth = (context / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -228,23 +242,39 @@ class Attention(nnx.Module):
         self.k_proj = Linear(cfg.hidden_size, kv_out, axes=("kv_heads", "embed"), **qkv)
         self.v_proj = Linear(cfg.hidden_size, kv_out, axes=("kv_heads", "embed"), **qkv)
         self.o_proj = Linear(
-            q_out, cfg.hidden_size, axes=("embed", "heads"), use_bias=cfg.o_bias,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            q_out,
+            cfg.hidden_size,
+            axes=("embed", "heads"),
+            use_bias=cfg.o_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         if cfg.qk_norm:
-            norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, axis_name="head_dim",
-                        param_dtype=param_dtype, rngs=rngs)
+            norm = dict(
+                eps=cfg.rms_norm_eps,
+                plus_one=cfg.norm_plus_one,
+                axis_name="head_dim",
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
             self.q_norm = RMSNorm(cfg.head_dim, **norm)
             self.k_norm = RMSNorm(cfg.head_dim, **norm)
         else:
             self.q_norm = self.k_norm = None
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         self.rope = cfg.rope_for_layer(layer_index)
         self.window = cfg.window_for_layer(layer_index)
         self.scale = cfg.attention_scale
         self.softcap = cfg.attn_logit_softcap
 
-    def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def project_qkv(
+        self, x: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values of x [b, t, embed], normed and rotated."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)

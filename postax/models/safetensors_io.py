@@ -64,7 +64,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         with path.open("rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise CheckpointError(f"{path}: corrupt safetensors file: shorter than its 8-byte header length")
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors file: shorter than its 8-byte header length"
+                )
             header_len = int.from_bytes(prefix, "little")
             if header_len > min(MAX_HEADER_BYTES, size - 8):
                 raise CheckpointError(
@@ -76,7 +78,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors file: header is not valid JSON ({e})") from e
+        raise CheckpointError(
+            f"{path}: corrupt safetensors file: header is not valid JSON ({e})"
+        ) from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors file: header is not a JSON object")
     data_start = 8 + header_len
@@ -109,7 +113,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
             f"{path}: corrupt or truncated file: tensor '{name}' ends at byte {data_start + end} "
             f"but the file has {size} bytes"
         )
-    return TensorInfo(path, name, dtype, tuple(int(d) for d in shape), data_start + begin, data_start + end)
+    return TensorInfo(
+        path, name, dtype, tuple(int(d) for d in shape), data_start + begin, data_start + end
+    )
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
@@ -124,8 +130,11 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return out
 
 
-def write_file(path: Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
-               metadata: dict[str, str] | None = None) -> int:
+def write_file(
+    path: Path,
+    entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    metadata: dict[str, str] | None = None,
+) -> int:
     """Writes tensors whose data comes from zero-argument callables, one at a time.
 
     entries: (name, shape, dtype, fetch) where fetch() returns the array. The
@@ -139,7 +148,11 @@ def write_file(path: Path, entries: list[tuple[str, tuple[int, ...], np.dtype, C
         if dtype not in DTYPE_NAMES:
             raise CheckpointError(f"{path}: cannot write tensor '{name}' of dtype {dtype}")
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -150,7 +163,9 @@ def write_file(path: Path, entries: list[tuple[str, tuple[int, ...], np.dtype, C
         for name, shape, dtype, fetch in entries:
             array = np.ascontiguousarray(fetch(), dtype=np.dtype(dtype))
             if array.shape != tuple(shape):
-                raise CheckpointError(f"{path}: tensor '{name}' has shape {array.shape}, header says {tuple(shape)}")
+                raise CheckpointError(
+                    f"{path}: tensor '{name}' has shape {array.shape}, header says {tuple(shape)}"
+                )
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
         f.flush()
         os.fsync(f.fileno())

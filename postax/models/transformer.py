@@ -52,7 +52,8 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     """Positions restarting at 0 at the start of every segment of a packed row."""
     index = jnp.arange(segment_ids.shape[-1])
     starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+        axis=-1,
     )
     segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
     return index - segment_start
@@ -68,8 +69,13 @@ class DecoderLayer(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, index: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, axis_name="embed",
-                    param_dtype=param_dtype, rngs=rngs)
+        norm = dict(
+            eps=cfg.rms_norm_eps,
+            plus_one=cfg.norm_plus_one,
+            axis_name="embed",
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.self_attn = Attention(cfg, index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
@@ -107,10 +113,17 @@ class DecoderLayer(nnx.Module):
         query_index = write_at + jnp.arange(x.shape[1])
 
         def attend(q, k, v):
-            new_keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), write_at, axis=1)
-            new_values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), write_at, axis=1)
+            new_keys = jax.lax.dynamic_update_slice_in_dim(
+                keys, k.astype(keys.dtype), write_at, axis=1
+            )
+            new_values = jax.lax.dynamic_update_slice_in_dim(
+                values, v.astype(values.dtype), write_at, axis=1
+            )
             mask = make_attention_mask(query_index, valid, window=attn.window)
-            return attn.attend(q, new_keys.astype(q.dtype), new_values.astype(q.dtype), mask), (new_keys, new_values)
+            return attn.attend(q, new_keys.astype(q.dtype), new_values.astype(q.dtype), mask), (
+                new_keys,
+                new_values,
+            )
 
         x, (keys, values) = self._attention_out(x, positions, attend)
         return self._mlp_out(x), keys, values
@@ -120,14 +133,23 @@ class Decoder(nnx.Module):
     """Embedding, layer stack and final norm: Hugging Face's `model.` prefix."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([
-            DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for i in range(cfg.num_layers)
-        ])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
-                            axis_name="embed", param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embedding(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for i in range(cfg.num_layers)
+            ]
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size,
+            eps=cfg.rms_norm_eps,
+            plus_one=cfg.norm_plus_one,
+            axis_name="embed",
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.embed_scale = cfg.hidden_size**0.5 if cfg.scale_embeddings else None
         self.dtype = dtype
 
@@ -156,8 +178,14 @@ class CausalLM(nnx.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"),
-                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.lm_head = Linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                axes=("vocab", "embed"),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         self.dtype = dtype
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -166,8 +194,9 @@ class CausalLM(nnx.Module):
             out = self.model.embed_tokens.attend(hidden)
         else:
             w = self.lm_head.weight[...].astype(self.dtype)
-            out = jnp.einsum("...e,ve->...v", hidden.astype(self.dtype), w,
-                             preferred_element_type=jnp.float32)
+            out = jnp.einsum(
+                "...e,ve->...v", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32
+            )
         cap = self.config.final_logit_softcap
         return out if cap is None else jnp.tanh(out / cap) * cap
 
@@ -194,8 +223,9 @@ class CausalLM(nnx.Module):
                 positions = positions_from_mask(valid)
         index = jnp.arange(t)
         masks = {
-            window: make_attention_mask(index, valid, query_segments=segment_ids,
-                                   key_segments=segment_ids, window=window)
+            window: make_attention_mask(
+                index, valid, query_segments=segment_ids, key_segments=segment_ids, window=window
+            )
             for window in {layer.self_attn.window for layer in self.model.layers}
         }
         x = self.model.embed(tokens)
@@ -212,8 +242,12 @@ class CausalLM(nnx.Module):
         dtype = self.dtype if dtype is None else dtype
         shape = (batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                       valid=jnp.zeros((batch_size, capacity), bool), length=jnp.zeros((), jnp.int32))
+        return KVCache(
+            keys=zeros,
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            valid=jnp.zeros((batch_size, capacity), bool),
+            length=jnp.zeros((), jnp.int32),
+        )
 
     def decode(
         self,
@@ -230,15 +264,19 @@ class CausalLM(nnx.Module):
         sampler tracks each row's count of real tokens.
         """
         b, t = tokens.shape
-        step_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        step_valid = (
+            jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        )
         valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.length, axis=1)
         x = self.model.embed(tokens)
         keys, values = [], []
         for i, layer in enumerate(self.model.layers):
-            x, k, v = layer.decode(x, positions, cache.keys[i], cache.values[i], cache.length, valid)
+            x, k, v = layer.decode(
+                x, positions, cache.keys[i], cache.values[i], cache.length, valid
+            )
             keys.append(k)
             values.append(v)
         logits = self.logits(self.model.norm(x))
-        return logits, KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
-                               length=cache.length + t)
-
+        return logits, KVCache(
+            keys=tuple(keys), values=tuple(values), valid=valid, length=cache.length + t
+        )

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs postax with its test dependencies into .venv, lints, and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0   # the CPU wheel; must come before transformers
+python -m pip install -q -e '.[test]'
+ruff check postax tests benchmarks examples
+python -m pytest -q "$@"

@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "generate": ("postax.sampling.cli", "Generate text from a Hugging Face checkpoint directory."),
+    "sft": ("postax.recipes.sft", "Supervised fine-tuning (full, LoRA, QLoRA) from a YAML config."),
 }
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from postax.losses.numerics import token_logprobs
 from postax.models.config import ModelConfig
 from postax.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, make_attention_mask
 
@@ -98,11 +99,11 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def __call__(self, x, positions, masks):
-        """masks: {window or None: [b, t, t] bool}, shared across layers."""
+        """masks: {window (0 for full attention): [b, t, t] bool}, shared across layers."""
         attn = self.self_attn
 
         def attend(q, k, v):
-            return attn.attend(q, k, v, masks[attn.window]), None
+            return attn.attend(q, k, v, masks[attn.window or 0]), None
 
         x, _ = self._attention_out(x, positions, attend)
         return self._mlp_out(x)
@@ -187,6 +188,7 @@ class CausalLM(nnx.Module):
                 rngs=rngs,
             )
         self.dtype = dtype
+        self.remat = False  # recompute each layer in the backward pass (saves activation memory)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits of final hidden states (soft-capped for Gemma 2)."""
@@ -223,18 +225,44 @@ class CausalLM(nnx.Module):
                 positions = positions_from_mask(valid)
         index = jnp.arange(t)
         masks = {
-            window: make_attention_mask(
+            window or 0: make_attention_mask(
                 index, valid, query_segments=segment_ids, key_segments=segment_ids, window=window
             )
             for window in {layer.self_attn.window for layer in self.model.layers}
         }
         x = self.model.embed(tokens)
         for layer in self.model.layers:
-            x = layer(x, positions, masks)
+            x = (
+                nnx.remat(DecoderLayer.__call__)(layer, x, positions, masks)
+                if self.remat
+                else layer(x, positions, masks)
+            )
         return self.model.norm(x)
 
     def __call__(self, tokens: jax.Array, **kwargs) -> jax.Array:
         return self.logits(self.hidden_states(tokens, **kwargs))
+
+    def token_logprobs(
+        self, tokens: jax.Array, targets: jax.Array, *, chunk_size: int = 0, **kwargs
+    ) -> jax.Array:
+        """float32 log p(targets[b, t] | tokens[b, :t+1]) [b, t] without holding all logits.
+
+        With chunk_size > 0 the sequence is cut into chunks whose logits are
+        computed, reduced to log-probs and recomputed in the backward pass, so
+        at most one chunk of [b, chunk, vocab] float32 logits lives at a time.
+        """
+        hidden = self.hidden_states(tokens, **kwargs)
+        t = hidden.shape[1]
+        if chunk_size <= 0 or chunk_size >= t:
+            return token_logprobs(self.logits(hidden), targets)
+        chunk = nnx.remat(lambda model, h, y: token_logprobs(model.logits(h), y))
+        return jnp.concatenate(
+            [
+                chunk(self, hidden[:, i : i + chunk_size], targets[:, i : i + chunk_size])
+                for i in range(0, t, chunk_size)
+            ],
+            axis=1,
+        )
 
     def init_cache(self, batch_size: int, capacity: int, dtype: jnp.dtype | None = None) -> KVCache:
         """An empty cache for `batch_size` rows of at most `capacity` tokens."""

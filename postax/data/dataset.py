@@ -1,0 +1,411 @@
+"""`SFTDataset`: records -> tokenised documents -> packed or padded rows -> `Batch`es.
+
+Everything is read and tokenised when the dataset is built. Post-training sets (thousands to a
+few million conversations) fit in host memory: documents are kept as one flat int32 array of
+token ids, one bool array of labels and an offsets array, about 5 bytes per token. Building up
+front also means that every data error, an empty dataset and the number of steps per epoch are
+known before anything is compiled.
+
+Batches. A document of n tokens takes n - 1 positions of a row: `tokens` are its ids but the
+last, `targets` its ids but the first, `loss_mask` the labels of the targets. So targets never
+cross a document boundary, and the stop token (eos, or the template's end-of-turn marker) is
+trained as the target of the token before it, inside the document. `positions` restart at 0
+for each document and `segment_ids` number the documents of a row 1, 2, ...; padding has
+segment 0, loss mask 0 and the pad token as input and target.
+
+* Packing (default): rows of `seq_len` positions filled by best-fit decreasing (see
+  `postax.data.packing`). Rows are packed once, so every epoch has the same rows (in a new
+  order) and the number of steps per epoch is fixed before training starts.
+* Padding: one document per row; each batch is padded to the smallest of `config.buckets`
+  that holds its longest document, so there are at most `len(config.buckets)` shapes.
+
+Order. Epoch e visits the rows in the order of `numpy.argsort` over raw 64-bit outputs of a
+PCG64 generator seeded with `SeedSequence([seed, e])` (bit generators are stable across numpy
+versions, unlike `Generator.permutation`). Batch `(epoch, step)` is a pure function of the data,
+the config and those two numbers, so an iterator's state is `{epoch, step}` plus a seed and a
+fingerprint of the data that `restore` checks.
+
+Multi-host: every process builds the same dataset and sees the same global batch; slice your
+process's rows out of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from postax.data.config import DataConfig
+from postax.data.formats import Document, Encoder, RecordError, detect_format
+from postax.data.packing import layout, pack
+from postax.data.sources import BadRecord, DataError, Record, iter_records
+from postax.tokenizer import Tokenizer
+
+_MAX_SKIP_MESSAGES = 5
+_CHUNK = 1024  # records tokenised together
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One global batch; every array is [batch, seq] (seq: `seq_len` or a pad bucket).
+
+    Attributes:
+        tokens: int32 model inputs.
+        targets: int32 next token of each position (within its document).
+        loss_mask: float32, 1.0 where `targets` is trained.
+        positions: int32 position within the document (0 at each document's start).
+        segment_ids: int32 document number within the row (1, 2, ...); 0 for padding.
+    """
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """The arrays by field name, not copied (`dataclasses.asdict` would deep-copy them)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataStats:
+    """What building the dataset read and kept.
+
+    Attributes:
+        records: Records read, bad ones included.
+        examples: Documents kept.
+        tokens: Tokens of the kept documents (after truncation).
+        loss_tokens: Trained target tokens.
+        truncated: Kept documents cut to `seq_len + 1` tokens (overlong="truncate").
+        dropped_overlong: Documents longer than `seq_len` positions left out (overlong="drop").
+        dropped_no_loss: Documents left out because no token is trained (for example a
+            truncation that cut every assistant token, or a one-token text).
+        skipped: Malformed records left out (on_bad_record="skip").
+        rows: Rows per epoch (packed rows, or documents in padding mode).
+        fill: Fraction of the `rows * seq_len` positions that hold document tokens.
+    """
+
+    records: int
+    examples: int
+    tokens: int
+    loss_tokens: int
+    truncated: int
+    dropped_overlong: int
+    dropped_no_loss: int
+    skipped: int
+    rows: int
+    fill: float
+
+    @property
+    def dropped(self) -> int:
+        """Documents left out for their length or for having no trained token."""
+        return self.dropped_overlong + self.dropped_no_loss
+
+    def as_dict(self) -> dict[str, int | float]:
+        """Flat metrics (`dropped` included)."""
+        return {**dataclasses.asdict(self), "dropped": self.dropped}
+
+
+def _check_tokenizer(config: DataConfig, tokenizer: Tokenizer, format: str) -> None:
+    """Fail before reading (or at the first record, for format="auto") when `format` needs a
+    chat template or an eos token that the tokenizer lacks."""
+    templated = format == "messages" or (format == "prompt_completion" and config.chat_template)
+    if templated and not tokenizer.chat_templates:
+        why = "format='messages'" if format == "messages" else "chat_template=True"
+        raise DataError(
+            f"data.{why} needs a chat template, but the tokenizer at {tokenizer.source} has none"
+        )
+    plain = format == "text" or (format == "prompt_completion" and not config.chat_template)
+    if plain and config.add_eos and tokenizer.eos_token_id is None:
+        raise DataError(
+            f"data.add_eos=True needs an eos token, but the tokenizer at {tokenizer.source} has "
+            "none; set add_eos=False"
+        )
+
+
+class SFTDataset:
+    """Tokenised supervised fine-tuning data, laid out in rows.
+
+    Raises `DataError` (a `ValueError`) for unreadable data, a malformed record (with
+    on_bad_record="error"; the message starts with `file:line`), a tokenizer that lacks what the
+    format needs, and an empty dataset.
+
+    Attributes:
+        config: The `DataConfig`.
+        stats: `DataStats`.
+        format: The format used (resolved when `config.format` is "auto").
+        steps_per_epoch: Batches per epoch.
+        skip_messages: The first few messages of skipped records.
+    """
+
+    def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:
+        if not isinstance(config, DataConfig):
+            raise TypeError(f"config must be a DataConfig, got {type(config).__name__}")
+        self.config = config
+        self.pad_token_id = tokenizer.pad_token_id
+        if config.format != "auto":
+            _check_tokenizer(config, tokenizer, config.format)
+        documents, counts = self._read(config, tokenizer)
+        if not documents:
+            raise DataError(
+                f"no examples in {config.path}: {counts['records']} records read, "
+                f"{counts['skipped']} skipped as malformed, {counts['dropped_overlong']} dropped "
+                f"as longer than seq_len={config.seq_len} (overlong={config.overlong!r}), "
+                f"{counts['dropped_no_loss']} dropped with no trained token"
+            )
+        lengths = np.asarray([len(doc.ids) for doc in documents], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
+        self._ids = np.concatenate([doc.ids for doc in documents])
+        self._labels = np.concatenate([doc.labels for doc in documents])
+        if config.packing:
+            rows = pack(lengths - 1, config.seq_len)
+        else:
+            rows = [[index] for index in range(len(documents))]
+        self._row_starts = np.cumsum([0] + [len(row) for row in rows])
+        self._row_docs = np.asarray([doc for row in rows for doc in row], dtype=np.int64)
+        self._row_lengths = np.add.reduceat(lengths[self._row_docs] - 1, self._row_starts[:-1])
+        num_rows = len(rows)
+        if config.drop_last:
+            self.steps_per_epoch = num_rows // config.batch_size
+        else:
+            self.steps_per_epoch = math.ceil(num_rows / config.batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{config.path} gives {num_rows} rows, fewer than batch_size="
+                f"{config.batch_size}, and drop_last=True leaves no batch"
+            )
+        self.stats = DataStats(
+            **counts,
+            examples=len(documents),
+            tokens=int(lengths.sum()),
+            loss_tokens=int(self._labels.sum() - self._labels[self._starts[:-1]].sum()),
+            rows=num_rows,
+            fill=float((lengths - 1).sum() / (num_rows * config.seq_len)),
+        )
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._fingerprint: str | None = None
+
+    def _read(self, config: DataConfig, tokenizer: Tokenizer) -> tuple[list[Document], dict]:
+        encoder = Encoder(config, tokenizer)
+        format = None if config.format == "auto" else config.format
+        counts = dict(records=0, truncated=0, dropped_overlong=0, dropped_no_loss=0, skipped=0)
+        documents: list[Document] = []
+        self.skip_messages: list[str] = []
+
+        def bad(error: RecordError) -> None:
+            if config.on_bad_record == "error":
+                raise error
+            counts["skipped"] += 1
+            if len(self.skip_messages) < _MAX_SKIP_MESSAGES:
+                self.skip_messages.append(str(error))
+
+        chunk: list[Record | RecordError] = []
+
+        def flush() -> None:
+            good = [item for item in chunk if isinstance(item, Record)]
+            encoded = iter(encoder.encode(good, format) if good else ())
+            for item in chunk:
+                result = item if isinstance(item, RecordError) else next(encoded)
+                if isinstance(result, RecordError):
+                    bad(result)
+                elif (document := self._fit(result, counts)) is not None:
+                    documents.append(document)
+            chunk.clear()
+
+        for item in iter_records(config.path):
+            counts["records"] += 1
+            if isinstance(item, BadRecord):
+                chunk.append(RecordError(f"{item.location}: {item.message}"))
+            elif format is not None:
+                chunk.append(item)
+            elif (format := detect_format(item.fields, config)) is not None:
+                _check_tokenizer(config, tokenizer, format)
+                chunk.append(item)
+            else:
+                have = ", ".join(repr(key) for key in item.fields) or "none"
+                chunk.append(
+                    RecordError(
+                        f"{item.location}: cannot tell the format: expected field "
+                        f"{config.messages_field!r}, fields {config.prompt_field!r} and "
+                        f"{config.completion_field!r}, or field {config.text_field!r} (the "
+                        f"record has fields: {have}); set data.format and the field names"
+                    )
+                )
+            failed = isinstance(chunk[-1], RecordError) and config.on_bad_record == "error"
+            if failed or len(chunk) == _CHUNK:
+                flush()
+        flush()
+        self.format = format or config.format
+        if counts["skipped"]:
+            warnings.warn(
+                f"skipped {counts['skipped']} malformed records in {config.path}; the first: "
+                f"{self.skip_messages[0]}",
+                stacklevel=3,
+            )
+        return documents, counts
+
+    def _fit(self, document: Document, counts: dict[str, int]) -> Document | None:
+        """Apply the overlong rule; None if the document is left out (and counted)."""
+        limit = self.config.seq_len + 1  # tokens that fit in seq_len positions
+        truncated = False
+        if len(document.ids) > limit:
+            if self.config.overlong == "drop":
+                counts["dropped_overlong"] += 1
+                return None
+            document = Document(document.ids[:limit], document.labels[:limit])
+            truncated = True
+        if len(document.ids) < 2 or not document.labels[1:].any():
+            counts["dropped_no_loss"] += 1
+            return None
+        counts["truncated"] += truncated
+        return document
+
+    # -- access ---------------------------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        """Rows per epoch."""
+        return len(self._row_lengths)
+
+    def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ids (int32) and labels (bool) of kept document `index`."""
+        span = slice(int(self._starts[index]), int(self._starts[index + 1]))
+        return self._ids[span], self._labels[span]
+
+    def row(self, index: int) -> list[int]:
+        """The document indices of row `index`."""
+        return self._row_docs[self._row_starts[index] : self._row_starts[index + 1]].tolist()
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The row indices of epoch `epoch`, in visiting order."""
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
+        if self.config.shuffle:
+            seed = np.random.SeedSequence([self.config.seed, epoch])
+            keys = np.random.PCG64(seed).random_raw(self.num_rows)
+            order = np.argsort(keys, kind="stable")
+        else:
+            order = np.arange(self.num_rows)
+        self._order_cache = (epoch, order)
+        return order
+
+    def batch(self, epoch: int, step: int) -> Batch:
+        """Batch `step` (0-based) of epoch `epoch`."""
+        if not 0 <= step < self.steps_per_epoch or epoch < 0:
+            raise IndexError(
+                f"no batch (epoch={epoch}, step={step}): steps run from 0 to "
+                f"{self.steps_per_epoch - 1} in each epoch >= 0"
+            )
+        size = self.config.batch_size
+        chosen = self.epoch_order(epoch)[step * size : (step + 1) * size]
+        width = self.config.seq_len
+        if not self.config.packing:
+            longest = int(self._row_lengths[chosen].max())
+            width = next(b for b in self.config.buckets if b >= longest)
+        rows = [self.row(int(r)) for r in chosen]
+        arrays = layout(rows, self._ids, self._labels, self._starts, width, size, self.pad_token_id)
+        return Batch(**arrays)
+
+    def iterator(
+        self, state: dict[str, Any] | None = None, *, num_epochs: int | None = None
+    ) -> DataIterator:
+        """A `DataIterator` from the start, or from a saved `state`."""
+        return DataIterator(self, state, num_epochs=num_epochs)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the documents, their labels, the rows and the batching settings."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=16)
+            settings = {
+                key: getattr(self.config, key)
+                for key in ("seq_len", "batch_size", "packing", "shuffle", "drop_last")
+            }
+            settings["buckets"] = list(self.config.buckets)
+            digest.update(json.dumps(settings, sort_keys=True).encode())
+            for array in (self._starts, self._ids, self._labels, self._row_starts, self._row_docs):
+                digest.update(np.ascontiguousarray(array).tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+class DataIterator:
+    """Batches over epochs, resumable.
+
+    `state()` is a JSON-serialisable dict naming the next batch (`epoch`, `step`) with the
+    dataset's `seed` and `fingerprint`; `restore(state)` (or the `state` argument) continues
+    from there, so a resumed run gets exactly the batches the interrupted one would have.
+    Iteration stops after `num_epochs` epochs (never, when None).
+    """
+
+    def __init__(
+        self,
+        dataset: SFTDataset,
+        state: dict[str, Any] | None = None,
+        *,
+        num_epochs: int | None = None,
+    ) -> None:
+        if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+            raise ValueError(f"num_epochs={num_epochs!r} is invalid: None or an int >= 1")
+        self.dataset = dataset
+        self.num_epochs = num_epochs
+        self.epoch = 0
+        self.step = 0
+        if state is not None:
+            self.restore(state)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        batch = self.dataset.batch(self.epoch, self.step)
+        self.step += 1
+        if self.step == self.dataset.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        """Where the iterator stands: the next batch is (`epoch`, `step`)."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.dataset.config.seed,
+            "fingerprint": self.dataset.fingerprint,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; raises ValueError if it belongs to other data or settings."""
+        if not isinstance(state, dict) or set(state) != {"epoch", "step", "seed", "fingerprint"}:
+            raise ValueError(
+                "data iterator state must be a dict with keys epoch, step, seed and "
+                f"fingerprint, got {state!r:.200}"
+            )
+        epoch, step = state["epoch"], state["step"]
+        if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0):
+            raise ValueError(f"data iterator state has invalid epoch/step: {state!r:.200}")
+        if not 0 <= step < self.dataset.steps_per_epoch:
+            raise ValueError(
+                f"data iterator state step={step} is out of range: an epoch has "
+                f"{self.dataset.steps_per_epoch} steps"
+            )
+        if state["seed"] != self.dataset.config.seed:
+            raise ValueError(
+                f"data iterator state was saved with seed={state['seed']!r}, but data.seed="
+                f"{self.dataset.config.seed}"
+            )
+        if state["fingerprint"] != self.dataset.fingerprint:
+            raise ValueError(
+                "data iterator state does not match this dataset: the data, the tokenizer or "
+                "the batching settings (seq_len, batch_size, packing, pad_buckets, shuffle, "
+                "drop_last) changed since it was saved"
+            )
+        self.epoch, self.step = epoch, step

@@ -1,0 +1,1 @@
+"""Pure loss functions: (log-probs or logits, batch, config) -> (loss, metrics)."""

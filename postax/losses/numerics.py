@@ -1,0 +1,69 @@
+"""The numerics every loss shares, written once and in float32.
+
+- `token_logprobs`: log p(target) from logits, via log-softmax in float32.
+- `masked_sum`, `masked_mean`: reductions that ignore padding.
+- `kl_estimate`: the k1, k2, k3 estimators of KL(pi || ref) from per-token
+  log-probs of samples drawn from pi (Schulman 2020, "Approximating KL
+  divergence"): k1 = log r' with r' = pi/ref, i.e. logp - ref_logp;
+  k2 = (logp - ref_logp)^2 / 2; k3 = (r - 1) - log r with r = ref/pi.
+- `aggregate`: loss aggregation modes across tokens and sequences.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum_constant")
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] in float32; logits [..., vocab], targets [...]."""
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+
+def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(values.astype(jnp.float32) * mask.astype(jnp.float32))
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over entries where mask is nonzero (0 when the mask is empty)."""
+    return masked_sum(values, mask) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
+    """Per-token estimate of KL(pi || ref) for tokens sampled from pi."""
+    log_ratio = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)  # log(ref / pi)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return jnp.expm1(log_ratio) - log_ratio
+    raise ValueError(f"estimator={estimator!r} is invalid: one of {KL_ESTIMATORS}")
+
+
+def aggregate(
+    per_token: jax.Array, mask: jax.Array, mode: str, *, normalizer: jax.Array | float
+) -> jax.Array:
+    """Reduces per-token losses [batch, seq] to a scalar share of the global loss.
+
+    The caller passes a `normalizer` computed over the whole (global) batch,
+    so that summing the results of micro-batches gives the loss of the whole
+    batch, whatever the split:
+      - token_mean: sum of token losses / normalizer (the global token count);
+      - sequence_mean: sum over sequences of their token means / normalizer
+        (the global number of sequences with at least one token);
+      - sequence_sum_constant: sum of token losses / normalizer (a constant,
+        e.g. sequences x max length, as in Dr. GRPO).
+    """
+    mask = mask.astype(jnp.float32)
+    if mode in ("token_mean", "sequence_sum_constant"):
+        return masked_sum(per_token, mask) / normalizer
+    if mode == "sequence_mean":
+        per_sequence = jnp.sum(per_token * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        return jnp.sum(per_sequence) / normalizer
+    raise ValueError(f"mode={mode!r} is invalid: one of {AGGREGATIONS}")

@@ -1,0 +1,368 @@
+"""The generic trainer: jit, sharding, accumulation, optimizer, checkpoints, metrics.
+
+An algorithm is injected (DESIGN.md principle 5). It supplies two pure pieces:
+
+    normalizer(batch) -> scalar          # computed once over the global batch
+    loss(model, micro_batch, normalizer, rng) -> (loss_share, metrics)
+
+The trainer splits the global batch into `micro_batches` slices, sums each
+slice's loss share and gradient (float32 accumulation, one `lax.scan`, one
+compile), clips, and applies the optimizer. Because every slice divides by the
+same global normalizer, loss and gradients do not depend on the split.
+
+One jitted step donates the training state. The host never waits on the
+device inside the loop except to flush metrics (every `log_every` steps) and
+to save checkpoints. A step whose loss or gradient norm is not finite leaves
+the parameters and optimizer state untouched; the next flush raises
+`NonFiniteLossError`, and no checkpoint is written from a non-finite step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from postax.models.transformer import CausalLM
+from postax.parallel import MeshConfig, batch_sharding, make_mesh, shard_model
+from postax.train.checkpoint import CheckpointConfig, CheckpointManager
+from postax.train.metrics import (
+    MetricsConfig,
+    MetricsLogger,
+    ProgressBar,
+    check_finite,
+    matmul_peak_flops,
+)
+from postax.train.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
+
+Batch = Mapping[str, Any]
+
+
+class BatchSource(Protocol):
+    """Batches with a resumable position (postax.data.DataIterator)."""
+
+    def __next__(self) -> Any: ...  # an object with as_dict() -> {name: array}
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, state: dict[str, Any]) -> None: ...
+
+
+class Algorithm(Protocol):
+    def normalizer(self, batch: Batch) -> jax.Array: ...
+
+    def loss(
+        self, model: nnx.Module, batch: Batch, normalizer: jax.Array, rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """How to train: steps, accumulation, precision aids, logging and checkpoints."""
+
+    steps: int
+    micro_batches: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    remat: bool = False
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batches", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"trainer.{name}={value!r} is invalid: a positive integer")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"trainer.eval_every={self.eval_every!r} is invalid: an integer >= 0")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything that changes during training: trained params, the rest of the
+    model's variables (frozen params, rng counters), optimizer state, step, rng."""
+
+    params: Any
+    rest: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def _split_micro_batches(batch: Batch, count: int) -> Batch:
+    """[rows, ...] -> [count, rows / count, ...], micro-batch i = rows i, i + count, ...
+
+    Interleaving keeps each micro-batch spread over all data-parallel devices
+    when rows are sharded contiguously.
+    """
+
+    def split(x):
+        if x.shape[0] % count:
+            raise ValueError(
+                f"batch of {x.shape[0]} rows does not split into {count} micro-batches"
+            )
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, dict(batch))
+
+
+class Trainer:
+    """Trains `model` in place with `algorithm`; `trainer.model` always holds the live params."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        algorithm: Algorithm,
+        *,
+        config: TrainerConfig,
+        optimizer: OptimizerConfig,
+        wrt: Any = nnx.Param,
+        checkpoint: CheckpointConfig | None = None,
+        metrics: MetricsConfig | None = None,
+    ):
+        self.config = config
+        self.algorithm = algorithm
+        self.model = model
+        self.wrt = wrt
+        self.mesh = make_mesh(config.mesh)
+        if isinstance(model, CausalLM):
+            model.remat = config.remat
+        shard_model(model, self.mesh)
+        self.graphdef, params, rest = nnx.split(model, wrt, ...)
+        self.tx = build_optimizer(optimizer, config.steps)
+        self.schedule = learning_rate_schedule(optimizer, config.steps)
+        with self.mesh:
+            opt_state = jax.jit(self.tx.init)(params)
+        self.state = TrainState(
+            params=params,
+            rest=rest,
+            opt_state=opt_state,
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(jax.random.key(config.seed)),
+        )
+        self._batch_sharding = batch_sharding(self.mesh)
+        replicated = NamedSharding(self.mesh, P())
+        state_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
+            self.state,
+        )
+        self.state = jax.device_put(self.state, state_shardings)
+        self._step_fn = jax.jit(self._step, donate_argnums=0, out_shardings=(state_shardings, None))
+        self._eval_fn = jax.jit(self._eval)
+        self.compiles = 0
+        self.checkpoint_config = checkpoint
+        self.checkpoints = CheckpointManager(checkpoint) if checkpoint else None
+        self.metrics = MetricsLogger(metrics) if metrics else None
+
+    # ------------------------------------------------------------------ jitted
+
+    def _step(self, state: TrainState, batch: Batch):
+        self.compiles += 1  # runs once per trace
+        count = self.config.micro_batches
+        normalizer = self.algorithm.normalizer(batch)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        micro = _split_micro_batches(batch, count)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+        def loss_fn(params, rest, micro_batch, index):
+            model = nnx.merge(self.graphdef, params, rest)
+            loss, metrics = self.algorithm.loss(
+                model, micro_batch, normalizer, jax.random.fold_in(rng, index)
+            )
+            _, _, new_rest = nnx.split(model, self.wrt, ...)  # rng counters of dropout advance
+            return loss, (metrics, new_rest)
+
+        def accumulate(carry, inputs):
+            grads_sum, loss_sum, metrics_sum, rest = carry
+            index, micro_batch = inputs
+            (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, rest, micro_batch, index
+            )
+            grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+            metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
+            return (grads_sum, loss_sum + loss, metrics_sum, rest), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        metrics_shape = jax.eval_shape(loss_fn, state.params, state.rest, first, 0)[1][0]
+        metrics_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+        carry = (zeros, jnp.zeros((), jnp.float32), metrics_zero, state.rest)
+        (grads, loss, metrics, rest), _ = jax.lax.scan(
+            accumulate, carry, (jnp.arange(count), micro)
+        )
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            params=keep(params, state.params),
+            rest=rest,
+            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1,
+            rng=state.rng,
+        )
+        out = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": self.schedule(state.step),
+            "finite": finite,
+            **metrics,
+        }
+        return new_state, out
+
+    def _eval(self, state: TrainState, batch: Batch):
+        normalizer = self.algorithm.normalizer(batch)
+        model = nnx.merge(self.graphdef, state.params, state.rest)
+        loss, metrics = self.algorithm.loss(
+            model, batch, normalizer, jax.random.wrap_key_data(state.rng)
+        )
+        return {"loss": loss, **metrics}
+
+    # -------------------------------------------------------------------- host
+
+    def _device_batch(self, batch: Batch) -> dict[str, jax.Array]:
+        return {
+            k: jax.device_put(np.asarray(v), self._batch_sharding) for k, v in dict(batch).items()
+        }
+
+    def train_step(self, batch: Batch) -> dict[str, jax.Array]:
+        """One optimizer step on a global batch; returns device metrics (no host sync)."""
+        with self.mesh:
+            self.state, metrics = self._step_fn(self.state, self._device_batch(batch))
+        nnx.update(self.model, self.state.params, self.state.rest)
+        return metrics
+
+    def evaluate(self, batches) -> dict[str, float]:
+        """Token-weighted evaluation over `batches`: sum of losses over the summed normalizers."""
+        totals: dict[str, float] = {}
+        weight = 0.0
+        for batch in batches:
+            device_batch = self._device_batch(batch)
+            with self.mesh:
+                out = jax.device_get(self._eval_fn(self.state, device_batch))
+                norm = float(jax.device_get(self.algorithm.normalizer(device_batch)))
+            weight += norm
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * (norm if k == "loss" else 1.0)
+        if weight == 0:
+            raise ValueError("evaluation data is empty")
+        totals["loss"] /= weight
+        return totals
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "params": self.state.params,
+            "rest": self.state.rest,
+            "opt_state": self.state.opt_state,
+            "step": self.state.step,
+            "rng": self.state.rng,
+        }
+
+    def restore(self, data_iterator=None) -> bool:
+        """Resumes from the latest checkpoint if one exists; returns whether it did."""
+        if self.checkpoints is None or self.checkpoints.latest_step() is None:
+            return False
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            self.checkpoint_state(),
+        )
+        restored, extra = self.checkpoints.restore(abstract)
+        self.state = TrainState(**restored)
+        nnx.update(self.model, self.state.params, self.state.rest)
+        if data_iterator is not None and "data" in extra:
+            data_iterator.restore(extra["data"])
+        return True
+
+    def save(self, data_iterator=None, *, force: bool = False) -> bool:
+        if self.checkpoints is None:
+            return False
+        extra = {"step": self.step}
+        if data_iterator is not None:
+            extra["data"] = data_iterator.state()
+        return self.checkpoints.save(self.step, self.checkpoint_state(), extra, force=force)
+
+    def fit(
+        self,
+        batches: BatchSource,
+        *,
+        flops_per_token: float | None = None,
+        eval_fn: Callable[[], dict[str, float]] | None = None,
+    ) -> list[dict[str, float]]:
+        """Runs until `config.steps`; resumes first if a checkpoint exists. Returns logged rows."""
+        cfg = self.config
+        self.restore(batches)
+        progress = ProgressBar(cfg.steps) if cfg.progress else None
+        peak = (
+            matmul_peak_flops(str(jax.tree.leaves(self.state.params)[0].dtype))
+            if flops_per_token
+            else None
+        )
+        pending: list[tuple[int, int, dict]] = []
+        rows: list[dict[str, float]] = []
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            batch = next(batches).as_dict()
+            step = self.step + 1
+            tokens = (
+                int(np.count_nonzero(np.asarray(batch["segment_ids"])))
+                if "segment_ids" in batch
+                else int(np.asarray(batch["tokens"]).size)
+            )
+            pending.append((step, tokens, self.train_step(batch)))
+            window_tokens += tokens
+            due_eval = cfg.eval_every and step % cfg.eval_every == 0 and eval_fn is not None
+            if step % cfg.log_every == 0 or step == cfg.steps or due_eval or self._save_due(step):
+                fetched = jax.device_get([m for _, _, m in pending])
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                for (s, n, _), values in zip(pending, fetched, strict=True):
+                    check_finite(s, float(values["loss"]) if values["finite"] else float("nan"))
+                    row = {k: float(v) for k, v in values.items() if k != "finite"}
+                    row["tokens"] = n
+                    rows.append({"step": s, **row})
+                throughput = window_tokens / elapsed
+                last = rows[-1]
+                last["tokens_per_second"] = throughput
+                if flops_per_token and peak:
+                    last["flops_per_second"] = throughput * flops_per_token
+                    last["fraction_of_peak"] = throughput * flops_per_token / peak
+                if due_eval:
+                    last.update({f"eval_{k}": v for k, v in eval_fn().items()})
+                if self.metrics:
+                    for row in rows[-len(pending) :]:
+                        self.metrics.log(row["step"], {k: v for k, v in row.items() if k != "step"})
+                if progress:
+                    progress.update(step, loss=last["loss"], tokens_per_second=throughput)
+                pending, window_start, window_tokens = [], time.perf_counter(), 0
+                self.save(batches)
+        self.save(batches, force=True)
+        if self.checkpoints:
+            self.checkpoints.wait()
+        if progress:
+            progress.close()
+        return rows
+
+    def _save_due(self, step: int) -> bool:
+        ckpt = self.checkpoint_config
+        return bool(ckpt and ckpt.save_every and step % ckpt.save_every == 0)
+
+    def close(self) -> None:
+        if self.checkpoints:
+            self.checkpoints.close()
+        if self.metrics:
+            self.metrics.close()

@@ -201,7 +201,9 @@ class Trainer:
             accumulate, carry, (jnp.arange(count), micro)
         )
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(
+            sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+        )
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

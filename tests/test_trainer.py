@@ -1,0 +1,208 @@
+"""Trainer invariances: micro-batching, sharding, resume after SIGKILL, NaN guard, masking."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import postax
+from postax.recipes.sft import SFTAlgorithm
+from postax.train.checkpoint import CheckpointConfig
+from postax.train.metrics import NonFiniteLossError
+from postax.train.optim import OptimizerConfig
+from postax.train.trainer import Trainer, TrainerConfig
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+TINY = postax.ModelConfig(
+    family="qwen3",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qk_norm=True,
+)
+
+
+def synthetic_batch(seed: int = 0, rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
+    """Packed rows with uneven numbers of trained tokens per row (some rows train none)."""
+    rs = np.random.RandomState(seed)
+    tokens = rs.randint(0, 64, (rows, length)).astype(np.int32)
+    segments = np.ones((rows, length), np.int32)
+    segments[:, length // 2 :] = 2
+    segments[0, -3:] = 0  # padding
+    positions = np.concatenate([np.arange(length // 2)] * 2)[None].repeat(rows, 0).astype(np.int32)
+    loss_mask = (rs.rand(rows, length) < np.linspace(0.05, 0.9, rows)[:, None]).astype(np.float32)
+    loss_mask[1] = 0.0
+    loss_mask[segments == 0] = 0.0
+    return dict(
+        tokens=tokens,
+        targets=np.roll(tokens, -1, 1),
+        loss_mask=loss_mask,
+        positions=positions,
+        segment_ids=segments,
+    )
+
+
+def sgd_trainer(micro_batches: int, steps: int = 2) -> Trainer:
+    return Trainer(
+        postax.build_model(TINY, seed=0),
+        SFTAlgorithm(),
+        config=TrainerConfig(steps=steps, micro_batches=micro_batches, progress=False),
+        optimizer=OptimizerConfig(
+            name="sgd", learning_rate=1.0, beta1=0.0, schedule="constant", max_grad_norm=None
+        ),
+    )
+
+
+def flat_params(model) -> dict[str, np.ndarray]:
+    return {str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_loss_and_gradients_do_not_depend_on_micro_batching():
+    """With SGD at lr 1, new params = old - grad: equal params mean equal gradients."""
+    batch = synthetic_batch()
+    start = flat_params(postax.build_model(TINY, seed=0))
+    results = {}
+    for count in (1, 2, 8):
+        trainer = sgd_trainer(count)
+        loss = float(trainer.train_step(batch)["loss"])
+        grads = {k: start[k] - v for k, v in flat_params(trainer.model).items()}
+        results[count] = (loss, grads)
+        assert trainer.compiles == 1
+    reference_loss, reference_grads = results[1]
+    mask = batch["loss_mask"]
+    logp = np.asarray(
+        postax.build_model(TINY, seed=0).token_logprobs(
+            jnp.asarray(batch["tokens"]),
+            jnp.asarray(batch["targets"]),
+            positions=jnp.asarray(batch["positions"]),
+            segment_ids=jnp.asarray(batch["segment_ids"]),
+        )
+    )
+    assert reference_loss == pytest.approx(float(-(logp * mask).sum() / mask.sum()), rel=1e-6)
+    for count in (2, 8):
+        loss, grads = results[count]
+        assert abs(loss - reference_loss) <= 1e-6
+        for name, g in reference_grads.items():
+            np.testing.assert_allclose(grads[name], g, atol=1e-6, rtol=0, err_msg=name)
+        assert max(np.abs(g).max() for g in grads.values()) > 1e-3
+
+
+def test_prompt_only_rows_contribute_no_gradient():
+    """A row whose loss mask is empty (an example with nothing to train) changes nothing."""
+    batch = synthetic_batch()
+    only_masked = {k: v[1:2].repeat(8, 0) for k, v in batch.items()}
+    assert only_masked["loss_mask"].sum() == 0
+    trainer = sgd_trainer(1)
+    before = flat_params(trainer.model)
+    trainer.train_step(only_masked)
+    after = flat_params(trainer.model)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+class ListBatches:
+    def __init__(self, batches):
+        self.batches, self.index = batches, 0
+
+    def __next__(self):
+        batch = self.batches[self.index]
+        self.index += 1
+        return type("B", (), {"as_dict": lambda self, b=batch: b})()
+
+    def state(self):
+        return {"index": self.index}
+
+    def restore(self, state):
+        self.index = state["index"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    good = synthetic_batch()
+    poisoned = dict(good, loss_mask=good["loss_mask"] * np.float32("nan"))
+    trainer = Trainer(
+        postax.build_model(TINY, seed=0),
+        SFTAlgorithm(),
+        config=TrainerConfig(steps=6, log_every=1, progress=False),
+        optimizer=OptimizerConfig(learning_rate=1e-3),
+        checkpoint=CheckpointConfig(directory=str(tmp_path), save_every=1, async_save=False),
+    )
+    with pytest.raises(NonFiniteLossError, match=r"step 3"):
+        trainer.fit(ListBatches([good, good, poisoned, good, good, good]))
+    assert trainer.checkpoints.latest_step() == 2
+    for leaf in jax.tree.leaves(trainer.state.params):
+        assert np.isfinite(np.asarray(leaf)).all()
+
+
+def run_script(out: Path, *args: str, devices: int = 1, wait: bool = True) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=str(Path(__file__).parents[1]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if wait:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+    return proc
+
+
+def losses(out: Path) -> dict[str, float]:
+    """Loss by step from metrics.jsonl; a resumed run's later lines replace the killed run's."""
+    by_step = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            by_step[str(row["step"])] = row["loss"]
+    return by_step
+
+
+def test_sharded_run_matches_single_device(tmp_path):
+    run_script(tmp_path / "one", "--steps", "4")
+    run_script(tmp_path / "eight", "--steps", "4", "--fsdp", "4", "--tensor", "2", devices=8)
+    assert int((tmp_path / "eight" / "sharded_params.txt").read_text()) > 0
+    single, sharded = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert single.keys() == sharded.keys() == {"1", "2", "3", "4"}
+    for step in single:
+        assert abs(single[step] - sharded[step]) < 1e-5
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+    steps = ["--steps", "8", "--save-every", "2", "--micro-batches", "2"]
+    run_script(tmp_path / "straight", *steps)
+    interrupted = tmp_path / "interrupted"
+    proc = run_script(interrupted, *steps, "--step-delay", "0.4", wait=False)
+    deadline = time.time() + 240
+    while not (interrupted / "ckpt" / "4").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 4 was saved"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "params.npz").exists()
+    run_script(interrupted, *steps)
+    straight, resumed = losses(tmp_path / "straight"), losses(interrupted)
+    assert len(straight) == 8 and straight == resumed
+    a, b = np.load(tmp_path / "straight" / "params.npz"), np.load(interrupted / "params.npz")
+    assert a.files == b.files
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -11,6 +11,15 @@ from postax.models.hf import (
     read_config,
     save_model,
 )
+from postax.models.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    lora_disabled,
+    merge_lora,
+    save_adapter,
+)
+from postax.models.quant import param_bytes, quantize
 from postax.models.safetensors_io import CheckpointError
 from postax.models.transformer import CausalLM, KVCache
 
@@ -30,14 +39,22 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "KVCache",
+    "LoRAConfig",
     "ModelConfig",
     "RopeConfig",
     "abstract_model",
+    "apply_lora",
     "build_model",
     "config_from_hf",
     "config_to_hf",
+    "load_adapter",
     "load_model",
+    "lora_disabled",
+    "merge_lora",
+    "param_bytes",
     "preset",
+    "quantize",
     "read_config",
+    "save_adapter",
     "save_model",
 ]

@@ -246,8 +246,18 @@ def save_model(
     removed once the new files are in place.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = model_tensors(model)
+    expected = {
+        param_name(p)
+        for p, _ in nnx.to_flat_state(nnx.state(abstract_model(model.config), nnx.Param))
+    }
+    if set(tensors) != expected:
+        raise CheckpointError(
+            f"cannot save to {path}: the model's parameters do not form a plain {model.config.family} "
+            f"checkpoint (extra {sorted(set(tensors) - expected)[:4]}, missing {sorted(expected - set(tensors))[:4]}); "
+            "merge LoRA adapters (postax.models.lora.merge_lora) or dequantise first"
+        )
+    path.mkdir(parents=True, exist_ok=True)
     target = {name: np.dtype(_dtype(dtype) if dtype else a.dtype) for name, a in tensors.items()}
     sizes = {name: math.prod(a.shape) * target[name].itemsize for name, a in tensors.items()}
     shards: list[list[str]] = [[]]

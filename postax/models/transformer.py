@@ -13,6 +13,7 @@ Two entry points share one layer stack:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,24 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     )
     segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
     return index - segment_start
+
+
+def exact_float32(method):
+    """Runs a float32 model's matrix multiplies in full float32 on every backend.
+
+    GPUs and TPUs default to reduced-precision passes (TF32, bf16x3) for
+    float32 matmuls; a model asked for float32 computes in float32, as
+    `transformers` does by default. bfloat16 models are unaffected.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.dtype != jnp.float32:
+            return method(self, *args, **kwargs)
+        with jax.default_matmul_precision("highest"):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class DecoderLayer(nnx.Module):
@@ -190,6 +209,7 @@ class CausalLM(nnx.Module):
         self.dtype = dtype
         self.remat = False  # recompute each layer in the backward pass (saves activation memory)
 
+    @exact_float32
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits of final hidden states (soft-capped for Gemma 2)."""
         if self.lm_head is None:
@@ -202,6 +222,7 @@ class CausalLM(nnx.Module):
         cap = self.config.final_logit_softcap
         return out if cap is None else jnp.tanh(out / cap) * cap
 
+    @exact_float32
     def hidden_states(
         self,
         tokens: jax.Array,
@@ -277,6 +298,7 @@ class CausalLM(nnx.Module):
             length=jnp.zeros((), jnp.int32),
         )
 
+    @exact_float32
     def decode(
         self,
         tokens: jax.Array,

@@ -90,11 +90,13 @@ class TrainerConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """Everything that changes during training: trained params, the rest of the
-    model's variables (frozen params, rng counters), optimizer state, step, rng."""
+    """Everything of a run: trained params, frozen variables (e.g. a LoRA or
+    quantised base), mutable variables (dropout rng counters), optimizer
+    state, step, rng."""
 
     params: Any
-    rest: Any
+    frozen: Any
+    mutable: Any
     opt_state: Any
     step: jax.Array
     rng: jax.Array
@@ -139,14 +141,19 @@ class Trainer:
         if isinstance(model, CausalLM):
             model.remat = config.remat
         shard_model(model, self.mesh)
-        self.graphdef, params, rest = nnx.split(model, wrt, ...)
+        self.graphdef, params, mutable, frozen = nnx.split(model, wrt, nnx.RngState, ...)
+        # evaluation runs the same variables with dropout off, whatever the training mode
+        self.eval_graphdef = nnx.graphdef(
+            nnx.view(model, deterministic=True, raise_if_not_found=False)
+        )
         self.tx = build_optimizer(optimizer, config.steps)
         self.schedule = learning_rate_schedule(optimizer, config.steps)
         with self.mesh:
             opt_state = jax.jit(self.tx.init)(params)
         self.state = TrainState(
             params=params,
-            rest=rest,
+            frozen=frozen,
+            mutable=mutable,
             opt_state=opt_state,
             step=jnp.zeros((), jnp.int32),
             rng=jax.random.key_data(jax.random.key(config.seed)),
@@ -175,29 +182,31 @@ class Trainer:
         micro = _split_micro_batches(batch, count)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
-        def loss_fn(params, rest, micro_batch, index):
-            model = nnx.merge(self.graphdef, params, rest)
+        def loss_fn(params, mutable, micro_batch, index):
+            model = nnx.merge(self.graphdef, params, mutable, state.frozen)
             loss, metrics = self.algorithm.loss(
                 model, micro_batch, normalizer, jax.random.fold_in(rng, index)
             )
-            _, _, new_rest = nnx.split(model, self.wrt, ...)  # rng counters of dropout advance
-            return loss, (metrics, new_rest)
+            _, _, new_mutable, _ = nnx.split(
+                model, self.wrt, nnx.RngState, ...
+            )  # dropout rngs advance
+            return loss, (metrics, new_mutable)
 
         def accumulate(carry, inputs):
-            grads_sum, loss_sum, metrics_sum, rest = carry
+            grads_sum, loss_sum, metrics_sum, mutable = carry
             index, micro_batch = inputs
-            (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, rest, micro_batch, index
+            (loss, (metrics, mutable)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, mutable, micro_batch, index
             )
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
             metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
-            return (grads_sum, loss_sum + loss, metrics_sum, rest), None
+            return (grads_sum, loss_sum + loss, metrics_sum, mutable), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        metrics_shape = jax.eval_shape(loss_fn, state.params, state.rest, first, 0)[1][0]
+        metrics_shape = jax.eval_shape(loss_fn, state.params, state.mutable, first, 0)[1][0]
         metrics_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-        carry = (zeros, jnp.zeros((), jnp.float32), metrics_zero, state.rest)
-        (grads, loss, metrics, rest), _ = jax.lax.scan(
+        carry = (zeros, jnp.zeros((), jnp.float32), metrics_zero, state.mutable)
+        (grads, loss, metrics, mutable), _ = jax.lax.scan(
             accumulate, carry, (jnp.arange(count), micro)
         )
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
@@ -210,7 +219,8 @@ class Trainer:
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(
             params=keep(params, state.params),
-            rest=rest,
+            frozen=state.frozen,
+            mutable=mutable,
             opt_state=keep(opt_state, state.opt_state),
             step=state.step + 1,
             rng=state.rng,
@@ -226,7 +236,7 @@ class Trainer:
 
     def _eval(self, state: TrainState, batch: Batch):
         normalizer = self.algorithm.normalizer(batch)
-        model = nnx.merge(self.graphdef, state.params, state.rest)
+        model = nnx.merge(self.eval_graphdef, state.params, state.mutable, state.frozen)
         loss, metrics = self.algorithm.loss(
             model, batch, normalizer, jax.random.wrap_key_data(state.rng)
         )
@@ -243,7 +253,7 @@ class Trainer:
         """One optimizer step on a global batch; returns device metrics (no host sync)."""
         with self.mesh:
             self.state, metrics = self._step_fn(self.state, self._device_batch(batch))
-        nnx.update(self.model, self.state.params, self.state.rest)
+        nnx.update(self.model, self.state.params, self.state.mutable)
         return metrics
 
     def evaluate(self, batches) -> dict[str, float]:
@@ -270,7 +280,8 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "params": self.state.params,
-            "rest": self.state.rest,
+            "frozen": self.state.frozen,
+            "mutable": self.state.mutable,
             "opt_state": self.state.opt_state,
             "step": self.state.step,
             "rng": self.state.rng,
@@ -286,7 +297,7 @@ class Trainer:
         )
         restored, extra = self.checkpoints.restore(abstract)
         self.state = TrainState(**restored)
-        nnx.update(self.model, self.state.params, self.state.rest)
+        nnx.update(self.model, self.state.params, self.state.mutable, self.state.frozen)
         if data_iterator is not None and "data" in extra:
             data_iterator.restore(extra["data"])
         return True

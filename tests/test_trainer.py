@@ -206,3 +206,31 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
     assert a.files == b.files
     for name in a.files:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("quantized", [None, "nf4"])
+def test_lora_training_changes_only_adapters(quantized):
+    model = postax.build_model(TINY, seed=0)
+    if quantized:
+        postax.quantize(model, quantized)
+    postax.apply_lora(model, postax.LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    base = flat_params(model)
+    frozen = {
+        str(p): np.asarray(v[...])
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param)))
+    }
+    trainer = Trainer(
+        model,
+        SFTAlgorithm(),
+        wrt=nnx.LoRAParam,
+        config=TrainerConfig(steps=4, progress=False),
+        optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+    )
+    batch = synthetic_batch()
+    losses = [float(trainer.train_step(batch)["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0]
+    after = flat_params(trainer.model)
+    changed = [name for name in base if not np.array_equal(base[name], after[name])]
+    assert changed and all("lora_" in name for name in changed), changed
+    for name, value in nnx.to_flat_state(nnx.state(trainer.model, nnx.Not(nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(value[...]), frozen[str(name)])

@@ -148,8 +148,7 @@ class Trainer:
         )
         self.tx = build_optimizer(optimizer, config.steps)
         self.schedule = learning_rate_schedule(optimizer, config.steps)
-        with self.mesh:
-            opt_state = jax.jit(self.tx.init)(params)
+        opt_state = jax.jit(self.tx.init)(params)
         self.state = TrainState(
             params=params,
             frozen=frozen,
@@ -251,8 +250,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         """One optimizer step on a global batch; returns device metrics (no host sync)."""
-        with self.mesh:
-            self.state, metrics = self._step_fn(self.state, self._device_batch(batch))
+        self.state, metrics = self._step_fn(self.state, self._device_batch(batch))
         nnx.update(self.model, self.state.params, self.state.mutable)
         return metrics
 
@@ -262,9 +260,8 @@ class Trainer:
         weight = 0.0
         for batch in batches:
             device_batch = self._device_batch(batch)
-            with self.mesh:
-                out = jax.device_get(self._eval_fn(self.state, device_batch))
-                norm = float(jax.device_get(self.algorithm.normalizer(device_batch)))
+            out = jax.device_get(self._eval_fn(self.state, device_batch))
+            norm = float(jax.device_get(self.algorithm.normalizer(device_batch)))
             weight += norm
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * (norm if k == "loss" else 1.0)

@@ -5,9 +5,9 @@
    assistant-only loss mask (a few hundred AdamW steps, under a minute on a CPU).
 3. Saves a Hugging Face checkpoint (config.json + safetensors + tokenizer files),
    loads it back with `postax.load_model` / `postax.load_tokenizer`.
-4. Answers held-in questions by greedy decoding through the KV cache, checks
-   that the cached decode gives the same tokens as full forward passes, and
-   prints what it got.
+4. Answers the questions with `postax.Sampler` (greedy, through the KV cache),
+   checks that the cached decode gives the same tokens as full forward passes,
+   and prints what it got.
 
 Run: `python examples/quickstart.py [--out runs/quickstart] [--steps 300]`.
 """
@@ -92,44 +92,6 @@ def train(model: postax.CausalLM, tokens: jax.Array, weights: jax.Array, steps: 
             print(f"  step {i:4d}  loss {float(loss):.4f}")
 
 
-def greedy_generate(
-    model: postax.CausalLM, prompts: list[list[int]], max_new_tokens: int, stop_id: int
-) -> list[list[int]]:
-    """Greedy decoding with a KV cache: one prefill, then one jitted step per token."""
-    batch, length = len(prompts), max(len(p) for p in prompts)
-    tokens = np.zeros((batch, length), np.int32)
-    mask = np.zeros((batch, length), np.int32)
-    for row, prompt in enumerate(prompts):  # left padding
-        tokens[row, length - len(prompt) :] = prompt
-        mask[row, length - len(prompt) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    decode = nnx.jit(lambda m, t, c, p, a: m.decode(t, c, positions=p, attention_mask=a))
-    cache = model.init_cache(batch, length + max_new_tokens)
-    logits, cache = decode(
-        model, jnp.asarray(tokens), cache, jnp.asarray(positions), jnp.asarray(mask)
-    )
-    next_positions = positions[:, -1:] + 1
-    out = [[] for _ in prompts]
-    done = np.zeros(batch, bool)
-    for _ in range(max_new_tokens):
-        next_tokens = np.asarray(jnp.argmax(logits[:, -1], axis=-1), np.int32)
-        for row, token in enumerate(next_tokens):
-            if not done[row]:
-                out[row].append(int(token))
-                done[row] = token == stop_id
-        if done.all():
-            break
-        logits, cache = decode(
-            model,
-            jnp.asarray(next_tokens[:, None]),
-            cache,
-            jnp.asarray(next_positions),
-            jnp.ones((batch, 1), jnp.int32),
-        )
-        next_positions = next_positions + 1
-    return out
-
-
 def greedy_without_cache(model: postax.CausalLM, prompt: list[int], count: int) -> list[int]:
     ids = list(prompt)
     for _ in range(count):
@@ -185,13 +147,16 @@ def main() -> None:
     )
 
     questions = [c[:1] for c in conversations()]
-    prompts = [tokenizer.apply_chat_template(q, add_generation_prompt=True).ids for q in questions]
+    sampler = postax.Sampler(model, tokenizer)
     start = time.perf_counter()
-    answers = greedy_generate(model, prompts, max_new_tokens=24, stop_id=tokenizer.eos_token_id)
+    completions = sampler.generate(questions, max_new_tokens=24, temperature=0.0)
     elapsed = time.perf_counter() - start
+    answers = [list(c.token_ids) for c in completions]
     correct = 0
-    for question, answer, (country, city) in zip(questions, answers, CAPITALS.items(), strict=True):
-        text = tokenizer.decode(answer, skip_special_tokens=True)
+    for question, completion, (country, city) in zip(
+        questions, completions, CAPITALS.items(), strict=True
+    ):
+        text = completion.text
         correct += text == f"The capital of {country} is {city}."
         print(f"  Q: {question[0]['content']:<38} A: {text}")
     generated = sum(len(a) for a in answers)
@@ -199,7 +164,8 @@ def main() -> None:
         f"exact answers: {correct}/{len(answers)}; {generated} tokens in {elapsed:.2f}s "
         f"(first call includes compilation)"
     )
-    same = greedy_without_cache(model, prompts[0], len(answers[0])) == answers[0]
+    prompt = tokenizer.apply_chat_template(questions[0], add_generation_prompt=True).ids
+    same = greedy_without_cache(model, prompt, len(answers[0])) == answers[0]
     print(f"KV-cache decode equals full forward passes: {same}")
     if not same:
         raise SystemExit("cached and uncached greedy decoding disagree")

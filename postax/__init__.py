@@ -22,6 +22,7 @@ from postax.models import (
     save_adapter,
     save_model,
 )
+from postax.sampling import Completion, Sampler, SamplingConfig, SamplingError
 from postax.tokenizer import ChatEncoding, ChatTemplateError, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -32,11 +33,15 @@ __all__ = [
     "ChatEncoding",
     "ChatTemplateError",
     "CheckpointError",
+    "Completion",
     "ConfigError",
     "KVCache",
     "LoRAConfig",
     "ModelConfig",
     "RopeConfig",
+    "Sampler",
+    "SamplingConfig",
+    "SamplingError",
     "Tokenizer",
     "abstract_model",
     "apply_lora",

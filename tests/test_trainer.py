@@ -234,3 +234,19 @@ def test_lora_training_changes_only_adapters(quantized):
     assert changed and all("lora_" in name for name in changed), changed
     for name, value in nnx.to_flat_state(nnx.state(trainer.model, nnx.Not(nnx.Param))):
         np.testing.assert_array_equal(np.asarray(value[...]), frozen[str(name)])
+
+
+def test_mixed_precision_keeps_float32_master_weights():
+    """bfloat16 compute with float32 params: updates land in float32 and the loss falls."""
+    model = postax.build_model(TINY, dtype="bfloat16", param_dtype="float32", seed=0)
+    trainer = Trainer(
+        model,
+        SFTAlgorithm(),
+        config=TrainerConfig(steps=5, progress=False),
+        optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+    )
+    batch = synthetic_batch()
+    losses = [float(trainer.train_step(batch)["loss"]) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert {leaf.dtype for leaf in jax.tree.leaves(trainer.state.params)} == {jnp.dtype("float32")}
+    assert trainer.model.model.layers[0].self_attn.q_proj.dtype == jnp.bfloat16

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of postax (run as `python -m benchmarks.NAME`)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
 
 def run_postax(args, lora_rank: int) -> dict:
     import jax
-    from common import bench_config
+    from common import bench_config, peak_rss_bytes
     from flax import nnx
 
     import postax
@@ -59,9 +58,13 @@ def run_postax(args, lora_rank: int) -> dict:
     if lora_rank:
         apply_lora(model, LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), rngs=nnx.Rngs(0))
         wrt = nnx.LoRAParam
-    trainer = Trainer(model, SFTAlgorithm(), wrt=wrt,
-                      config=TrainerConfig(steps=args.steps + 1, progress=False, remat=False),
-                      optimizer=OptimizerConfig(learning_rate=1e-4, weight_decay=0.01, schedule="constant"))
+    trainer = Trainer(
+        model,
+        SFTAlgorithm(),
+        wrt=wrt,
+        config=TrainerConfig(steps=args.steps + 1, progress=False, remat=False),
+        optimizer=OptimizerConfig(learning_rate=1e-4, weight_decay=0.01, schedule="constant"),
+    )
     batch = synthetic_batch(args.batch, args.seq, cfg.vocab_size)
     start = time.perf_counter()
     jax.block_until_ready(trainer.train_step(batch))
@@ -77,24 +80,36 @@ def run_postax(args, lora_rank: int) -> dict:
     if lora_rank:  # frozen weights need no weight gradients: about 2/3 of the full step
         flops = flops * 2 / 3
     peak = matmul_peak_flops("float32")
-    return {"name": f"postax {'LoRA r' + str(lora_rank) if lora_rank else 'full'}",
-            "tokens_per_second": tokens / step_s, "step_seconds": step_s, "compile_seconds": compile_s,
-            "flops_per_second": tokens / step_s * flops, "fraction_of_peak": tokens / step_s * flops / peak,
-            "peak_flops": peak, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "name": f"postax {'LoRA r' + str(lora_rank) if lora_rank else 'full'}",
+        "tokens_per_second": tokens / step_s,
+        "step_seconds": step_s,
+        "compile_seconds": compile_s,
+        "flops_per_second": tokens / step_s * flops,
+        "fraction_of_peak": tokens / step_s * flops / peak,
+        "peak_flops": peak,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+    }
 
 
 def run_torch(args) -> dict:
     import torch
     import transformers
-    from common import bench_config
+    from common import bench_config, peak_rss_bytes
 
     from postax.train.metrics import matmul_peak_flops, training_flops_per_token
 
     cfg = bench_config()
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, tie_word_embeddings=False)
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_cfg).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -105,7 +120,9 @@ def run_torch(args) -> dict:
 
     def step():
         logits = model(tokens).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none"
+        )
         loss = (nll * mask.flatten()).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,10 +141,16 @@ def run_torch(args) -> dict:
     n = args.batch * args.seq
     flops = training_flops_per_token(cfg, args.seq)
     peak = matmul_peak_flops("float32")
-    return {"name": f"torch {torch.__version__} AdamW", "tokens_per_second": n / step_s, "step_seconds": step_s,
-            "compile_seconds": first_s, "flops_per_second": n / step_s * flops,
-            "fraction_of_peak": n / step_s * flops / peak, "peak_flops": peak,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "name": f"torch {torch.__version__} AdamW",
+        "tokens_per_second": n / step_s,
+        "step_seconds": step_s,
+        "compile_seconds": first_s,
+        "flops_per_second": n / step_s * flops,
+        "fraction_of_peak": n / step_s * flops / peak,
+        "peak_flops": peak,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+    }
 
 
 def main() -> None:
@@ -139,23 +162,44 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.phase:  # one phase per process, so peak RSS is that phase's own
-        result = {"full": lambda: run_postax(args, 0), "lora": lambda: run_postax(args, 16),
-                  "torch": lambda: run_torch(args)}[args.phase]()
+        result = {
+            "full": lambda: run_postax(args, 0),
+            "lora": lambda: run_postax(args, 16),
+            "torch": lambda: run_torch(args),
+        }[args.phase]()
         print(json.dumps(result))
         return
     results = []
     for phase in ("torch", "full", "lora"):
-        out = subprocess.run([sys.executable, __file__, "--phase", phase, "--batch", str(args.batch),
-                              "--seq", str(args.seq), "--steps", str(args.steps)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--phase",
+                phase,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     torch_tps = results[0]["tokens_per_second"]
     print(f"SFT step, bench model, batch {args.batch} x seq {args.seq}, float32, AdamW")
-    print(f"{'':22}{'tokens/s':>10}{'step s':>9}{'first s':>9}{'TFLOP/s':>9}{'of peak':>9}{'RSS MB':>8}{'vs torch':>9}")
+    print(
+        f"{'':22}{'tokens/s':>10}{'step s':>9}{'first s':>9}{'TFLOP/s':>9}{'of peak':>9}{'RSS MB':>8}{'vs torch':>9}"
+    )
     for r in results:
-        print(f"{r['name']:22}{r['tokens_per_second']:10.0f}{r['step_seconds']:9.3f}{r['compile_seconds']:9.2f}"
-              f"{r['flops_per_second'] / 1e12:9.3f}{r['fraction_of_peak']:9.1%}{r['peak_rss_mb']:8.0f}"
-              f"{r['tokens_per_second'] / torch_tps:9.2f}x")
+        print(
+            f"{r['name']:22}{r['tokens_per_second']:10.0f}{r['step_seconds']:9.3f}{r['compile_seconds']:9.2f}"
+            f"{r['flops_per_second'] / 1e12:9.3f}{r['fraction_of_peak']:9.1%}{r['peak_rss_mb']:8.0f}"
+            f"{r['tokens_per_second'] / torch_tps:9.2f}x"
+        )
     print(f"float32 matmul peak: {results[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

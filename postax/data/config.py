@@ -6,17 +6,15 @@ import dataclasses
 import os
 from typing import Any
 
+from postax.validation import ConfigError, is_int
+
 FORMATS = ("auto", "messages", "prompt_completion", "text")
 OVERLONG = ("truncate", "drop")
 ON_BAD_RECORD = ("error", "skip")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _invalid(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"data.{field}={value!r} is invalid: {allowed}")
+def _invalid(field: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"data.{field}={value!r} is invalid: {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,11 +99,11 @@ class DataConfig:
         for field in ("packing", "shuffle", "drop_last", "add_eos", "chat_template"):
             if not isinstance(getattr(self, field), bool):
                 raise _invalid(field, getattr(self, field), "True or False")
-        if not _is_int(self.seq_len) or self.seq_len < 1:
+        if not is_int(self.seq_len) or self.seq_len < 1:
             raise _invalid("seq_len", self.seq_len, "an int >= 1")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise _invalid("batch_size", self.batch_size, "an int >= 1")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise _invalid("seed", self.seed, "an int >= 0")
         self._check_buckets()
 
@@ -114,7 +112,7 @@ class DataConfig:
         if isinstance(buckets, list):  # from YAML
             buckets = tuple(buckets)
             object.__setattr__(self, "pad_buckets", buckets)
-        if not isinstance(buckets, tuple) or not all(_is_int(b) for b in buckets):
+        if not isinstance(buckets, tuple) or not all(is_int(b) for b in buckets):
             raise _invalid("pad_buckets", buckets, "a tuple of ints")
         if buckets and self.packing:
             raise _invalid("pad_buckets", buckets, "only used with packing=False; leave it empty")

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from postax.validation import ConfigError
+from postax.validation import require as _require
+
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_KINDS = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what is allowed."""
-
-
-def _require(condition: bool, field: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
+__all__ = ["ConfigError", "ModelConfig", "RopeConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -77,6 +78,7 @@ from flax import nnx
 from postax.models.transformer import CausalLM, KVCache, positions_from_mask
 from postax.sampling import beam as beam_search
 from postax.sampling.strategies import first_argmax, process_logits, sample
+from postax.validation import is_int, is_number, require
 
 FINISH_REASONS = ("stop", "length")
 PromptLike = str | Sequence[int] | Sequence[Mapping[str, Any]]
@@ -86,17 +88,7 @@ class SamplingError(ValueError):
     """A sampling option or a prompt is invalid; the message names it and what is allowed."""
 
 
-def _require(condition: bool, field: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise SamplingError(f"{field}={value!r} is invalid: {allowed}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+_require = functools.partial(require, error=SamplingError)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,40 +130,40 @@ class SamplingConfig:
         if isinstance(self.stop_token_ids, (list, int)) and not isinstance(
             self.stop_token_ids, bool
         ):
-            ids = [self.stop_token_ids] if _is_int(self.stop_token_ids) else self.stop_token_ids
+            ids = [self.stop_token_ids] if is_int(self.stop_token_ids) else self.stop_token_ids
             object.__setattr__(self, "stop_token_ids", tuple(ids))
         _require(
-            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
             "max_new_tokens",
             self.max_new_tokens,
             "an integer >= 1",
         )
         _require(
-            _is_number(self.temperature) and 0 <= self.temperature < math.inf,
+            is_number(self.temperature) and 0 <= self.temperature < math.inf,
             "temperature",
             self.temperature,
             "a finite number >= 0 (0 = greedy)",
         )
         _require(
-            _is_int(self.top_k) and self.top_k >= 0,
+            is_int(self.top_k) and self.top_k >= 0,
             "top_k",
             self.top_k,
             "an integer >= 0 (0 = off)",
         )
         _require(
-            _is_number(self.top_p) and 0 < self.top_p <= 1,
+            is_number(self.top_p) and 0 < self.top_p <= 1,
             "top_p",
             self.top_p,
             "a number in (0, 1] (1 = off)",
         )
         _require(
-            _is_number(self.min_p) and 0 <= self.min_p <= 1,
+            is_number(self.min_p) and 0 <= self.min_p <= 1,
             "min_p",
             self.min_p,
             "a number in [0, 1] (0 = off)",
         )
         _require(
-            _is_int(self.num_samples) and self.num_samples >= 1,
+            is_int(self.num_samples) and self.num_samples >= 1,
             "num_samples",
             self.num_samples,
             "an integer >= 1",
@@ -180,7 +172,7 @@ class SamplingConfig:
             self.stop_token_ids is None
             or (
                 isinstance(self.stop_token_ids, tuple)
-                and all(_is_int(i) and i >= 0 for i in self.stop_token_ids)
+                and all(is_int(i) and i >= 0 for i in self.stop_token_ids)
             ),
             "stop_token_ids",
             self.stop_token_ids,
@@ -193,19 +185,19 @@ class SamplingConfig:
             "a list of non-empty strings",
         )
         _require(
-            self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32),
+            self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**32),
             "seed",
             self.seed,
             "None or an integer in [0, 2**32)",
         )
         _require(
-            _is_int(self.num_beams) and self.num_beams >= 1,
+            is_int(self.num_beams) and self.num_beams >= 1,
             "num_beams",
             self.num_beams,
             "an integer >= 1",
         )
         _require(
-            _is_number(self.length_penalty) and math.isfinite(self.length_penalty),
+            is_number(self.length_penalty) and math.isfinite(self.length_penalty),
             "length_penalty",
             self.length_penalty,
             "a finite number",
@@ -375,13 +367,13 @@ class Sampler:
         min_batch_bucket: int = 1,
     ):
         _require(
-            _is_int(max_batch_size) and max_batch_size >= 1,
+            is_int(max_batch_size) and max_batch_size >= 1,
             "max_batch_size",
             max_batch_size,
             "an integer >= 1",
         )
         _require(
-            _is_int(stop_check_interval) and stop_check_interval >= 1,
+            is_int(stop_check_interval) and stop_check_interval >= 1,
             "stop_check_interval",
             stop_check_interval,
             "an integer >= 1",
@@ -427,7 +419,7 @@ class Sampler:
         ):
             ids = np.asarray(prompt).tolist() if hasattr(prompt, "__array__") else list(prompt)
             ids = ids if isinstance(ids, list) else [ids]
-            bad = [i for i in ids if not _is_int(i) or not 0 <= i < vocab]
+            bad = [i for i in ids if not is_int(i) or not 0 <= i < vocab]
             if bad:
                 raise SamplingError(
                     f"{where} has invalid token ids {bad[:5]}: expected integers in [0, {vocab})"
@@ -448,7 +440,7 @@ class Sampler:
         eos = self.model.config.eos_token_id
         if eos is None:
             return ()
-        return (eos,) if _is_int(eos) else tuple(eos)
+        return (eos,) if is_int(eos) else tuple(eos)
 
     def generate(
         self,
@@ -469,7 +461,7 @@ class Sampler:
             prompts = [prompts]
         elif hasattr(prompts, "__array__"):  # a [batch, length] array of ids
             prompts = np.asarray(prompts).tolist()
-        if not isinstance(prompts, Sequence) or (prompts and _is_int(prompts[0])):
+        if not isinstance(prompts, Sequence) or (prompts and is_int(prompts[0])):
             raise SamplingError(
                 "prompts must be a list of prompts (strings, token-id lists or chat message "
                 "lists); wrap a single token-id list in a list"

@@ -78,6 +78,7 @@ scalars.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -86,18 +87,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from postax.models.config import ConfigError
+from postax.validation import is_int, require
 
 _ITEMS = ("state", "extra", "prng_impls")
 
 
-def _require(condition: bool, field: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise ConfigError(f"CheckpointConfig.{field}={value!r} is invalid: {allowed}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_require = functools.partial(require, prefix="CheckpointConfig.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,13 +119,13 @@ class CheckpointConfig:
             "a non-empty path",
         )
         _require(
-            _is_int(self.save_every) and self.save_every >= 0,
+            is_int(self.save_every) and self.save_every >= 0,
             "save_every",
             self.save_every,
             "an integer >= 0 (0 = only at the end)",
         )
         _require(
-            _is_int(self.keep_last) and self.keep_last >= 1,
+            is_int(self.keep_last) and self.keep_last >= 1,
             "keep_last",
             self.keep_last,
             "an integer >= 1",
@@ -179,7 +174,7 @@ class CheckpointManager:
         False when the step is not due (see `CheckpointConfig.save_every`) or
         already has a checkpoint.
         """
-        if not _is_int(step) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"step={step!r} is invalid: an integer >= 0")
         if not self.should_save(step, force=force):
             return False

@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -49,7 +50,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from postax.models.config import ConfigError, ModelConfig
+from postax.models.config import ModelConfig
+from postax.validation import require
 
 WANDB_MODES = ("offline", "online")
 METRICS_FILE = "metrics.jsonl"
@@ -58,9 +60,7 @@ METRICS_FILE = "metrics.jsonl"
 # -- configuration ---------------------------------------------------------------
 
 
-def _require(condition: bool, field: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise ConfigError(f"MetricsConfig.{field}={value!r} is invalid: {allowed}")
+_require = functools.partial(require, prefix="MetricsConfig.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -40,15 +40,34 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
     }
 
 
+def _result(name: str, tokens: int, step_s: float, first_s: float, flops_per_token: float) -> dict:
+    """One row: throughput, achieved FLOP/s over the float32 matmul peak, peak RSS."""
+    from common import peak_rss_bytes
+
+    from postax.train.metrics import matmul_peak_flops
+
+    peak = matmul_peak_flops("float32")
+    return {
+        "name": name,
+        "tokens_per_second": tokens / step_s,
+        "step_seconds": step_s,
+        "compile_seconds": first_s,
+        "flops_per_second": tokens / step_s * flops_per_token,
+        "fraction_of_peak": tokens / step_s * flops_per_token / peak,
+        "peak_flops": peak,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+    }
+
+
 def run_postax(args, lora_rank: int) -> dict:
     import jax
-    from common import bench_config, peak_rss_bytes
+    from common import bench_config
     from flax import nnx
 
     import postax
     from postax.models.lora import LoRAConfig, apply_lora
     from postax.recipes.sft import SFTAlgorithm
-    from postax.train.metrics import matmul_peak_flops, training_flops_per_token
+    from postax.train.metrics import training_flops_per_token
     from postax.train.optim import OptimizerConfig
     from postax.train.trainer import Trainer, TrainerConfig
 
@@ -79,25 +98,21 @@ def run_postax(args, lora_rank: int) -> dict:
     flops = training_flops_per_token(cfg, args.seq)
     if lora_rank:  # frozen weights need no weight gradients: about 2/3 of the full step
         flops = flops * 2 / 3
-    peak = matmul_peak_flops("float32")
-    return {
-        "name": f"postax {'LoRA r' + str(lora_rank) if lora_rank else 'full'}",
-        "tokens_per_second": tokens / step_s,
-        "step_seconds": step_s,
-        "compile_seconds": compile_s,
-        "flops_per_second": tokens / step_s * flops,
-        "fraction_of_peak": tokens / step_s * flops / peak,
-        "peak_flops": peak,
-        "peak_rss_mb": peak_rss_bytes() / 2**20,
-    }
+    return _result(
+        f"postax {'LoRA r' + str(lora_rank) if lora_rank else 'full'}",
+        tokens,
+        step_s,
+        compile_s,
+        flops,
+    )
 
 
 def run_torch(args) -> dict:
     import torch
     import transformers
-    from common import bench_config, peak_rss_bytes
+    from common import bench_config
 
-    from postax.train.metrics import matmul_peak_flops, training_flops_per_token
+    from postax.train.metrics import training_flops_per_token
 
     cfg = bench_config()
     hf_cfg = transformers.LlamaConfig(
@@ -140,17 +155,7 @@ def run_torch(args) -> dict:
     step_s = statistics.median(times)
     n = args.batch * args.seq
     flops = training_flops_per_token(cfg, args.seq)
-    peak = matmul_peak_flops("float32")
-    return {
-        "name": f"torch {torch.__version__} AdamW",
-        "tokens_per_second": n / step_s,
-        "step_seconds": step_s,
-        "compile_seconds": first_s,
-        "flops_per_second": n / step_s * flops,
-        "fraction_of_peak": n / step_s * flops / peak,
-        "peak_flops": peak,
-        "peak_rss_mb": peak_rss_bytes() / 2**20,
-    }
+    return _result(f"torch {torch.__version__} AdamW", n, step_s, first_s, flops)
 
 
 def main() -> None:

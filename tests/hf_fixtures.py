@@ -8,6 +8,7 @@ biases included, is randomised so that a mix-up of any of them shows.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -141,3 +142,16 @@ def make_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize(model, seed)
     return model.eval()
+
+
+def relative_error(ours, reference) -> float:
+    """max |ours - reference| / max |reference|, in float64."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def hf_logits(model, tokens, **kwargs) -> np.ndarray:
+    """float32 logits of a transformers model; keyword arrays become tensors."""
+    with torch.no_grad():
+        inputs = {k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()}
+        return model(torch.as_tensor(np.asarray(tokens)), **inputs).logits.float().numpy()

@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 import transformers
 from flax import nnx
 
 import postax
-from hf_fixtures import VOCAB
+from hf_fixtures import VOCAB, hf_logits, relative_error
 from postax.models.config import ConfigError
 from postax.models.hf import model_tensors, param_name
 from postax.models.lora import (
@@ -35,11 +34,6 @@ from postax.models.lora import (
 from postax.models.safetensors_io import CheckpointError, read_header, read_tensor, write_file
 
 FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-
-
-def relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def random_tokens(seed: int, shape) -> jax.Array:
@@ -85,11 +79,6 @@ _forward = nnx.jit(lambda model, tokens: model(tokens))
 def logits(model, tokens=None) -> np.ndarray:
     """Jitted forward (one compilation per model structure) on TOKENS."""
     return np.asarray(_forward(model, TOKENS if tokens is None else tokens))
-
-
-def hf_logits(model, tokens) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(np.array(tokens))).logits.float().numpy()
 
 
 TOKENS = random_tokens(0, (4, 16))

@@ -6,25 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import postax
-from hf_fixtures import TINY_CONFIGS, VOCAB
+from hf_fixtures import TINY_CONFIGS, VOCAB, hf_logits, relative_error
 
 FAMILIES = list(TINY_CONFIGS)
 TOL = 1e-4  # max |difference| relative to max |reference logit|
-
-
-def relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
-
-
-def hf_logits(model, tokens, **kwargs) -> np.ndarray:
-    with torch.no_grad():
-        inputs = {k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()}
-        return model(torch.as_tensor(np.asarray(tokens)), **inputs).logits.float().numpy()
 
 
 @pytest.fixture(scope="module")

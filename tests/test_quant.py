@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import postax
-from hf_fixtures import VOCAB
+from hf_fixtures import VOCAB, relative_error
 from postax.models.config import ConfigError
 from postax.models.hf import param_name
 from postax.models.lora import LoRAConfig, apply_lora, lora_modules, merge_lora
@@ -57,11 +57,6 @@ _forward = nnx.jit(lambda model, tokens: model(tokens))
 
 def logits(model) -> np.ndarray:
     return np.asarray(_forward(model, TOKENS))
-
-
-def relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def nf4_reference(w: np.ndarray, block_size: int):

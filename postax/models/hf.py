@@ -61,38 +61,26 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _family(hf: dict[str, Any], source: Path) -> ModuleType:
+def _model_type(hf: dict[str, Any], source: Path) -> str:
+    """The supported model_type of a config.json, from `model_type` or else `architectures`."""
     model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPES:
-        model_type = next(
-            (
-                ARCHITECTURE_MODEL_TYPES[a]
-                for a in hf.get("architectures") or []
-                if a in ARCHITECTURE_MODEL_TYPES
-            ),
-            model_type,
-        )
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(
-            f"{source}: unsupported architecture (model_type={hf.get('model_type')!r}, "
-            f"architectures={hf.get('architectures')!r}); supported model types: "
-            f"{', '.join(sorted(MODEL_TYPES))}; architectures: {', '.join(sorted(ARCHITECTURE_MODEL_TYPES))}"
-        )
-    return MODEL_TYPES[model_type]
+    if model_type in MODEL_TYPES:
+        return model_type
+    for architecture in hf.get("architectures") or []:
+        if architecture in ARCHITECTURE_MODEL_TYPES:
+            return ARCHITECTURE_MODEL_TYPES[architecture]
+    raise ConfigError(
+        f"{source}: unsupported architecture (model_type={model_type!r}, "
+        f"architectures={hf.get('architectures')!r}); supported model types: "
+        f"{', '.join(sorted(MODEL_TYPES))}; architectures: {', '.join(sorted(ARCHITECTURE_MODEL_TYPES))}"
+    )
 
 
 def config_from_hf(hf: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
     """A ModelConfig from a parsed Hugging Face config.json."""
-    hf = dict(hf)
-    family = _family(hf, Path(source))
-    if hf.get("model_type") not in MODEL_TYPES:
-        hf["model_type"] = next(
-            ARCHITECTURE_MODEL_TYPES[a]
-            for a in hf["architectures"]
-            if a in ARCHITECTURE_MODEL_TYPES
-        )
+    model_type = _model_type(hf, Path(source))
     try:
-        return family.config_from_hf(hf)
+        return MODEL_TYPES[model_type].config_from_hf({**hf, "model_type": model_type})
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from e
 

@@ -239,7 +239,7 @@ class Trainer:
         loss, metrics = self.algorithm.loss(
             model, batch, normalizer, jax.random.wrap_key_data(state.rng)
         )
-        return {"loss": loss, **metrics}
+        return normalizer, {"loss": loss, **metrics}
 
     # -------------------------------------------------------------------- host
 
@@ -259,9 +259,8 @@ class Trainer:
         totals: dict[str, float] = {}
         weight = 0.0
         for batch in batches:
-            device_batch = self._device_batch(batch)
-            out = jax.device_get(self._eval_fn(self.state, device_batch))
-            norm = float(jax.device_get(self.algorithm.normalizer(device_batch)))
+            norm, out = jax.device_get(self._eval_fn(self.state, self._device_batch(batch)))
+            norm = float(norm)
             weight += norm
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * (norm if k == "loss" else 1.0)

@@ -132,3 +132,23 @@ def test_model_jits_and_differentiates(loaded):
     grads = nnx.grad(loss)(model, tokens)
     norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) == len(norms)
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 8), (3, 11)])
+def test_matmul_transposed_both_forms_and_gradients(lead):
+    """Few rows take the (W x^T)^T form, many rows x W^T: values and gradients agree."""
+    from postax.models.layers import FEW_ROWS, matmul_transposed
+
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(*lead, 24).astype(np.float32))
+    w = jnp.asarray(rng.randn(40, 24).astype(np.float32))
+    assert (np.prod(lead) <= FEW_ROWS) == (lead != (3, 11))
+    with jax.default_matmul_precision("highest"):
+        got = matmul_transposed(x, w)
+        grads = jax.grad(lambda a, b: (matmul_transposed(a, b) ** 2).sum(), (0, 1))(x, w)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert got.shape == (*lead, 40)
+    np.testing.assert_allclose(grads[0], 2 * want @ np.asarray(w, np.float64), rtol=1e-4, atol=1e-4)
+    flat_x = np.asarray(x, np.float64).reshape(-1, 24)
+    np.testing.assert_allclose(grads[1], 2 * want.reshape(-1, 40).T @ flat_x, rtol=1e-4, atol=1e-4)

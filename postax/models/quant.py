@@ -67,7 +67,7 @@ import numpy as np
 from flax import nnx
 
 from postax.models.config import ConfigError
-from postax.models.layers import Linear
+from postax.models.layers import Linear, matmul_transposed
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("int8", "nf4")
@@ -200,7 +200,7 @@ class QuantLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         def project(x, codes, scales):
-            return jnp.einsum("...i,oi->...o", x, self._dequantize(codes, scales, self.dtype))
+            return matmul_transposed(x, self._dequantize(codes, scales, self.dtype))
 
         # Rematerialised: the backward pass (dx = dy W) dequantises again instead of
         # keeping every layer's dequantised weight alive between forward and backward,

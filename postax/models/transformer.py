@@ -21,7 +21,15 @@ from flax import nnx
 
 from postax.losses.numerics import token_logprobs
 from postax.models.config import ModelConfig
-from postax.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, make_attention_mask
+from postax.models.layers import (
+    MLP,
+    Attention,
+    Embedding,
+    Linear,
+    RMSNorm,
+    make_attention_mask,
+    matmul_transposed,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -29,7 +37,8 @@ from postax.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, mak
 class KVCache:
     """Preallocated keys and values for every layer.
 
-    keys[i], values[i]: [batch, capacity, kv_heads, head_dim];
+    keys[i], values[i]: [batch, kv_heads, capacity, head_dim] (heads-major, so
+    attention reads them without a transpose);
     valid: [batch, capacity] bool, True where a slot holds a real token;
     length: int32 scalar, the number of slots written so far (the next write
     slot). Rows are left-padded, so every row writes at the same slot.
@@ -122,6 +131,7 @@ class DecoderLayer(nnx.Module):
         attn = self.self_attn
 
         def attend(q, k, v):
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             return attn.attend(q, k, v, masks[attn.window or 0]), None
 
         x, _ = self._attention_out(x, positions, attend)
@@ -134,10 +144,10 @@ class DecoderLayer(nnx.Module):
 
         def attend(q, k, v):
             new_keys = jax.lax.dynamic_update_slice_in_dim(
-                keys, k.astype(keys.dtype), write_at, axis=1
+                keys, k.transpose(0, 2, 1, 3).astype(keys.dtype), write_at, axis=2
             )
             new_values = jax.lax.dynamic_update_slice_in_dim(
-                values, v.astype(values.dtype), write_at, axis=1
+                values, v.transpose(0, 2, 1, 3).astype(values.dtype), write_at, axis=2
             )
             mask = make_attention_mask(query_index, valid, window=attn.window)
             return attn.attend(q, new_keys.astype(q.dtype), new_values.astype(q.dtype), mask), (
@@ -216,8 +226,8 @@ class CausalLM(nnx.Module):
             out = self.model.embed_tokens.attend(hidden)
         else:
             w = self.lm_head.weight[...].astype(self.dtype)
-            out = jnp.einsum(
-                "...e,ve->...v", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32
+            out = matmul_transposed(
+                hidden.astype(self.dtype), w, preferred_element_type=jnp.float32
             )
         cap = self.config.final_logit_softcap
         return out if cap is None else jnp.tanh(out / cap) * cap
@@ -289,7 +299,7 @@ class CausalLM(nnx.Module):
         """An empty cache for `batch_size` rows of at most `capacity` tokens."""
         cfg = self.config
         dtype = self.dtype if dtype is None else dtype
-        shape = (batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return KVCache(
             keys=zeros,

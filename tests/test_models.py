@@ -152,3 +152,36 @@ def test_matmul_transposed_both_forms_and_gradients(lead):
     np.testing.assert_allclose(grads[0], 2 * want @ np.asarray(w, np.float64), rtol=1e-4, atol=1e-4)
     flat_x = np.asarray(x, np.float64).reshape(-1, 24)
     np.testing.assert_allclose(grads[1], 2 * want.reshape(-1, 40).T @ flat_x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_causal_blocks_equal_full_attention(softcap):
+    """Query blocks over a key prefix give the full masked attention, values and gradients."""
+    from postax.models.layers import CAUSAL_BLOCK, dot_product_attention, make_attention_mask
+
+    b, t, h, kv, d = 2, 2 * CAUSAL_BLOCK + 22, 4, 2, 8  # a partial last block
+    rng = np.random.RandomState(1)
+    q = jnp.asarray(rng.randn(b, t, h, d).astype(np.float32))
+    k, v = (jnp.asarray(rng.randn(b, kv, t, d).astype(np.float32)) for _ in range(2))
+    valid = jnp.asarray(np.arange(t)[None, :] >= np.array([[0], [5]]))  # row 1 left-padded
+    segments = jnp.asarray(np.where(np.arange(t) < 70, 1, 2)[None].repeat(b, 0))
+    mask = make_attention_mask(jnp.arange(t), valid, query_segments=segments, key_segments=segments)
+
+    # Padding queries see no key at all: their (meaningless) outputs may differ.
+    seen = mask.any(-1)[..., None]
+
+    def attention(causal):
+        def f(q, k, v):
+            out = dot_product_attention(q, k, v, mask, scale=0.3, softcap=softcap, causal=causal)
+            out = jnp.where(seen, out, 0.0)
+            return out, (out * jnp.cos(out)).sum()
+
+        with jax.default_matmul_precision("highest"):
+            out, _ = f(q, k, v)
+            grads = jax.grad(lambda *a: f(*a)[1], (0, 1, 2))(q, k, v)
+        return out, grads
+
+    (out_blocked, grads_blocked), (out_full, grads_full) = attention(True), attention(False)
+    np.testing.assert_allclose(out_blocked, out_full, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads_blocked, grads_full, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -132,7 +132,7 @@ class DecoderLayer(nnx.Module):
 
         def attend(q, k, v):
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            return attn.attend(q, k, v, masks[attn.window or 0]), None
+            return attn.attend(q, k, v, masks[attn.window or 0], causal=True), None
 
         x, _ = self._attention_out(x, positions, attend)
         return self._mlp_out(x)

@@ -83,7 +83,7 @@ from flax import nnx
 
 from postax.models.config import ConfigError
 from postax.models.hf import DTYPES
-from postax.models.layers import Linear
+from postax.models.layers import Linear, matmul_transposed
 from postax.models.quant import (
     PROJECTIONS,
     ProjectionWrapper,
@@ -193,9 +193,9 @@ class LoRALinear(ProjectionWrapper):
         if not self.enabled:
             return y
         h = x if self.dropout is None else self.dropout(x)
-        h = jnp.einsum("...i,ri->...r", h.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+        h = matmul_transposed(h.astype(self.dtype), self.lora_a[...].astype(self.dtype))
         h = h * jnp.asarray(self.scale, self.dtype)
-        return y + jnp.einsum("...r,or->...o", h, self.lora_b[...].astype(self.dtype))
+        return y + matmul_transposed(h, self.lora_b[...].astype(self.dtype))
 
     def set_view(self, lora_enabled: bool | None = None) -> None:
         """`nnx.view(model, lora_enabled=False)`: the base model sharing these Variables."""

@@ -12,6 +12,14 @@ import sys
 COMMANDS = {
     "generate": ("postax.sampling.cli", "Generate text from a Hugging Face checkpoint directory."),
     "sft": ("postax.recipes.sft", "Supervised fine-tuning (full, LoRA, QLoRA) from a YAML config."),
+    "preference": (
+        "postax.recipes.preference",
+        "Preference tuning: DPO (sigmoid, IPO, hinge, robust), ORPO, SimPO, KTO (`loss:`).",
+    ),
+    "reward-model": (
+        "postax.recipes.reward_model",
+        "Train a reward model (Bradley-Terry) on preference pairs.",
+    ),
 }
 
 

@@ -7,14 +7,20 @@ from pathlib import Path
 import pytest
 
 from postax.configs import ConfigFileError, load_config, to_dict
+from postax.recipes.preference import PreferenceConfig
 from postax.recipes.sft import SFTConfig
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "sft").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((CONFIGS / "sft").glob("*.yaml")) + sorted((CONFIGS / "preference").glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_shipped_configs_parse(path):
-    cfg = load_config(SFTConfig, path)
+    config_class = SFTConfig if path.parent.name == "sft" else PreferenceConfig
+    cfg = load_config(config_class, path)
     assert cfg.trainer.steps > 0 and cfg.data.seq_len > 0
 
 

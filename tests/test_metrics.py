@@ -154,6 +154,14 @@ def test_progress_bar_plain_lines_on_a_non_tty_stream():
     assert lines[-1] == "step 4/10 | loss 2.0000 | 12,346 tok/s | elapsed 0:00:08 | ETA 0:00:12"
 
 
+def test_progress_bar_shows_extra_metrics_after_the_loss():
+    stream, clock = io.StringIO(), FakeClock()
+    bar = ProgressBar(10, stream=stream, interval_s=0.0, clock=clock)
+    bar.update(1, loss=0.5, extra={"accuracy": 0.75, "margin": 1.23456})
+    bar.close()
+    assert stream.getvalue().startswith("step 1/10 | loss 0.5000 | accuracy 0.75 | margin 1.235 |")
+
+
 def test_progress_bar_non_tty_prints_periodically_and_the_end():
     stream, clock = io.StringIO(), FakeClock()
     bar = ProgressBar(100, stream=stream, interval_s=30.0, clock=clock)

@@ -250,3 +250,31 @@ def test_mixed_precision_keeps_float32_master_weights():
     assert losses[-1] < losses[0]
     assert {leaf.dtype for leaf in jax.tree.leaves(trainer.state.params)} == {jnp.dtype("float32")}
     assert trainer.model.model.layers[0].self_attn.q_proj.dtype == jnp.bfloat16
+
+
+class MeanAndTotalMetrics:
+    """SFT plus a per-row mean metric (divided by the global row count) and a total."""
+
+    def normalizer(self, batch):
+        return jnp.asarray(batch["tokens"].shape[0], jnp.float32)
+
+    def loss(self, model, batch, normalizer, rng):
+        first = batch["tokens"][:, 0].astype(jnp.float32)
+        return jnp.sum(first) / normalizer * 0.0 + jnp.sum(model(batch["tokens"])[..., 0]) * 0.0, {
+            "first_token": jnp.sum(first) / normalizer,
+            "rows_count": jnp.asarray(batch["tokens"].shape[0], jnp.float32),
+        }
+
+
+def test_evaluate_averages_means_and_adds_up_totals():
+    trainer = Trainer(
+        postax.build_model(TINY, seed=0),
+        MeanAndTotalMetrics(),
+        config=TrainerConfig(steps=1, progress=False),
+        optimizer=OptimizerConfig(learning_rate=1e-3),
+    )
+    batches = [synthetic_batch(seed, rows=rows) for seed, rows in ((0, 8), (1, 4))]
+    result = trainer.evaluate(batches)
+    firsts = np.concatenate([b["tokens"][:, 0] for b in batches]).astype(np.float64)
+    assert result["first_token"] == pytest.approx(firsts.mean(), rel=1e-6)
+    assert result["rows_count"] == 12.0

@@ -1,8 +1,13 @@
-"""Supervised fine-tuning data: readers, formats, tokenisation with loss masks, packing.
+"""Training data: readers, formats, tokenisation with loss masks, packing, preference pairs.
 
-`SFTDataset(DataConfig(path=...), tokenizer)` reads and tokenises everything at once (see
-`postax.data.dataset` for why and for the batch layout); `dataset.iterator()` yields `Batch`es
-over epochs and can be saved and restored.
+`SFTDataset(DataConfig(path=...), tokenizer)` reads and tokenises supervised fine-tuning data
+at once (see `postax.data.dataset` for why and for the batch layout); `dataset.iterator()`
+yields `Batch`es over epochs and can be saved and restored.
+
+`PreferenceDataset(PreferenceDataConfig(path=..., kind=...), tokenizer)` does the same for
+preference data: prompt/chosen/rejected pairs (DPO, IPO, ORPO, SimPO) or unpaired labelled
+examples with KTO's mismatched KL rows (see `postax.data.preference` for the batch layout).
+Both read the same sources and share the resumable `DataIterator`.
 
 Not built on grain: the documents already sit in host memory as flat numpy arrays, so a batch
 is a gather of a few slices and needs no worker processes, prefetching or file-level random
@@ -18,6 +23,14 @@ from postax.data.config import DataConfig
 from postax.data.dataset import Batch, DataIterator, DataStats, SFTDataset
 from postax.data.formats import Document, RecordError
 from postax.data.packing import pack
+from postax.data.preference import (
+    PreferenceBatch,
+    PreferenceDataset,
+    PreferenceStats,
+    UnpairedPreferenceBatch,
+)
+from postax.data.preference_config import PreferenceDataConfig
+from postax.data.preference_encode import PreferenceRecordError
 from postax.data.sources import DataError, data_files, iter_records
 
 __all__ = [
@@ -27,8 +40,14 @@ __all__ = [
     "DataIterator",
     "DataStats",
     "Document",
+    "PreferenceBatch",
+    "PreferenceDataConfig",
+    "PreferenceDataset",
+    "PreferenceRecordError",
+    "PreferenceStats",
     "RecordError",
     "SFTDataset",
+    "UnpairedPreferenceBatch",
     "data_files",
     "iter_records",
     "pack",

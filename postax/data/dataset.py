@@ -37,7 +37,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -49,6 +49,14 @@ from postax.tokenizer import Tokenizer
 
 _MAX_SKIP_MESSAGES = 5
 _CHUNK = 1024  # records tokenised together
+BatchT = TypeVar("BatchT", covariant=True)
+
+
+def shuffled_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of `range(count)` that depends only on (`seed`, `epoch`): the argsort of raw
+    PCG64 outputs seeded with `SeedSequence([seed, epoch])`, stable across numpy versions."""
+    keys = np.random.PCG64(np.random.SeedSequence([seed, epoch])).random_raw(count)
+    return np.argsort(keys, kind="stable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +147,14 @@ class SFTDataset:
 
     Attributes:
         config: The `DataConfig`.
+        batching_settings: The config fields besides the data that `fingerprint()` covers.
         stats: `DataStats`.
         format: The format used (resolved when `config.format` is "auto").
         steps_per_epoch: Batches per epoch.
         skip_messages: The first few messages of skipped records.
     """
+
+    batching_settings = ("seq_len", "batch_size", "packing", "pad_buckets", "shuffle", "drop_last")
 
     def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:
         if not isinstance(config, DataConfig):
@@ -288,9 +299,7 @@ class SFTDataset:
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
         if self.config.shuffle:
-            seed = np.random.SeedSequence([self.config.seed, epoch])
-            keys = np.random.PCG64(seed).random_raw(self.num_rows)
-            order = np.argsort(keys, kind="stable")
+            order = shuffled_order(self.num_rows, self.config.seed, epoch)
         else:
             order = np.arange(self.num_rows)
         self._order_cache = (epoch, order)
@@ -315,11 +324,10 @@ class SFTDataset:
 
     def iterator(
         self, state: dict[str, Any] | None = None, *, num_epochs: int | None = None
-    ) -> DataIterator:
+    ) -> DataIterator[Batch]:
         """A `DataIterator` from the start, or from a saved `state`."""
         return DataIterator(self, state, num_epochs=num_epochs)
 
-    @property
     def fingerprint(self) -> str:
         """A digest of the documents, their labels, the rows and the batching settings."""
         if self._fingerprint is None:
@@ -336,8 +344,22 @@ class SFTDataset:
         return self._fingerprint
 
 
-class DataIterator:
-    """Batches over epochs, resumable.
+class EpochDataset(Protocol[BatchT]):
+    """What `DataIterator` needs: `steps_per_epoch` batches per epoch, each a pure function
+    `batch(epoch, step)`, a `config` with a `seed`, and a `fingerprint()` of the data and of the
+    `batching_settings` that shape the batches."""
+
+    config: Any
+    steps_per_epoch: int
+    batching_settings: tuple[str, ...]
+
+    def batch(self, epoch: int, step: int) -> BatchT: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class DataIterator(Generic[BatchT]):
+    """Batches over epochs, resumable (over an `SFTDataset` or a `PreferenceDataset`).
 
     `state()` is a JSON-serialisable dict naming the next batch (`epoch`, `step`) with the
     dataset's `seed` and `fingerprint`; `restore(state)` (or the `state` argument) continues
@@ -347,7 +369,7 @@ class DataIterator:
 
     def __init__(
         self,
-        dataset: SFTDataset,
+        dataset: EpochDataset[BatchT],
         state: dict[str, Any] | None = None,
         *,
         num_epochs: int | None = None,
@@ -361,10 +383,10 @@ class DataIterator:
         if state is not None:
             self.restore(state)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[BatchT]:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> BatchT:
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
         batch = self.dataset.batch(self.epoch, self.step)
@@ -379,7 +401,7 @@ class DataIterator:
             "epoch": self.epoch,
             "step": self.step,
             "seed": self.dataset.config.seed,
-            "fingerprint": self.dataset.fingerprint,
+            "fingerprint": self.dataset.fingerprint(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -402,10 +424,10 @@ class DataIterator:
                 f"data iterator state was saved with seed={state['seed']!r}, but data.seed="
                 f"{self.dataset.config.seed}"
             )
-        if state["fingerprint"] != self.dataset.fingerprint:
+        if state["fingerprint"] != self.dataset.fingerprint():
+            settings = ", ".join(self.dataset.batching_settings)
             raise ValueError(
                 "data iterator state does not match this dataset: the data, the tokenizer or "
-                "the batching settings (seq_len, batch_size, packing, pad_buckets, shuffle, "
-                "drop_last) changed since it was saved"
+                f"the batching settings ({settings}) changed since it was saved"
             )
         self.epoch, self.step = epoch, step

@@ -90,17 +90,21 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return FAMILY_OF_CONFIG[cfg.family].config_to_hf(cfg)
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint directory."""
     config_path = Path(path) / "config.json"
     try:
-        hf = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(
             f"{config_path}: not found; a checkpoint directory needs config.json"
         ) from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
-    return config_from_hf(hf, config_path)
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    return config_from_hf(read_hf_config(path), Path(path) / "config.json")
 
 
 def build_model(
@@ -174,9 +178,20 @@ def load_model(
     """
     path = Path(path)
     cfg = read_config(path)
+    return load_weights(path, abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
+
+
+def load_weights(path: str | os.PathLike, abstract: nnx.Module) -> nnx.Module:
+    """Fills an abstract module (with a `config`) from the checkpoint's tensors, streamed.
+
+    Module paths are the tensor names (after the family's `checkpoint_name`);
+    a missing, unexpected or mis-shaped tensor is an error naming it.
+    """
+    path = Path(path)
+    cfg = abstract.config
     family = FAMILY_OF_CONFIG[cfg.family]
     naming = getattr(family, "checkpoint_name", lambda name: name)
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
+    graphdef, abstract_state = nnx.split(abstract)
     expected = {param_name(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
 
     found: dict[str, TensorInfo] = {}
@@ -214,7 +229,7 @@ def load_model(
     return nnx.merge(graphdef, state)
 
 
-def model_tensors(model: CausalLM) -> dict[str, jax.Array]:
+def model_tensors(model: nnx.Module) -> dict[str, jax.Array]:
     """Hugging Face tensor name -> parameter array."""
     return {param_name(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -233,12 +248,32 @@ def save_model(
     an index. Old shard files of a previous save in the same directory are
     removed once the new files are in place.
     """
+    return write_checkpoint(
+        model,
+        path,
+        reference=abstract_model(model.config),
+        hf_config=config_to_hf(model.config),
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+def write_checkpoint(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    reference: nnx.Module,
+    hf_config: dict[str, Any],
+    dtype: str | None,
+    max_shard_bytes: int,
+) -> Path:
+    """Writes the model's parameters and `hf_config` as in `save_model`.
+
+    reference: the abstract plain module whose parameter names the checkpoint must hold.
+    """
     path = Path(path)
     tensors = model_tensors(model)
-    expected = {
-        param_name(p)
-        for p, _ in nnx.to_flat_state(nnx.state(abstract_model(model.config), nnx.Param))
-    }
+    expected = {param_name(p) for p, _ in nnx.to_flat_state(nnx.state(reference, nnx.Param))}
     if set(tensors) != expected:
         raise CheckpointError(
             f"cannot save to {path}: the model's parameters do not form a plain {model.config.family} "
@@ -272,7 +307,7 @@ def save_model(
             for n in names
         ]
         write_file(path / file, entries)
-    hf_config = config_to_hf(model.config)
+    hf_config = dict(hf_config)
     hf_config["torch_dtype"] = str(next(iter(target.values()), np.dtype("float32")))
     _write_json(path / "config.json", hf_config)
     if len(files) > 1:

@@ -223,7 +223,7 @@ def _format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """One status line: step/total, loss, tokens/s, elapsed time and ETA.
+    """One status line: step/total, loss, chosen metrics, tokens/s, elapsed time and ETA.
 
     The ETA is `(total - step) * seconds per step`, the seconds per step being
     averaged over the last `window` updates (the first update of a run, which
@@ -267,8 +267,14 @@ class ProgressBar:
         return sum(t for t, _ in self._intervals) / steps if steps else None
 
     def update(
-        self, step: int, *, loss: float | None = None, tokens_per_second: float | None = None
+        self,
+        step: int,
+        *,
+        loss: float | None = None,
+        tokens_per_second: float | None = None,
+        extra: Mapping[str, float] | None = None,
     ) -> None:
+        """Records step `step`; `extra` metrics are shown after the loss (4 significant digits)."""
         now = self._clock()
         if self._last is not None and step > self._last[0]:
             self._intervals.append((now - self._last[1], step - self._last[0]))
@@ -276,6 +282,8 @@ class ProgressBar:
         parts = [f"step {step}/{self.total_steps}"]
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
+        for name, value in (extra or {}).items():
+            parts.append(f"{name} {float(value):.4g}")
         if tokens_per_second is not None:
             parts.append(f"{float(tokens_per_second):,.0f} tok/s")
         parts.append(f"elapsed {_format_duration(now - self._start)}")

@@ -10,6 +10,12 @@ slice's loss share and gradient (float32 accumulation, one `lax.scan`, one
 compile), clips, and applies the optimizer. Because every slice divides by the
 same global normalizer, loss and gradients do not depend on the split.
 
+Metrics are summed over the slices like the loss, so an algorithm reports
+either totals, named `*_sum`, `*_tokens` or `*_count`, or per-example means
+already divided by the global normalizer (say `accuracy`). `evaluate` adds
+up the totals over its batches and averages everything else, weighted by
+each batch's normalizer as the loss is.
+
 One jitted step donates the training state. The host never waits on the
 device inside the loop except to flush metrics (every `log_every` steps) and
 to save checkpoints. A step whose loss or gradient norm is not finite leaves
@@ -77,6 +83,7 @@ class TrainerConfig:
     remat: bool = False
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     progress: bool = True
+    progress_metrics: tuple[str, ...] = ()  # metrics shown on the progress bar
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batches", "log_every"):
@@ -85,6 +92,12 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name}={value!r} is invalid: a positive integer")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"trainer.eval_every={self.eval_every!r} is invalid: an integer >= 0")
+        if isinstance(self.progress_metrics, list):  # from YAML
+            object.__setattr__(self, "progress_metrics", tuple(self.progress_metrics))
+        if not all(isinstance(m, str) for m in self.progress_metrics):
+            raise ValueError(
+                f"trainer.progress_metrics={self.progress_metrics!r} is invalid: metric names"
+            )
 
 
 @jax.tree_util.register_dataclass
@@ -100,6 +113,10 @@ class TrainState:
     opt_state: Any
     step: jax.Array
     rng: jax.Array
+
+
+def _is_total(metric: str) -> bool:
+    return metric.endswith(("_sum", "_tokens", "_count"))
 
 
 def _split_micro_batches(batch: Batch, count: int) -> Batch:
@@ -273,7 +290,8 @@ class Trainer:
         return metrics
 
     def evaluate(self, batches) -> dict[str, float]:
-        """Token-weighted evaluation over `batches`: sum of losses over the summed normalizers."""
+        """Evaluation over `batches`: totals (`*_sum`, `*_tokens`, `*_count`) add up; the loss
+        and every other metric are averaged weighted by each batch's normalizer."""
         totals: dict[str, float] = {}
         weight = 0.0
         for batch in batches:
@@ -281,11 +299,10 @@ class Trainer:
             norm = float(norm)
             weight += norm
             for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * (norm if k == "loss" else 1.0)
+                totals[k] = totals.get(k, 0.0) + float(v) * (1.0 if _is_total(k) else norm)
         if weight == 0:
             raise ValueError("evaluation data is empty")
-        totals["loss"] /= weight
-        return totals
+        return {k: v if _is_total(k) else v / weight for k, v in totals.items()}
 
     @property
     def step(self) -> int:
@@ -374,7 +391,12 @@ class Trainer:
                     for row in rows[-len(pending) :]:
                         self.metrics.log(row["step"], {k: v for k, v in row.items() if k != "step"})
                 if progress:
-                    progress.update(step, loss=last["loss"], tokens_per_second=throughput)
+                    progress.update(
+                        step,
+                        loss=last["loss"],
+                        tokens_per_second=throughput,
+                        extra={k: last[k] for k in cfg.progress_metrics if k in last},
+                    )
                 pending, window_start, window_tokens = [], time.perf_counter(), 0
                 self.save(batches)
         self.save(batches, force=True)

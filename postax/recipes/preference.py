@@ -1,0 +1,308 @@
+"""Preference tuning, top to bottom: `postax preference --config configs/preference/dpo-tiny.yaml`.
+
+One recipe for the DPO family (`loss: dpo` with `dpo.variant` sigmoid, ipo,
+hinge or robust), ORPO, SimPO and KTO: the losses differ by a config value
+(DESIGN.md principle 2), the data by `data.kind` (pairs, or KTO's unpaired
+examples).
+
+config -> tokenizer -> preference data (every data error before any compile)
+-> model (checkpoint, preset or inline; optionally quantised and
+LoRA-wrapped) -> reference log-probs (DPO and KTO only: a cache on disk keyed
+by model and data, or on the fly; with LoRA the reference is the base model,
+adapters off, never a second copy) -> trainer with the chosen loss ->
+Hugging Face export (LoRA merged; the adapter saved alone too).
+
+Metrics (logs, and those in `trainer.progress_metrics` on the progress bar):
+each loss's per-example values averaged over the batch: chosen and rejected
+rewards, margin, preference accuracy, completion log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from postax.configs import load_config, to_dict
+from postax.data.preference import PreferenceDataConfig, PreferenceDataset
+from postax.losses.dpo import DPOConfig, dpo_loss
+from postax.losses.kto import KTOConfig, kto_loss, kto_reference_point
+from postax.losses.orpo import ORPOConfig, orpo_loss
+from postax.losses.simpo import SimPOConfig, simpo_loss
+from postax.models.lora import LoRAConfig, apply_lora, lora_disabled
+from postax.models.quant import quantize
+from postax.recipes.sft import (
+    CheckpointSettings,
+    MetricsSettings,
+    ModelSource,
+    build_sft_model,
+    export,
+)
+from postax.tokenizer import load_tokenizer
+from postax.train import reference as ref
+from postax.train.checkpoint import CheckpointConfig
+from postax.train.metrics import MetricsConfig, training_flops_per_token
+from postax.train.optim import OptimizerConfig
+from postax.train.trainer import Trainer, TrainerConfig
+from postax.validation import ConfigError
+
+LOSSES = {"dpo": "paired", "orpo": "paired", "simpo": "paired", "kto": "unpaired"}
+REFERENCE_FREE = ("orpo", "simpo")
+REFERENCE_MODES = ("cache", "on_the_fly")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreferenceConfig:
+    """A preference-tuning run.
+
+    Attributes:
+        loss: "dpo" (variant in `dpo`), "orpo", "simpo" (reference-free) or "kto"
+            (unpaired data, `data.kind: unpaired`).
+        reference: "cache" (one pass over the data before training, stored in
+            `reference_cache_dir`, reused while model and data are unchanged) or
+            "on_the_fly" (every step). Ignored by reference-free losses; KTO is
+            always on the fly (see `attach_reference`).
+        reference_cache_dir: Default `<output_dir>/reference`.
+        reference_batch_size: Examples per batch of the caching pass.
+    """
+
+    output_dir: str
+    model: ModelSource
+    data: PreferenceDataConfig
+    trainer: TrainerConfig
+    loss: str = "dpo"
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    orpo: ORPOConfig = dataclasses.field(default_factory=ORPOConfig)
+    simpo: SimPOConfig = dataclasses.field(default_factory=SimPOConfig)
+    kto: KTOConfig = dataclasses.field(default_factory=KTOConfig)
+    reference: str = "cache"
+    reference_cache_dir: str | None = None
+    reference_batch_size: int = 8
+    tokenizer: str | None = None  # default: model.path
+    eval_data: PreferenceDataConfig | None = None
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    lora: LoRAConfig | None = None
+    quantize: str | None = None  # "int8" or "nf4": QLoRA, needs lora
+    logits_chunk_size: int = 0
+    checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
+    metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r} is invalid: one of {tuple(LOSSES)}")
+        for name, data in (("data", self.data), ("eval_data", self.eval_data)):
+            if data is not None and data.kind != LOSSES[self.loss]:
+                raise ConfigError(
+                    f"{name}.kind={data.kind!r} is invalid for loss={self.loss!r}: "
+                    f"{LOSSES[self.loss]!r}"
+                )
+        if self.reference not in REFERENCE_MODES:
+            raise ConfigError(f"reference={self.reference!r} is invalid: one of {REFERENCE_MODES}")
+        if not isinstance(self.reference_batch_size, int) or self.reference_batch_size < 1:
+            raise ConfigError(
+                f"reference_batch_size={self.reference_batch_size!r} is invalid: an int >= 1"
+            )
+        if self.quantize not in (None, "int8", "nf4"):
+            raise ConfigError(f"quantize={self.quantize!r} is invalid: null, 'int8' or 'nf4'")
+        if self.quantize and self.lora is None:
+            raise ConfigError(
+                "quantize is set but lora is not: a quantised base is frozen, so QLoRA needs lora"
+            )
+        if self.tokenizer is None and self.model.path is None:
+            raise ConfigError("tokenizer: required when the model is not loaded from a path")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceAlgorithm:
+    """Pairwise (DPO family, ORPO, SimPO) or unpaired (KTO) preference loss for the Trainer.
+
+    The loss of a micro-batch is the sum of its examples' losses over the
+    number of real examples in the global batch (filler rows, `index` -1,
+    count for nothing), so micro-batching leaves loss and gradients unchanged.
+    Reference log-probs come from the batch (`ref_logp`, `ref_kl_logp`), or,
+    with `reference_in_loss` (LoRA, on the fly), from the same model with its
+    adapters switched off, under `stop_gradient`.
+    """
+
+    loss_name: str
+    settings: Any
+    needs_reference: bool = True
+    reference_in_loss: bool = False
+    chunk_size: int = 0
+
+    def normalizer(self, batch):
+        real = (batch["index"] >= 0).astype(jnp.float32)
+        return jnp.maximum(jnp.sum(real), 1.0)
+
+    def _reference(self, model, batch, prefix: str, key: str):
+        if not self.reference_in_loss:
+            return batch[key]
+        with lora_disabled(model):
+            logp, _ = ref.sequence_logps(model, batch, prefix=prefix, chunk_size=self.chunk_size)
+        return jax.lax.stop_gradient(logp)
+
+    def loss(self, model, batch, normalizer, rng):
+        del rng
+        logp, tokens = ref.sequence_logps(model, batch, chunk_size=self.chunk_size)
+        real = (batch["index"] >= 0).astype(jnp.float32)
+        policy = (
+            dict(chosen_tokens=tokens[:, 0], rejected_tokens=tokens[:, 1]) if logp.ndim == 2 else {}
+        )
+        if self.loss_name == "dpo":
+            reference = self._reference(model, batch, "", "ref_logp")
+            losses, metrics = dpo_loss(
+                logp[:, 0], logp[:, 1], reference[:, 0], reference[:, 1], self.settings, **policy
+            )
+        elif self.loss_name == "orpo":
+            losses, metrics = orpo_loss(logp[:, 0], logp[:, 1], cfg=self.settings, **policy)
+        elif self.loss_name == "simpo":
+            losses, metrics = simpo_loss(logp[:, 0], logp[:, 1], cfg=self.settings, **policy)
+        else:  # kto
+            reference = self._reference(model, batch, "", "ref_logp")
+            kl_logp, _ = ref.sequence_logps(model, batch, prefix="kl_", chunk_size=self.chunk_size)
+            kl_reference = self._reference(model, batch, "kl_", "ref_kl_logp")
+            reference_point = kto_reference_point(kl_logp, kl_reference, real)
+            losses, metrics = kto_loss(
+                logp, reference, batch["desirable"], reference_point, self.settings
+            )
+        total = jnp.sum(losses * real) / normalizer
+        return total, {k: jnp.sum(v * real) / normalizer for k, v in metrics.items()}
+
+
+def loss_settings(cfg: PreferenceConfig):
+    return getattr(cfg, cfg.loss)
+
+
+def build_model(cfg: PreferenceConfig):
+    """The policy: loaded or built, then quantised and LoRA-wrapped as configured."""
+    model = build_sft_model(cfg.model)
+    if cfg.quantize:
+        quantize(model, cfg.quantize)
+    if cfg.lora:
+        apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.model.seed))
+    return model
+
+
+def attach_reference(cfg: PreferenceConfig, model, dataset: PreferenceDataset, iterator):
+    """(iterator whose batches carry reference log-probs, reference computed in the loss, info).
+
+    Reference-free losses get the iterator back unchanged. KTO always scores
+    its reference on the fly: its mismatched KL rows are paired anew in every
+    batch, so there is nothing fixed to cache.
+    """
+    mode = "on_the_fly" if cfg.loss == "kto" else cfg.reference
+    info: dict[str, Any] = {"reference": mode if cfg.needs_reference else "none"}
+    if not cfg.needs_reference:
+        return iterator, False, info
+    if mode == "on_the_fly":
+        if ref.has_lora(model):
+            return iterator, True, info
+        frozen = ref.frozen_copy(model)  # full fine-tuning needs its initial weights
+        attach = ref.score_each_batch(
+            frozen, chunk_size=cfg.logits_chunk_size, kl_rows=cfg.loss == "kto"
+        )
+        return ref.ReferenceIterator(iterator, attach), False, info
+    cache_dir = Path(cfg.reference_cache_dir or Path(cfg.output_dir) / "reference")
+    logps, path, computed = ref.load_or_compute(
+        model,
+        dataset,
+        cache_dir,
+        batch_size=cfg.reference_batch_size,
+        chunk_size=cfg.logits_chunk_size,
+    )
+    info.update(reference_cache=str(path), reference_computed=computed)
+    return ref.ReferenceIterator(iterator, ref.lookup(logps)), False, info
+
+
+def run(cfg: PreferenceConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train_data = PreferenceDataset(cfg.data, tokenizer)
+    eval_data = PreferenceDataset(cfg.eval_data, tokenizer) if cfg.eval_data else None
+    print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
+
+    model = build_model(cfg)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model vocab_size={model.config.vocab_size} is smaller than the "
+            f"tokenizer's {tokenizer.vocab_size} tokens ({tokenizer_dir})"
+        )
+    iterator, in_loss, info = attach_reference(cfg, model, train_data, train_data.iterator())
+    print(f"reference: {info}", file=sys.stderr)
+    if cfg.lora and cfg.lora.dropout:
+        model.train()
+    algorithm = PreferenceAlgorithm(
+        cfg.loss,
+        loss_settings(cfg),
+        needs_reference=cfg.needs_reference,
+        reference_in_loss=in_loss,
+        chunk_size=cfg.logits_chunk_size,
+    )
+    trainer = Trainer(
+        model,
+        algorithm,
+        config=cfg.trainer,
+        optimizer=cfg.optimizer,
+        wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
+        checkpoint=CheckpointConfig(
+            directory=str((out / "checkpoints").resolve()), **dataclasses.asdict(cfg.checkpoint)
+        ),
+        metrics=MetricsConfig(directory=str(out), **dataclasses.asdict(cfg.metrics)),
+    )
+    if trainer.metrics:
+        trainer.metrics.log(0, {f"data_{k}": v for k, v in train_data.stats.as_dict().items()})
+    eval_fn = None
+    if eval_data is not None:
+        eval_iterator, _, _ = attach_reference(
+            dataclasses.replace(cfg, reference="on_the_fly") if in_loss else cfg,
+            model,
+            eval_data,
+            eval_data.iterator(num_epochs=1),
+        )
+        eval_batches = [b.as_dict() for b in eval_iterator]
+
+        def eval_fn():
+            return trainer.evaluate(eval_batches)
+
+    flops = training_flops_per_token(model.config, cfg.data.seq_len)
+    rows = trainer.fit(iterator, flops_per_token=flops, eval_fn=eval_fn)
+    trainer.model.eval()
+    summary = {
+        "steps": trainer.step,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "data": train_data.stats.as_dict(),
+        **info,
+    }
+    if eval_fn is not None:
+        summary["eval"] = eval_fn()
+    if cfg.export:
+        export(trainer.model, cfg, tokenizer_dir, out)
+    trainer.close()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(PreferenceConfig, argv if argv is not None else sys.argv[1:])
+    summary = run(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

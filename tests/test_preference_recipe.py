@@ -1,0 +1,270 @@
+"""`postax preference` and `postax reward-model` end to end on a preference rule a tiny model can learn.
+
+Every prompt asks about an item; the chosen answer calls it good, the rejected
+one bad. Held-out items never appear in training, so a rising held-out
+preference accuracy means the rule was learned, not the pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import postax
+from postax.data.preference import PreferenceDataConfig, PreferenceDataset
+from postax.models.lora import LoRAConfig
+from postax.recipes import preference, reward_model
+from postax.recipes.sft import ModelSource
+from postax.tokenizer_build import build_tokenizer
+from postax.train.reference import sequence_logps
+from postax.train.trainer import Trainer, TrainerConfig
+
+ITEMS = [
+    "apple", "river", "chair", "cloud", "stone", "train", "lamp", "garden", "bridge", "violin",
+    "candle", "mirror", "forest", "pencil", "window", "harbor", "tunnel", "meadow",
+]  # fmt: skip
+HELD_OUT = ITEMS[12:]
+MODEL = dict(
+    family="llama",
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
+
+
+def pair(item: str) -> dict[str, str]:
+    return {
+        "prompt": f"Tell me about the {item}.",
+        "chosen": f" The {item} is good.",
+        "rejected": f" The {item} is bad.",
+    }
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preference")
+    train = [pair(i) for i in ITEMS[:12]]
+    texts = [r[k] for r in train + [pair(i) for i in HELD_OUT] for k in r]
+    build_tokenizer(texts * 4, root / "tokenizer", vocab_size=300)
+    unpaired = [
+        {"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}
+        for r in train
+        for k in ("chosen", "rejected")
+    ]
+    return {
+        "root": root,
+        "tokenizer": str(root / "tokenizer"),
+        "train": write_jsonl(root / "train.jsonl", train),
+        "heldout": write_jsonl(root / "heldout.jsonl", [pair(i) for i in HELD_OUT]),
+        "unpaired": write_jsonl(root / "unpaired.jsonl", unpaired),
+    }
+
+
+def data(path: str, **kw) -> PreferenceDataConfig:
+    return PreferenceDataConfig(path=path, seq_len=24, batch_size=4, **kw)
+
+
+def config(files, name: str, *, steps: int = 30, **kw) -> preference.PreferenceConfig:
+    defaults = dict(
+        output_dir=str(files["root"] / name),
+        tokenizer=files["tokenizer"],
+        model=ModelSource(config=postax.ModelConfig(**MODEL), seed=1),
+        data=data(files["train"]),
+        eval_data=data(files["heldout"], shuffle=False),
+        trainer=TrainerConfig(steps=steps, log_every=10, progress=False),
+        optimizer=postax.train.optim.OptimizerConfig(
+            learning_rate=3e-3, warmup_steps=0, schedule="constant"
+        ),
+        export=False,
+    )
+    return preference.PreferenceConfig(**{**defaults, **kw})
+
+
+def heldout_margins(model, files) -> tuple[float, float]:
+    """(mean length-normalised log-prob margin chosen - rejected, fraction of pairs above 0)."""
+    tokenizer = postax.load_tokenizer(files["tokenizer"])
+    dataset = PreferenceDataset(data(files["heldout"], shuffle=False), tokenizer)
+    margins = []
+    for batch in dataset.examples(4):
+        batch = {k: jnp.asarray(v) for k, v in batch.as_dict().items()}
+        with jax.default_matmul_precision("highest"):
+            logp, tokens = sequence_logps(model, batch)
+        real = np.asarray(batch["index"]) >= 0
+        average = np.asarray(logp / jnp.maximum(tokens, 1))
+        margins.extend((average[:, 0] - average[:, 1])[real])
+    margins = np.asarray(margins)
+    return float(margins.mean()), float((margins > 0).mean())
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(f"{output_dir}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def initial_model():
+    return postax.build_model(postax.ModelConfig(**MODEL), seed=1)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(files):
+    cfg = config(files, "dpo", export=True)
+    return cfg, preference.run(cfg)
+
+
+def test_dpo_learns_the_heldout_preference(dpo_run, files):
+    cfg, summary = dpo_run
+    # The policy starts equal to the reference: every implicit reward is 0.
+    assert summary["eval"]["accuracy"] >= 0.9
+    assert summary["eval"]["margin"] > 0.5
+    assert summary["eval"]["reward_chosen"] > summary["eval"]["reward_rejected"]
+    trained = postax.load_model(f"{cfg.output_dir}/final")
+    before, after = heldout_margins(initial_model(), files), heldout_margins(trained, files)
+    assert after[0] > before[0] + 0.1 and after[1] >= 0.9
+    rows = read_metrics(cfg.output_dir)
+    logged = [r for r in rows if "accuracy" in r]
+    assert {"reward_chosen", "reward_rejected", "margin", "logp_chosen"} <= set(logged[-1])
+    assert logged[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference
+
+
+def test_reference_cache_is_reused_and_recomputed_on_change(dpo_run, files):
+    cfg, summary = dpo_run
+    assert summary["reference_computed"] is True
+
+    def rerun(name: str, **changes) -> dict:
+        return preference.run(
+            dataclasses.replace(
+                cfg,
+                output_dir=str(files["root"] / name),
+                reference_cache_dir=str(files["root"] / "dpo" / "reference"),
+                trainer=TrainerConfig(steps=1, progress=False),
+                eval_data=None,
+                export=False,
+                **changes,
+            )
+        )
+
+    again = rerun("same")
+    assert again["reference_computed"] is False
+    assert again["reference_cache"] == summary["reference_cache"]
+    changed = rerun("other_model", model=dataclasses.replace(cfg.model, seed=2))
+    assert changed["reference_computed"] is True
+    assert changed["reference_cache"] != summary["reference_cache"]
+    fewer = write_jsonl(files["root"] / "train11.jsonl", [pair(i) for i in ITEMS[:11]])
+    changed = rerun("other_data", data=data(fewer))
+    assert changed["reference_computed"] is True
+    assert changed["reference_cache"] != summary["reference_cache"]
+
+
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_reference_free_losses_learn_the_heldout_preference(files, loss):
+    cfg = config(files, loss, loss=loss, export=True)
+    summary = preference.run(cfg)
+    assert summary["reference"] == "none"
+    assert not (files["root"] / loss / "reference").exists()
+    trained = postax.load_model(f"{cfg.output_dir}/final")
+    before, after = heldout_margins(initial_model(), files), heldout_margins(trained, files)
+    assert after[0] > before[0] + 0.1 and after[1] >= 0.9
+    assert summary["eval"]["accuracy"] >= 0.9
+
+
+def count_arrays(shape) -> int:
+    gc.collect()
+    return sum(1 for a in jax.live_arrays() if a.shape == shape)
+
+
+EMBEDDING = (MODEL["vocab_size"], MODEL["hidden_size"])
+
+
+def first_step_loss(files, cfg) -> tuple[float, int]:
+    """(loss of one step, embedding-shaped arrays the reference set-up added)."""
+    tokenizer = postax.load_tokenizer(files["tokenizer"])
+    dataset = PreferenceDataset(cfg.data, tokenizer)
+    model = preference.build_model(cfg)
+    before = count_arrays(EMBEDDING)
+    iterator, in_loss, _ = preference.attach_reference(cfg, model, dataset, dataset.iterator())
+    added = count_arrays(EMBEDDING) - before
+    algorithm = preference.PreferenceAlgorithm(
+        "dpo", cfg.dpo, reference_in_loss=in_loss, chunk_size=0
+    )
+    trainer = Trainer(
+        model,
+        algorithm,
+        config=cfg.trainer,
+        optimizer=cfg.optimizer,
+        wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
+    )
+    metrics = jax.device_get(trainer.train_step(next(iterator).as_dict()))
+    return float(metrics["loss"]), added
+
+
+def test_lora_dpo_needs_no_second_copy_and_matches_full_dpo(files):
+    lora = config(files, "lora", reference="on_the_fly", lora=LoRAConfig(rank=4, alpha=8.0))
+    lora_loss, lora_added = first_step_loss(files, lora)
+    full = config(files, "full", reference="on_the_fly")
+    full_loss, full_added = first_step_loss(files, full)
+    # With LoRA the reference is the live model with adapters off: no array is added.
+    # Full fine-tuning must keep its initial weights: a second embedding table and
+    # output head (both [vocab, hidden]).
+    assert lora_added == 0
+    assert full_added == 2
+    assert lora_loss == pytest.approx(full_loss, abs=1e-6)
+    assert lora_loss == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_kto_trains_on_unpaired_data(files):
+    cfg = config(
+        files,
+        "kto",
+        loss="kto",
+        data=data(files["unpaired"], kind="unpaired"),
+        eval_data=None,
+        steps=30,
+    )
+    summary = preference.run(cfg)
+    rows = read_metrics(cfg.output_dir)
+    logged = [r for r in rows if "reward_desirable" in r]
+    assert summary["reference"] == "on_the_fly"
+    assert logged[-1]["reward_desirable"] > logged[0]["reward_desirable"]
+    assert logged[-1]["reward_undesirable"] < logged[0]["reward_undesirable"]
+    assert np.mean([r["loss"] for r in logged[-5:]]) < np.mean([r["loss"] for r in logged[:5]])
+
+
+def test_reward_model_learns_the_rule_and_exports(files):
+    out = files["root"] / "rm"
+    cfg = reward_model.RewardModelConfig(
+        output_dir=str(out),
+        tokenizer=files["tokenizer"],
+        model=ModelSource(config=postax.ModelConfig(**MODEL), seed=1),
+        data=data(files["train"]),
+        eval_data=data(files["heldout"], shuffle=False),
+        trainer=TrainerConfig(steps=30, log_every=10, progress=False),
+        optimizer=postax.train.optim.OptimizerConfig(
+            learning_rate=3e-3, warmup_steps=0, schedule="constant"
+        ),
+    )
+    summary = reward_model.run(cfg)
+    assert summary["eval"]["accuracy"] >= 0.9
+    from postax.models.reward import RewardScorer, load_reward_model
+
+    scorer = RewardScorer(load_reward_model(out / "final"), postax.load_tokenizer(out / "final"))
+    held = [pair(i) for i in HELD_OUT]
+    chosen = scorer.score([r["prompt"] for r in held], [r["chosen"] for r in held])
+    rejected = scorer.score([r["prompt"] for r in held], [r["rejected"] for r in held])
+    assert (chosen > rejected).mean() >= 0.9

@@ -21,7 +21,7 @@ import postax
 from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.models.lora import LoRAConfig
 from postax.recipes import preference, reward_model
-from postax.recipes.sft import ModelSource
+from postax.recipes.common import ModelSource
 from postax.tokenizer_build import build_tokenizer
 from postax.train.reference import sequence_logps
 from postax.train.trainer import Trainer, TrainerConfig
@@ -307,3 +307,30 @@ def test_micro_batching_changes_neither_loss_nor_update(files, loss):
     # order) become update differences up to ~1e-3 of the learning rate (3e-3).
     for a, b in zip(p1, p2, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_command_line_runs_both_recipes_with_overrides(files):
+    from postax.cli import main as postax_main
+
+    root = files["root"]
+    model = ", ".join(
+        f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in MODEL.items()
+    )
+    for command, name, extra in (
+        ("preference", "cli-orpo", "loss: orpo\n"),
+        ("reward-model", "cli-rm", ""),
+    ):
+        (root / f"{name}.yaml").write_text(
+            f"output_dir: {root / name}\ntokenizer: {files['tokenizer']}\n"
+            f"model: {{config: {{{model}}}}}\n{extra}"
+            f"data: {{path: {files['train']}, seq_len: 24, batch_size: 4}}\n"
+            "trainer: {steps: 5, progress: false}\n"
+        )
+        assert (
+            postax_main([command, "--config", str(root / f"{name}.yaml"), "trainer.steps=2"]) == 0
+        )
+        summary = json.loads((root / name / "summary.json").read_text())
+        assert summary["steps"] == 2
+    assert (root / "cli-orpo" / "final" / "config.json").exists()
+    rm_config = json.loads((root / "cli-rm" / "final" / "config.json").read_text())
+    assert rm_config["architectures"] == ["LlamaForSequenceClassification"]

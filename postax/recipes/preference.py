@@ -20,7 +20,6 @@ rewards, margin, preference accuracy, completion log-probs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from postax.configs import load_config, to_dict
 from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.losses.dpo import DPOConfig, dpo_loss
 from postax.losses.kto import KTOConfig, kto_loss, kto_reference_point
@@ -37,19 +35,22 @@ from postax.losses.orpo import ORPOConfig, orpo_loss
 from postax.losses.simpo import SimPOConfig, simpo_loss
 from postax.models.lora import LoRAConfig, apply_lora, lora_disabled
 from postax.models.quant import quantize
-from postax.recipes.sft import (
+from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
     ModelSource,
-    build_sft_model,
-    export,
+    build_causal_lm,
+    check_vocab,
+    make_trainer,
+    recipe_main,
+    start_run,
+    train_and_summarise,
 )
+from postax.recipes.sft import export
 from postax.tokenizer import load_tokenizer
 from postax.train import reference as ref
-from postax.train.checkpoint import CheckpointConfig
-from postax.train.metrics import MetricsConfig, training_flops_per_token
 from postax.train.optim import OptimizerConfig
-from postax.train.trainer import Trainer, TrainerConfig
+from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError
 
 LOSSES = {"dpo": "paired", "orpo": "paired", "simpo": "paired", "kto": "unpaired"}
@@ -186,7 +187,7 @@ def loss_settings(cfg: PreferenceConfig):
 
 def build_model(cfg: PreferenceConfig):
     """The policy: loaded or built, then quantised and LoRA-wrapped as configured."""
-    model = build_sft_model(cfg.model)
+    model = build_causal_lm(cfg.model)
     if cfg.quantize:
         quantize(model, cfg.quantize)
     if cfg.lora:
@@ -226,10 +227,8 @@ def attach_reference(cfg: PreferenceConfig, model, dataset: PreferenceDataset, i
 
 
 def run(cfg: PreferenceConfig) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
+    """Preference tuning from a config; returns the run summary."""
+    out = start_run(cfg)
     tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
     tokenizer = load_tokenizer(tokenizer_dir)
     train_data = PreferenceDataset(cfg.data, tokenizer)
@@ -237,15 +236,21 @@ def run(cfg: PreferenceConfig) -> dict:
     print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
 
     model = build_model(cfg)
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model vocab_size={model.config.vocab_size} is smaller than the "
-            f"tokenizer's {tokenizer.vocab_size} tokens ({tokenizer_dir})"
-        )
+    check_vocab(model.config, tokenizer, tokenizer_dir)
     iterator, in_loss, info = attach_reference(cfg, model, train_data, train_data.iterator())
     print(f"reference: {info}", file=sys.stderr)
+    eval_fn = None
+    if eval_data is not None:  # reference log-probs fixed now, before any update
+        eval_iterator, _, _ = attach_reference(
+            cfg, model, eval_data, eval_data.iterator(num_epochs=1)
+        )
+        eval_batches = [b.as_dict() for b in eval_iterator]
+
+        def eval_fn():
+            return trainer.evaluate(eval_batches)
+
     if cfg.lora and cfg.lora.dropout:
-        model.train()
+        model.train()  # adapter dropout on while training; eval() at the end
     algorithm = PreferenceAlgorithm(
         cfg.loss,
         loss_settings(cfg),
@@ -253,56 +258,25 @@ def run(cfg: PreferenceConfig) -> dict:
         reference_in_loss=in_loss,
         chunk_size=cfg.logits_chunk_size,
     )
-    trainer = Trainer(
+    trainer = make_trainer(
+        cfg,
         model,
         algorithm,
-        config=cfg.trainer,
-        optimizer=cfg.optimizer,
         wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
-        checkpoint=CheckpointConfig(
-            directory=str((out / "checkpoints").resolve()), **dataclasses.asdict(cfg.checkpoint)
-        ),
-        metrics=MetricsConfig(directory=str(out), **dataclasses.asdict(cfg.metrics)),
+        out=out,
+        data_stats=train_data.stats.as_dict(),
     )
-    if trainer.metrics:
-        trainer.metrics.log(0, {f"data_{k}": v for k, v in train_data.stats.as_dict().items()})
-    eval_fn = None
-    if eval_data is not None:
-        eval_iterator, _, _ = attach_reference(
-            dataclasses.replace(cfg, reference="on_the_fly") if in_loss else cfg,
-            model,
-            eval_data,
-            eval_data.iterator(num_epochs=1),
-        )
-        eval_batches = [b.as_dict() for b in eval_iterator]
-
-        def eval_fn():
-            return trainer.evaluate(eval_batches)
-
-    flops = training_flops_per_token(model.config, cfg.data.seq_len)
-    rows = trainer.fit(iterator, flops_per_token=flops, eval_fn=eval_fn)
-    trainer.model.eval()
-    summary = {
-        "steps": trainer.step,
-        "final_loss": rows[-1]["loss"] if rows else None,
-        "data": train_data.stats.as_dict(),
+    return train_and_summarise(
+        trainer,
+        iterator,
+        seq_len=cfg.data.seq_len,
+        out=out,
+        data_stats=train_data.stats.as_dict(),
+        eval_fn=eval_fn,
+        export=(lambda model: export(model, cfg, tokenizer_dir, out)) if cfg.export else None,
         **info,
-    }
-    if eval_fn is not None:
-        summary["eval"] = eval_fn()
-    if cfg.export:
-        export(trainer.model, cfg, tokenizer_dir, out)
-    trainer.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(PreferenceConfig, argv if argv is not None else sys.argv[1:])
-    summary = run(cfg)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return recipe_main("preference", PreferenceConfig, run, argv, "configs/preference/")

@@ -15,31 +15,30 @@ followed by the targets.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
-from postax.configs import load_config, to_dict
 from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.losses.reward import bradley_terry_loss
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora
 from postax.models.reward import RewardModel, load_reward_model, save_reward_model
-from postax.recipes.sft import (
-    TOKENIZER_FILES,
+from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
     ModelSource,
-    build_sft_model,
+    build_causal_lm,
+    copy_tokenizer_files,
+    make_trainer,
+    recipe_main,
+    start_run,
+    train_and_summarise,
 )
 from postax.tokenizer import load_tokenizer
-from postax.train.checkpoint import CheckpointConfig
-from postax.train.metrics import MetricsConfig, training_flops_per_token
 from postax.train.optim import OptimizerConfig
-from postax.train.trainer import Trainer, TrainerConfig
+from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError
 
 
@@ -114,7 +113,7 @@ def build_reward_model(cfg: RewardModelConfig) -> RewardModel:
         model = load_reward_model(cfg.model.path, dtype=cfg.model.dtype)
     else:
         model = RewardModel.from_causal_lm(
-            build_sft_model(cfg.model), rngs=nnx.Rngs(cfg.model.seed)
+            build_causal_lm(cfg.model), rngs=nnx.Rngs(cfg.model.seed)
         )
     if cfg.lora:
         apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.model.seed))
@@ -129,9 +128,8 @@ def trained_filter(cfg: RewardModelConfig):
 
 
 def run(cfg: RewardModelConfig) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    """Reward-model training from a config; returns the run summary."""
+    out = start_run(cfg)
     tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
     tokenizer = load_tokenizer(tokenizer_dir)
     train_data = PreferenceDataset(cfg.data, tokenizer)
@@ -139,16 +137,13 @@ def run(cfg: RewardModelConfig) -> dict:
     print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
 
     model = build_reward_model(cfg)
-    trainer = Trainer(
+    trainer = make_trainer(
+        cfg,
         model,
         RewardAlgorithm(cfg.margin),
-        config=cfg.trainer,
-        optimizer=cfg.optimizer,
         wrt=trained_filter(cfg),
-        checkpoint=CheckpointConfig(
-            directory=str((out / "checkpoints").resolve()), **dataclasses.asdict(cfg.checkpoint)
-        ),
-        metrics=MetricsConfig(directory=str(out), **dataclasses.asdict(cfg.metrics)),
+        out=out,
+        data_stats=train_data.stats.as_dict(),
     )
     eval_fn = None
     if eval_data is not None:
@@ -157,35 +152,22 @@ def run(cfg: RewardModelConfig) -> dict:
         def eval_fn():
             return trainer.evaluate(eval_batches)
 
-    flops = training_flops_per_token(model.config, cfg.data.seq_len)
-    rows = trainer.fit(train_data.iterator(), flops_per_token=flops, eval_fn=eval_fn)
-    summary = {
-        "steps": trainer.step,
-        "final_loss": rows[-1]["loss"] if rows else None,
-        "data": train_data.stats.as_dict(),
-    }
-    if eval_fn is not None:
-        summary["eval"] = eval_fn()
-    if cfg.export:
+    def export(model) -> None:
         final = out / "final"
-        save_reward_model(
-            merge_lora(trainer.model) if cfg.lora else trainer.model,
-            final,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).exists():
-                shutil.copy(tokenizer_dir / name, final / name)
-    trainer.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        model = merge_lora(model) if cfg.lora else model
+        save_reward_model(model, final, pad_token_id=tokenizer.pad_token_id)
+        copy_tokenizer_files(tokenizer_dir, final)
+
+    return train_and_summarise(
+        trainer,
+        train_data.iterator(),
+        seq_len=cfg.data.seq_len,
+        out=out,
+        data_stats=train_data.stats.as_dict(),
+        eval_fn=eval_fn,
+        export=export if cfg.export else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(RewardModelConfig, argv if argv is not None else sys.argv[1:])
-    print(json.dumps(run(cfg), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return recipe_main("reward-model", RewardModelConfig, run, argv, "configs/reward/")

@@ -1,0 +1,157 @@
+"""What every recipe shares: where the model comes from, the run directory, the trainer's
+checkpoint and metrics settings, the end-of-run summary, tokenizer files and the command line.
+
+A recipe reads top to bottom (DESIGN.md principle 5); these helpers keep the
+parts that are the same in every recipe written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from postax.configs import load_config, to_dict
+from postax.models import ModelConfig, build_model, load_model, preset
+from postax.train.checkpoint import CheckpointConfig
+from postax.train.metrics import MetricsConfig, training_flops_per_token
+from postax.train.trainer import Trainer
+from postax.validation import ConfigError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Where the model comes from: a Hugging Face directory, a preset name or an inline config."""
+
+    path: str | None = None
+    preset: str | None = None
+    config: ModelConfig | None = None
+    dtype: str = "float32"
+    param_dtype: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("path", "preset", "config") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"model: set exactly one of path, preset, config (got {given or 'none'})"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSettings:
+    save_every: int = 0
+    keep_last: int = 2
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+
+def build_causal_lm(source: ModelSource):
+    """The causal LM a run starts from: loaded, or built from a preset or inline config."""
+    if source.path is not None:
+        return load_model(source.path, dtype=source.dtype, param_dtype=source.param_dtype)
+    cfg = preset(source.preset) if source.preset else source.config
+    return build_model(cfg, dtype=source.dtype, param_dtype=source.param_dtype, seed=source.seed)
+
+
+def start_run(cfg) -> Path:
+    """Creates `cfg.output_dir` and writes the resolved config to its config.json."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return out
+
+
+def check_vocab(model_config, tokenizer, tokenizer_dir: Path) -> None:
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model vocab_size={model_config.vocab_size} is smaller than the "
+            f"tokenizer's {tokenizer.vocab_size} tokens ({tokenizer_dir})"
+        )
+
+
+def make_trainer(cfg, model, algorithm, *, wrt, out: Path, data_stats: dict | None = None):
+    """A Trainer with the run's optimizer, checkpoints under out/checkpoints and metrics in out."""
+    trainer = Trainer(
+        model,
+        algorithm,
+        config=cfg.trainer,
+        optimizer=cfg.optimizer,
+        wrt=wrt,
+        checkpoint=CheckpointConfig(
+            directory=str((out / "checkpoints").resolve()), **dataclasses.asdict(cfg.checkpoint)
+        ),
+        metrics=MetricsConfig(directory=str(out), **dataclasses.asdict(cfg.metrics)),
+    )
+    if trainer.metrics and data_stats:
+        trainer.metrics.log(0, {f"data_{k}": v for k, v in data_stats.items()})
+    return trainer
+
+
+def train_and_summarise(
+    trainer: Trainer,
+    iterator,
+    *,
+    seq_len: int,
+    out: Path,
+    data_stats: dict,
+    eval_fn: Callable[[], dict] | None = None,
+    export: Callable[[Any], object] | None = None,
+    **extra: Any,
+) -> dict:
+    """Fits, evaluates, exports (`export(trained_model)`), closes; writes out/summary.json."""
+    flops = training_flops_per_token(trainer.model.config, seq_len)
+    rows = trainer.fit(iterator, flops_per_token=flops, eval_fn=eval_fn)
+    trainer.model.eval()
+    summary = {
+        "steps": trainer.step,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "data": data_stats,
+        **extra,
+    }
+    if eval_fn is not None:
+        summary["eval"] = eval_fn()
+    if export is not None:
+        export(trainer.model)
+    trainer.close()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def copy_tokenizer_files(tokenizer_dir: Path, destination: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, destination / name)
+
+
+def recipe_main(
+    prog: str, config_class: type, run: Callable[[Any], dict], argv: list[str] | None, configs: str
+) -> int:
+    """`postax <prog> --config file.yaml key=value ...`: parse, run, print the summary."""
+    parser = argparse.ArgumentParser(prog=f"postax {prog}", description=run.__doc__)
+    parser.add_argument("--config", required=True, help=f"YAML file (see {configs})")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. optimizer.learning_rate=1e-4"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    summary = run(load_config(config_class, args.config, args.overrides))
+    print(json.dumps(summary, indent=2))
+    return 0

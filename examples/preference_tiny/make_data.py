@@ -1,9 +1,10 @@
-"""Writes the tiny preference example: sums answered right (chosen) or off by one (rejected).
+"""Writes the tiny preference example: sums worked out right (chosen) or guessed (rejected).
 
     python examples/preference_tiny/make_data.py   # writes train.jsonl, eval.jsonl
 
 Prompts are chat messages ("What is A + B?"), completions plain strings (the
-assistant's reply), tokenised with the SFT example's tokenizer
+assistant's reply): chosen "A + B = C", rejected "Maybe W." with W off by
+one, a terse and wrong guess. Tokenised with the SFT example's tokenizer
 (examples/sft_tiny/tokenizer). The eval split holds sums never seen in
 training; configs/preference/dpo-tiny.yaml trains on it.
 """
@@ -22,7 +23,7 @@ def pair(a: int, b: int, rng: random.Random) -> dict:
     return {
         "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
         "chosen": f"{a} + {b} = {a + b}",
-        "rejected": f"{a} + {b} = {wrong}",
+        "rejected": f"Maybe {wrong}.",
     }
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -334,3 +338,32 @@ def test_command_line_runs_both_recipes_with_overrides(files):
     assert (root / "cli-orpo" / "final" / "config.json").exists()
     rm_config = json.loads((root / "cli-rm" / "final" / "config.json").read_text())
     assert rm_config["architectures"] == ["LlamaForSequenceClassification"]
+
+
+def test_dpo_on_eight_devices_equals_one_device(tmp_path):
+    """Pairs split over a data axis and weights over a tensor axis: same losses and update."""
+    script = Path(__file__).parent / "scripts" / "dpo_tiny.py"
+
+    def run(out, *args, devices):
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            PYTHONPATH=str(Path(__file__).parents[1]),
+        )
+        done = subprocess.run(
+            [sys.executable, str(script), str(out), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(out.read_text())
+
+    single = run(tmp_path / "one.json", devices=1)
+    sharded = run(tmp_path / "eight.json", "--data", "4", "--tensor", "2", devices=8)
+    assert sharded["sharded"] > 0
+    np.testing.assert_allclose(single["losses"], sharded["losses"], rtol=1e-5)
+    assert single["losses"][0] != single["losses"][-1]
+    assert single["accuracy"] == sharded["accuracy"]
+    assert single["params_sum"] == pytest.approx(sharded["params_sum"], rel=1e-6)

@@ -240,11 +240,15 @@ def run(cfg: PreferenceConfig) -> dict:
     iterator, in_loss, info = attach_reference(cfg, model, train_data, train_data.iterator())
     print(f"reference: {info}", file=sys.stderr)
     eval_fn = None
-    if eval_data is not None:  # reference log-probs fixed now, before any update
-        eval_iterator, _, _ = attach_reference(
-            cfg, model, eval_data, eval_data.iterator(num_epochs=1)
-        )
-        eval_batches = [b.as_dict() for b in eval_iterator]
+    if eval_data is not None:
+        eval_batches = [b.as_dict() for b in eval_data.iterator(num_epochs=1)]
+        if cfg.needs_reference and not in_loss:
+            # Scored now, while the live model still holds the initial weights (adapters
+            # off with LoRA): no copy and no cache file for the evaluation set.
+            score = ref.score_each_batch(
+                model, chunk_size=cfg.logits_chunk_size, kl_rows=cfg.loss == "kto"
+            )
+            eval_batches = [{**batch, **score(batch)} for batch in eval_batches]
 
         def eval_fn():
             return trainer.evaluate(eval_batches)

@@ -274,8 +274,8 @@ def test_reward_model_learns_the_rule_and_exports(files):
     assert (chosen > rejected).mean() >= 0.9
 
 
-@pytest.mark.parametrize("loss", ["dpo", "simpo"])
-def test_micro_batching_changes_neither_loss_nor_update(files, loss):
+@pytest.mark.parametrize("loss, shared", [("dpo", False), ("dpo", True), ("simpo", False)])
+def test_micro_batching_changes_neither_loss_nor_update(files, loss, shared):
     """Pairs stay whole in micro-batches and every slice divides by the global pair count."""
     tokenizer = postax.load_tokenizer(files["tokenizer"])
     results = []
@@ -285,6 +285,7 @@ def test_micro_batching_changes_neither_loss_nor_update(files, loss):
             f"micro{micro_batches}",
             loss=loss,
             reference="on_the_fly",
+            data=data(files["train"], shared_prompt=shared),
             trainer=TrainerConfig(steps=1, micro_batches=micro_batches, progress=False),
         )
         dataset = PreferenceDataset(cfg.data, tokenizer)
@@ -367,3 +368,62 @@ def test_dpo_on_eight_devices_equals_one_device(tmp_path):
     assert single["losses"][0] != single["losses"][-1]
     assert single["accuracy"] == sharded["accuracy"]
     assert single["params_sum"] == pytest.approx(sharded["params_sum"], rel=1e-6)
+
+
+def test_shared_prompt_rows_give_the_two_row_log_probs(files):
+    """One row per pair (prompt once, two branches) equals two rows holding the prompt each."""
+    tokenizer = postax.load_tokenizer(files["tokenizer"])
+    chat = [
+        {
+            "prompt": [{"role": "user", "content": f"Tell me about the {item}."}],
+            "chosen": f"The {item} is good.",
+            "rejected": f"Hm, the {item} is bad and long.",
+        }
+        for item in ITEMS[:5]
+    ]
+    chat_path = write_jsonl(files["root"] / "chat_pairs.jsonl", chat)
+    model = initial_model()
+    for path in (files["train"], chat_path):
+        two_rows = PreferenceDataset(data(path, shuffle=False), tokenizer)
+        shared = PreferenceDataset(data(path, shuffle=False, shared_prompt=True), tokenizer)
+        assert shared.fingerprint() != two_rows.fingerprint()
+        for a, b in zip(two_rows.examples(4), shared.examples(4), strict=True):
+            a, b = a.as_dict(), b.as_dict()
+            assert b["tokens"].ndim == 2 and set(np.unique(b["branch_ids"])) <= {0, 1, 2}
+            real = a["index"] >= 0
+            assert (b["segment_ids"].sum(-1) < a["segment_ids"].sum((1, 2)))[real].all()
+            with jax.default_matmul_precision("highest"):
+                logp_a, tokens_a = sequence_logps(model, {k: jnp.asarray(v) for k, v in a.items()})
+                logp_b, tokens_b = sequence_logps(model, {k: jnp.asarray(v) for k, v in b.items()})
+            np.testing.assert_array_equal(np.asarray(tokens_a)[real], np.asarray(tokens_b)[real])
+            np.testing.assert_allclose(
+                np.asarray(logp_a)[real], np.asarray(logp_b)[real], rtol=1e-5, atol=1e-4
+            )
+
+
+def test_branches_are_refused_where_they_would_be_wrong():
+    from postax.data.preference import PreferenceDataConfig as Config
+    from postax.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="shared_prompt"):
+        Config(path="x.jsonl", kind="unpaired", shared_prompt=True)
+    gemma2 = postax.build_model(
+        postax.ModelConfig(
+            family="gemma2",
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=("sliding_attention", "full_attention"),
+        ),
+        seed=0,
+    )
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    with pytest.raises(ValueError, match="sliding-window"):
+        gemma2(tokens, positions=jnp.arange(6)[None], branch_ids=jnp.zeros((1, 6), jnp.int32))
+    with pytest.raises(ValueError, match="explicit positions"):
+        initial_model()(tokens, branch_ids=jnp.zeros((1, 6), jnp.int32))

@@ -27,6 +27,7 @@ from postax.data.preference import (
     PreferenceBatch,
     PreferenceDataset,
     PreferenceStats,
+    SharedPromptBatch,
     UnpairedPreferenceBatch,
 )
 from postax.data.preference_config import PreferenceDataConfig
@@ -47,6 +48,7 @@ __all__ = [
     "PreferenceStats",
     "RecordError",
     "SFTDataset",
+    "SharedPromptBatch",
     "UnpairedPreferenceBatch",
     "data_files",
     "iter_records",

@@ -118,6 +118,32 @@ class PreferenceBatch:
 
 
 @dataclasses.dataclass(frozen=True)
+class SharedPromptBatch:
+    """A global batch of pairs, one row each (`shared_prompt`): arrays [P, W], `index` [P].
+
+    A row holds the prompt but its last token (branch 0), then that last token and the
+    chosen completion (branch 1), then that token again and the rejected completion
+    (branch 2); positions continue the prompt's in both branches.
+
+    Attributes:
+        tokens, targets, loss_mask, positions, segment_ids, index: As in `PreferenceBatch`.
+        branch_ids: int32, 0 on the prompt, 1 on the chosen branch, 2 on the rejected one.
+    """
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    branch_ids: np.ndarray
+    index: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """The arrays by field name, not copied."""
+        return _as_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class UnpairedPreferenceBatch:
     """A global batch of unpaired examples (KTO): arrays [N, L] and [N].
 
@@ -220,7 +246,15 @@ class PreferenceDataset:
         skip_messages: The first few messages of skipped records.
     """
 
-    batching_settings = ("kind", "seq_len", "batch_size", "pad_buckets", "shuffle", "drop_last")
+    batching_settings = (
+        "kind",
+        "seq_len",
+        "batch_size",
+        "pad_buckets",
+        "shuffle",
+        "drop_last",
+        "shared_prompt",
+    )
 
     def __init__(self, config: PreferenceDataConfig, tokenizer: Tokenizer) -> None:
         if not isinstance(config, PreferenceDataConfig):
@@ -378,7 +412,7 @@ class PreferenceDataset:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def batch(self, epoch: int, step: int) -> PreferenceBatch | UnpairedPreferenceBatch:
+    def batch(self, epoch: int, step: int) -> PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch:
         """Batch `step` (0-based) of epoch `epoch`."""
         if not 0 <= step < self.steps_per_epoch or epoch < 0:
             raise IndexError(
@@ -390,7 +424,7 @@ class PreferenceDataset:
 
     def examples(
         self, batch_size: int | None = None
-    ) -> Iterator[PreferenceBatch | UnpairedPreferenceBatch]:
+    ) -> Iterator[PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch]:
         """Every example once, in index order, in batches of `batch_size` (default
         `config.batch_size`) examples; the last batch is filled with filler rows."""
         size = self.config.batch_size if batch_size is None else batch_size
@@ -401,7 +435,7 @@ class PreferenceDataset:
 
     def iterator(
         self, state: dict[str, Any] | None = None, *, num_epochs: int | None = None
-    ) -> DataIterator[PreferenceBatch | UnpairedPreferenceBatch]:
+    ) -> DataIterator[PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch]:
         """A resumable `DataIterator` from the start, or from a saved `state`."""
         return DataIterator(self, state, num_epochs=num_epochs)
 
@@ -428,9 +462,11 @@ class PreferenceDataset:
         documents = [[number] for number in range(len(sequences))]
         return layout(documents, ids, labels, starts, width, rows, self.pad_token_id)
 
-    def _assemble(self, chosen: np.ndarray, size: int) -> PreferenceBatch | UnpairedPreferenceBatch:
+    def _assemble(self, chosen: np.ndarray, size: int) -> PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch:
         """The batch of examples `chosen` (indices), filled to `size` rows."""
         chosen = np.asarray(chosen, dtype=np.int64)
+        if self.config.kind == "paired" and self.config.shared_prompt:
+            return self._assemble_shared(chosen, size)
         if self.config.kind == "paired":
             sequences = [self._sequence(int(i), 2 * int(i) + c) for i in chosen for c in (0, 1)]
             width = self._width(sequences)
@@ -452,6 +488,54 @@ class PreferenceDataset:
             **{f"kl_{name}": array for name, array in kl.items()},
             kl_index=_padded_index(partners, size),
         )
+
+    def _assemble_shared(self, chosen: np.ndarray, size: int) -> SharedPromptBatch:
+        """One row per pair: prompt[:-1], then [prompt[-1], chosen...], then [prompt[-1], rejected...].
+
+        The prompt's last token opens both branches (its target is each completion's first
+        token), so each branch sees the prompt once, through the shared trunk, and then itself.
+        """
+        rows = []
+        for i in chosen:
+            prompt_length = int(self._prompt_starts[i + 1] - self._prompt_starts[i])
+            parts = []
+            for branch, completion in ((1, 2 * int(i)), (2, 2 * int(i) + 1)):
+                ids, labels = self._sequence(int(i), completion)
+                parts.append((branch, ids, labels))
+            trunk = parts[0][1][: prompt_length - 1]
+            tokens = [trunk]
+            targets = [parts[0][1][1:prompt_length]]
+            mask = [np.zeros(prompt_length - 1, np.float32)]
+            positions = [np.arange(prompt_length - 1)]
+            branches = [np.zeros(prompt_length - 1, np.int32)]
+            for branch, ids, labels in parts:
+                tokens.append(ids[prompt_length - 1 : -1])
+                targets.append(ids[prompt_length:])
+                mask.append(labels[prompt_length:].astype(np.float32))
+                positions.append(np.arange(prompt_length - 1, len(ids) - 1))
+                branches.append(np.full(len(ids) - prompt_length, branch, np.int32))
+            rows.append(
+                tuple(np.concatenate(a) for a in (tokens, targets, mask, positions, branches))
+            )
+        longest = max(len(row[0]) for row in rows)
+        width = next(w for w in (*self.config.buckets, 2 * self.config.seq_len) if w >= longest)
+        arrays = {
+            "tokens": np.full((size, width), self.pad_token_id, np.int32),
+            "targets": np.full((size, width), self.pad_token_id, np.int32),
+            "loss_mask": np.zeros((size, width), np.float32),
+            "positions": np.zeros((size, width), np.int32),
+            "segment_ids": np.zeros((size, width), np.int32),
+            "branch_ids": np.zeros((size, width), np.int32),
+        }
+        for r, (tokens, targets, mask, positions, branches) in enumerate(rows):
+            n = len(tokens)
+            arrays["tokens"][r, :n] = tokens
+            arrays["targets"][r, :n] = targets
+            arrays["loss_mask"][r, :n] = mask
+            arrays["positions"][r, :n] = positions
+            arrays["segment_ids"][r, :n] = 1
+            arrays["branch_ids"][r, :n] = branches
+        return SharedPromptBatch(**arrays, index=_padded_index(chosen, size))
 
     def fingerprint(self) -> str:
         """A digest of the tokenised examples (labels and unpaired labels included), the pad id

@@ -53,6 +53,11 @@ class PreferenceDataConfig:
             the template (their completions may be a string or a list of messages).
         on_bad_record: "error" raises at the first malformed record, naming the file, the line
             (or row) and the field; "skip" leaves such records out and counts them by reason.
+        shared_prompt: Paired only: each pair is one row, its prompt once followed by both
+            completions, each of which sees the prompt and itself only (`branch_ids`), instead
+            of two rows that both hold the prompt. Same log-probs, fewer positions (prompt
+            length - 1 per pair). Rows may then reach 2 * `seq_len` positions; their widths
+            are the buckets, then 2 * `seq_len`.
     """
 
     path: str
@@ -73,6 +78,7 @@ class PreferenceDataConfig:
     add_eos: bool = True
     chat_template: bool = False
     on_bad_record: str = "error"
+    shared_prompt: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -103,9 +109,15 @@ class PreferenceDataConfig:
                     value,
                     f"must differ from {earlier}={getattr(self, earlier)!r}",
                 )
-        for field in ("shuffle", "drop_last", "add_eos", "chat_template"):
+        for field in ("shuffle", "drop_last", "add_eos", "chat_template", "shared_prompt"):
             value = getattr(self, field)
             _check(isinstance(value, bool), field, value, "True or False")
+        _check(
+            not self.shared_prompt or self.kind == "paired",
+            "shared_prompt",
+            self.shared_prompt,
+            "False for kind='unpaired' (only pairs share a prompt)",
+        )
         for field, low in (("seq_len", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, field)
             _check(is_int(value) and value >= low, field, value, f"an int >= {low}")

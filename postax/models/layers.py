@@ -230,13 +230,17 @@ def make_attention_mask(
     query_segments: jax.Array | None = None,
     key_segments: jax.Array | None = None,
     window: int | None = None,
+    query_branches: jax.Array | None = None,
+    key_branches: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean mask [batch, q, k]: causal by slot index, padding, segments, window.
+    """Boolean mask [batch, q, k]: causal by slot index, padding, segments, window, branches.
 
     query_index [q] holds each query's slot in the key sequence; key slot j is
     visible to query slot i when j <= i, the key is valid (not padding), both
-    belong to the same segment (packed sequences) and, for sliding layers,
-    i - j < window.
+    belong to the same segment (packed sequences), for sliding layers
+    i - j < window, and, with branches (several continuations of one shared
+    prefix in a row: 0 marks the prefix, k > 0 continuation k), the key lies
+    in the prefix or in the query's own branch.
     """
     key_index = jnp.arange(key_valid.shape[-1])
     visible = key_index[None, :] <= query_index[:, None]
@@ -245,6 +249,10 @@ def make_attention_mask(
     mask = visible[None] & key_valid[:, None, :]
     if query_segments is not None:
         mask &= query_segments[:, :, None] == key_segments[:, None, :]
+    if query_branches is not None:
+        mask &= (key_branches[:, None, :] == 0) | (
+            query_branches[:, :, None] == key_branches[:, None, :]
+        )
     return mask
 
 

@@ -240,14 +240,28 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        branch_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Final normed hidden states [b, t, embed] of a full forward pass.
 
         attention_mask [b, t]: 1 for real tokens, 0 for padding (left or right).
         segment_ids [b, t]: packed documents; attention never crosses segments.
+        branch_ids [b, t]: several continuations of one shared prefix in a row
+            (a prompt and its chosen and rejected completions): 0 for the prefix,
+            k > 0 for continuation k, which sees the prefix and itself only. Needs
+            explicit positions (each continuation continues the prefix's), and
+            models without sliding windows (their windows count slots).
         positions default to counting real tokens (restarting per segment).
         """
         b, t = tokens.shape
+        if branch_ids is not None:
+            if positions is None:
+                raise ValueError("branch_ids need explicit positions")
+            if any(layer.self_attn.window for layer in self.model.layers):
+                raise ValueError(
+                    "branch_ids are not supported with sliding-window layers "
+                    f"({self.config.family}): their windows count slots, not positions"
+                )
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
             if segment_ids is not None:
@@ -257,7 +271,13 @@ class CausalLM(nnx.Module):
         index = jnp.arange(t)
         masks = {
             window or 0: make_attention_mask(
-                index, valid, query_segments=segment_ids, key_segments=segment_ids, window=window
+                index,
+                valid,
+                query_segments=segment_ids,
+                key_segments=segment_ids,
+                window=window,
+                query_branches=branch_ids,
+                key_branches=branch_ids,
             )
             for window in {layer.self_attn.window for layer in self.model.layers}
         }

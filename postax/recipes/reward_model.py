@@ -71,6 +71,11 @@ class RewardModelConfig:
         for name, data in (("data", self.data), ("eval_data", self.eval_data)):
             if data is not None and data.kind != "paired":
                 raise ConfigError(f"{name}.kind={data.kind!r} is invalid: 'paired'")
+            if data is not None and data.shared_prompt:
+                raise ConfigError(
+                    f"{name}.shared_prompt=True is invalid for a reward model: False (each "
+                    "sequence is scored at its own last token)"
+                )
         if self.from_reward_checkpoint and self.model.path is None:
             raise ConfigError("from_reward_checkpoint: needs model.path")
         if self.tokenizer is None and self.model.path is None:

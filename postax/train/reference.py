@@ -49,7 +49,8 @@ def sequence_logps(
 
     `batch[prefix + name]` for name in tokens, targets, loss_mask, positions,
     segment_ids, each [..., L]; the leading axes are flattened for the
-    forward pass and restored in the results.
+    forward pass and restored in the results. With `branch_ids` (a shared
+    prompt, rows [P, W]) the results are [P, 2]: branch 1 and branch 2.
     """
     tokens = batch[prefix + "tokens"]
     lead, length = tokens.shape[:-1], tokens.shape[-1]
@@ -57,14 +58,20 @@ def sequence_logps(
     def rows(name: str) -> jax.Array:
         return batch[prefix + name].reshape(-1, length)
 
+    branches = batch.get(prefix + "branch_ids")
     logp = model.token_logprobs(
         rows("tokens"),
         rows("targets"),
         positions=rows("positions"),
         segment_ids=rows("segment_ids"),
+        **({} if branches is None else {"branch_ids": rows("branch_ids")}),
         chunk_size=chunk_size,
     )
     mask = rows("loss_mask").astype(jnp.float32)
+    if branches is not None:  # shared prompt: one row [P, W] -> [P, 2] by branch
+        per_branch = jnp.stack([branches == 1, branches == 2], axis=1).astype(jnp.float32)
+        weights = mask[:, None, :] * per_branch
+        return (logp[:, None, :] * weights).sum(-1), weights.sum(-1)
     return (logp * mask).sum(-1).reshape(lead), mask.sum(-1).reshape(lead)
 
 

@@ -427,3 +427,33 @@ def test_branches_are_refused_where_they_would_be_wrong():
         gemma2(tokens, positions=jnp.arange(6)[None], branch_ids=jnp.zeros((1, 6), jnp.int32))
     with pytest.raises(ValueError, match="explicit positions"):
         initial_model()(tokens, branch_ids=jnp.zeros((1, 6), jnp.int32))
+
+
+def test_per_pair_margins_reach_the_reward_model_loss(files, tmp_path):
+    from postax.data.sources import DataError
+    from postax.losses.reward import bradley_terry_loss
+    from postax.models.reward import RewardModel
+
+    tokenizer = postax.load_tokenizer(files["tokenizer"])
+    records = [{**pair(item), "strength": float(k)} for k, item in enumerate(ITEMS[:3])]
+    path = write_jsonl(tmp_path / "margins.jsonl", records)
+    dataset = PreferenceDataset(data(path, shuffle=False, margin_field="strength"), tokenizer)
+    batch = next(dataset.examples(4)).as_dict()
+    np.testing.assert_array_equal(batch["margin"], [0.0, 1.0, 2.0, 0.0])  # last row: filler
+    plain = PreferenceDataset(data(path, shuffle=False), tokenizer)
+    assert "margin" not in next(plain.examples(4)).as_dict()
+    assert plain.fingerprint() != dataset.fingerprint()
+
+    model = RewardModel.from_causal_lm(initial_model(), rngs=nnx.Rngs(0))
+    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+    algorithm = reward_model.RewardAlgorithm(margin=5.0)  # the data's margins take precedence
+    with jax.default_matmul_precision("highest"):
+        loss, _ = algorithm.loss(model, arrays, algorithm.normalizer(arrays), None)
+        ids, mask = reward_model.full_sequences(arrays)
+        rewards = model(ids.reshape(8, -1), attention_mask=mask.reshape(8, -1)).reshape(4, 2)
+    losses, _ = bradley_terry_loss(rewards[:, 0], rewards[:, 1], arrays["margin"])
+    assert float(loss) == pytest.approx(float(losses[:3].sum() / 3), rel=1e-5)
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**pair("apple"), "strength": "high"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'strength' must be a finite number"):
+        PreferenceDataset(data(str(tmp_path / "bad.jsonl"), margin_field="strength"), tokenizer)

@@ -89,8 +89,9 @@ _CHUNK = 1024  # records tokenised together
 
 
 def _as_dict(batch: Any) -> dict[str, np.ndarray]:
-    """The arrays of a batch dataclass by field name, not copied."""
-    return {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch)}
+    """The arrays of a batch dataclass by field name, not copied (absent optional ones left out)."""
+    fields = ((field.name, getattr(batch, field.name)) for field in dataclasses.fields(batch))
+    return {name: value for name, value in fields if value is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,8 @@ class PreferenceBatch:
         positions: int32 positions, from 0 at each sequence's start.
         segment_ids: int32, 1 on real positions and 0 on padding.
         index: int32 dataset index of each pair, -1 for filler.
+        margin: float32 [P] per-pair reward margins (`margin_field`), 0 for filler; None
+            (left out of `as_dict`) without a margin field.
     """
 
     tokens: np.ndarray
@@ -111,6 +114,7 @@ class PreferenceBatch:
     positions: np.ndarray
     segment_ids: np.ndarray
     index: np.ndarray
+    margin: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """The arrays by field name, not copied."""
@@ -126,7 +130,8 @@ class SharedPromptBatch:
     (branch 2); positions continue the prompt's in both branches.
 
     Attributes:
-        tokens, targets, loss_mask, positions, segment_ids, index: As in `PreferenceBatch`.
+        tokens, targets, loss_mask, positions, segment_ids, index, margin: As in
+            `PreferenceBatch`.
         branch_ids: int32, 0 on the prompt, 1 on the chosen branch, 2 on the rejected one.
     """
 
@@ -137,6 +142,7 @@ class SharedPromptBatch:
     segment_ids: np.ndarray
     branch_ids: np.ndarray
     index: np.ndarray
+    margin: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """The arrays by field name, not copied."""
@@ -281,6 +287,11 @@ class PreferenceDataset:
         self._ids = np.concatenate([document.ids for document in documents])
         self._labels = np.concatenate([document.labels for document in documents])
         self._desirable = np.asarray([bool(e.desirable) for e in examples], dtype=bool)
+        self._margins = (
+            np.asarray([e.margin for e in examples], dtype=np.float32)
+            if self.config.margin_field is not None
+            else None
+        )
         self._per_example = len(examples[0].completions)
         if config.drop_last:
             self.steps_per_epoch = len(examples) // config.batch_size
@@ -375,7 +386,7 @@ class PreferenceDataset:
             len(kept.ids) < len(original.ids)
             for kept, original in zip(completions, example.completions, strict=True)
         )
-        return Example(prompt, tuple(completions), example.desirable)
+        return Example(prompt, tuple(completions), example.desirable, example.margin)
 
     # -- access ----------------------------------------------------------------------------------
 
@@ -393,7 +404,10 @@ class PreferenceDataset:
             self._completion(index * self._per_example + c) for c in range(self._per_example)
         )
         unpaired = self.config.kind == "unpaired"
-        return Example(prompt, completions, bool(self._desirable[index]) if unpaired else None)
+        margin = None if self._margins is None else float(self._margins[index])
+        return Example(
+            prompt, completions, bool(self._desirable[index]) if unpaired else None, margin
+        )
 
     def _completion(self, number: int) -> Document:
         span = slice(int(self._starts[number]), int(self._starts[number + 1]))
@@ -412,7 +426,9 @@ class PreferenceDataset:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def batch(self, epoch: int, step: int) -> PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch:
+    def batch(
+        self, epoch: int, step: int
+    ) -> PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch:
         """Batch `step` (0-based) of epoch `epoch`."""
         if not 0 <= step < self.steps_per_epoch or epoch < 0:
             raise IndexError(
@@ -462,7 +478,9 @@ class PreferenceDataset:
         documents = [[number] for number in range(len(sequences))]
         return layout(documents, ids, labels, starts, width, rows, self.pad_token_id)
 
-    def _assemble(self, chosen: np.ndarray, size: int) -> PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch:
+    def _assemble(
+        self, chosen: np.ndarray, size: int
+    ) -> PreferenceBatch | SharedPromptBatch | UnpairedPreferenceBatch:
         """The batch of examples `chosen` (indices), filled to `size` rows."""
         chosen = np.asarray(chosen, dtype=np.int64)
         if self.config.kind == "paired" and self.config.shared_prompt:
@@ -472,7 +490,9 @@ class PreferenceDataset:
             width = self._width(sequences)
             arrays = self._layout(sequences, 2 * size, width)
             arrays = {name: array.reshape(size, 2, width) for name, array in arrays.items()}
-            return PreferenceBatch(**arrays, index=_padded_index(chosen, size))
+            return PreferenceBatch(
+                **arrays, index=_padded_index(chosen, size), margin=self._margin(chosen, size)
+            )
         partners = np.roll(chosen, -1)  # row i borrows the completion of row (i + 1) mod k
         sequences = [self._sequence(int(i), int(i)) for i in chosen]
         mismatched = [self._sequence(int(i), int(j)) for i, j in zip(chosen, partners, strict=True)]
@@ -488,6 +508,14 @@ class PreferenceDataset:
             **{f"kl_{name}": array for name, array in kl.items()},
             kl_index=_padded_index(partners, size),
         )
+
+    def _margin(self, chosen: np.ndarray, size: int) -> np.ndarray | None:
+        """The pairs' margins [size] (0 for filler rows), or None without `margin_field`."""
+        if self._margins is None:
+            return None
+        margin = np.zeros(size, np.float32)
+        margin[: len(chosen)] = self._margins[chosen]
+        return margin
 
     def _assemble_shared(self, chosen: np.ndarray, size: int) -> SharedPromptBatch:
         """One row per pair: prompt[:-1], then [prompt[-1], chosen...], then [prompt[-1], rejected...].
@@ -535,7 +563,9 @@ class PreferenceDataset:
             arrays["positions"][r, :n] = positions
             arrays["segment_ids"][r, :n] = 1
             arrays["branch_ids"][r, :n] = branches
-        return SharedPromptBatch(**arrays, index=_padded_index(chosen, size))
+        return SharedPromptBatch(
+            **arrays, index=_padded_index(chosen, size), margin=self._margin(chosen, size)
+        )
 
     def fingerprint(self) -> str:
         """A digest of the tokenised examples (labels and unpaired labels included), the pad id
@@ -554,6 +584,7 @@ class PreferenceDataset:
                 self._ids,
                 self._labels,
                 self._desirable,
+                *(() if self._margins is None else (self._margins,)),
             )
             for array in arrays:
                 digest.update(f"{array.dtype}{array.shape}".encode())

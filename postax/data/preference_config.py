@@ -58,6 +58,9 @@ class PreferenceDataConfig:
             of two rows that both hold the prompt. Same log-probs, fewer positions (prompt
             length - 1 per pair). Rows may then reach 2 * `seq_len` positions; their widths
             are the buckets, then 2 * `seq_len`.
+        margin_field: Paired only: a record field holding each pair's reward margin (a
+            number; Llama 2's margin from preference strength), given to the reward-model loss
+            as `margin` [P]. None: no per-pair margin.
     """
 
     path: str
@@ -79,6 +82,7 @@ class PreferenceDataConfig:
     chat_template: bool = False
     on_bad_record: str = "error"
     shared_prompt: bool = False
+    margin_field: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -112,6 +116,13 @@ class PreferenceDataConfig:
         for field in ("shuffle", "drop_last", "add_eos", "chat_template", "shared_prompt"):
             value = getattr(self, field)
             _check(isinstance(value, bool), field, value, "True or False")
+        _check(
+            self.margin_field is None
+            or (self.kind == "paired" and isinstance(self.margin_field, str) and self.margin_field),
+            "margin_field",
+            self.margin_field,
+            "None, or for kind='paired' a non-empty field name",
+        )
         _check(
             not self.shared_prompt or self.kind == "paired",
             "shared_prompt",
@@ -154,7 +165,8 @@ class PreferenceDataConfig:
     def field_names(self) -> tuple[str, ...]:
         """The config attributes naming the record fields that `kind` reads."""
         if self.kind == "paired":
-            return ("prompt_field", "chosen_field", "rejected_field")
+            margin = ("margin_field",) if self.margin_field is not None else ()
+            return ("prompt_field", "chosen_field", "rejected_field", *margin)
         return ("prompt_field", "completion_field", "label_field")
 
     @property

@@ -58,11 +58,13 @@ class Example:
         completions: (chosen, rejected) for pairs, (completion,) for unpaired examples; each a
             `Document` whose labels mark the trained tokens (never empty, first token trained).
         desirable: The label of an unpaired example; None for pairs.
+        margin: The pair's reward margin (`margin_field`), or None.
     """
 
     prompt: np.ndarray
     completions: tuple[Document, ...]
     desirable: bool | None
+    margin: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,7 @@ class _Plain:
     prompt: str
     completions: tuple[str, ...]
     desirable: bool | None
+    margin: float | None = None
 
 
 def _type(value: Any) -> str:
@@ -125,7 +128,8 @@ class PreferenceEncoder:
                     ids = [*next(encoded), *eos]
                     completions.append(_document(ids, [True] * len(ids)))
                 try:
-                    item = self._finish(item.location, prompt, completions, item.desirable)
+                    example = self._finish(item.location, prompt, completions, item.desirable)
+                    item = dataclasses.replace(example, margin=item.margin)
                 except PreferenceRecordError as error:
                     item = error
             examples.append(item)
@@ -158,13 +162,16 @@ class PreferenceEncoder:
                     "wrong_type",
                 )
             desirable = bool(desirable)
+        margin = self._margin(record)
         if isinstance(prompt, list | tuple):
             messages = self._message_list(prompt, config.prompt_field, location)
-            return self._templated(location, messages, completions, desirable)
+            example = self._templated(location, messages, completions, desirable)
+            return dataclasses.replace(example, margin=margin)
         prompt = self._string(prompt, config.prompt_field, location, "or a list of messages")
         if config.chat_template:
             messages = [{"role": "user", "content": prompt}]
-            return self._templated(location, messages, completions, desirable)
+            example = self._templated(location, messages, completions, desirable)
+            return dataclasses.replace(example, margin=margin)
         for name, value in zip(self._completion_fields, completions, strict=True):
             if isinstance(value, list | tuple):
                 raise PreferenceRecordError(
@@ -174,7 +181,21 @@ class PreferenceEncoder:
                     "wrong_type",
                 )
             self._string(value, name, location, empty_ok=False)
-        return _Plain(location, prompt, tuple(completions), desirable)
+        return _Plain(location, prompt, tuple(completions), desirable, margin)
+
+    def _margin(self, record: Record) -> float | None:
+        """The pair's margin from `margin_field` (a finite number), or None without one."""
+        name = self.config.margin_field
+        if name is None:
+            return None
+        value = self._field(record, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            raise PreferenceRecordError(
+                f"{record.location}: field {name!r} must be a finite number (the pair's reward "
+                f"margin), got {_type(value)} {value!r:.40}",
+                "wrong_type",
+            )
+        return float(value)
 
     def _string(
         self, value: Any, name: str, location: str, other: str = "", *, empty_ok: bool = True

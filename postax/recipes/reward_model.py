@@ -50,7 +50,8 @@ class RewardModelConfig:
         model: A causal LM (path, preset or inline config) whose decoder gets a new
             scalar head, or, with `from_reward_checkpoint`, a reward checkpoint to
             continue training.
-        margin: Constant margin m of the loss -log sigmoid(r_chosen - r_rejected - m).
+        margin: Constant margin m of the loss -log sigmoid(r_chosen - r_rejected - m), used
+            when the data has no per-pair margins (`data.margin_field`, which take precedence).
     """
 
     output_dir: str
@@ -93,7 +94,8 @@ def full_sequences(batch, prefix: str = ""):
 
 @dataclasses.dataclass(frozen=True)
 class RewardAlgorithm:
-    """Bradley-Terry loss on the scores of each pair's chosen and rejected sequence."""
+    """Bradley-Terry loss on the scores of each pair's chosen and rejected sequence, with the
+    batch's per-pair `margin` when the data has one, else the constant `margin`."""
 
     margin: float = 0.0
 
@@ -106,7 +108,9 @@ class RewardAlgorithm:
         pairs, _, length = ids.shape
         rewards = model(ids.reshape(-1, length), attention_mask=mask.reshape(-1, length))
         rewards = rewards.reshape(pairs, 2)
-        margin = jnp.full((pairs,), self.margin, jnp.float32) if self.margin else None
+        margin = batch.get("margin")  # per pair, from data.margin_field
+        if margin is None and self.margin:
+            margin = jnp.full((pairs,), self.margin, jnp.float32)
         losses, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1], margin)
         real = (batch["index"] >= 0).astype(jnp.float32)
         total = jnp.sum(losses * real) / normalizer

@@ -457,3 +457,41 @@ def test_per_pair_margins_reach_the_reward_model_loss(files, tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({**pair("apple"), "strength": "high"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'strength' must be a finite number"):
         PreferenceDataset(data(str(tmp_path / "bad.jsonl"), margin_field="strength"), tokenizer)
+
+
+def test_dpo_recipe_on_eight_devices_equals_one_device(files, tmp_path):
+    """The whole recipe, reference cache included, on a data x tensor mesh of fake devices."""
+    model = ", ".join(
+        f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in MODEL.items()
+    )
+
+    def run(name: str, devices: int, *overrides: str) -> dict:
+        (tmp_path / f"{name}.yaml").write_text(
+            f"output_dir: {tmp_path / name}\ntokenizer: {files['tokenizer']}\n"
+            f"model: {{config: {{{model}}}}}\n"
+            f"data: {{path: {files['train']}, seq_len: 24, batch_size: 4}}\n"
+            f"eval_data: {{path: {files['heldout']}, seq_len: 24, batch_size: 4, shuffle: false}}\n"
+            "optimizer: {learning_rate: 3.0e-3, warmup_steps: 0, schedule: constant}\n"
+            "trainer: {steps: 3, progress: false}\nexport: false\n"
+        )
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            PYTHONPATH=str(Path(__file__).parents[1]),
+        )
+        command = [sys.executable, "-m", "postax.cli", "preference"]
+        done = subprocess.run(
+            [*command, "--config", str(tmp_path / f"{name}.yaml"), *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    single = run("one", 1)
+    sharded = run("eight", 8, "trainer.mesh.data=4", "trainer.mesh.fsdp=1", "trainer.mesh.tensor=2")
+    assert sharded["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+    for key in ("loss", "accuracy", "margin", "reward_chosen"):
+        assert sharded["eval"][key] == pytest.approx(single["eval"][key], rel=1e-4, abs=1e-6)

@@ -195,6 +195,12 @@ def build_model(cfg: PreferenceConfig):
     return model
 
 
+def reference_in_loss(cfg: PreferenceConfig, model) -> bool:
+    """Whether the loss computes the reference itself: LoRA on the fly (adapters off)."""
+    on_the_fly = cfg.reference == "on_the_fly" or cfg.loss == "kto"
+    return cfg.needs_reference and on_the_fly and ref.has_lora(model)
+
+
 def attach_reference(cfg: PreferenceConfig, model, dataset: PreferenceDataset, iterator):
     """(iterator whose batches carry reference log-probs, reference computed in the loss, info).
 
@@ -237,24 +243,9 @@ def run(cfg: PreferenceConfig) -> dict:
 
     model = build_model(cfg)
     check_vocab(model.config, tokenizer, tokenizer_dir)
-    iterator, in_loss, info = attach_reference(cfg, model, train_data, train_data.iterator())
-    print(f"reference: {info}", file=sys.stderr)
-    eval_fn = None
-    if eval_data is not None:
-        eval_batches = [b.as_dict() for b in eval_data.iterator(num_epochs=1)]
-        if cfg.needs_reference and not in_loss:
-            # Scored now, while the live model still holds the initial weights (adapters
-            # off with LoRA): no copy and no cache file for the evaluation set.
-            score = ref.score_each_batch(
-                model, chunk_size=cfg.logits_chunk_size, kl_rows=cfg.loss == "kto"
-            )
-            eval_batches = [{**batch, **score(batch)} for batch in eval_batches]
-
-        def eval_fn():
-            return trainer.evaluate(eval_batches)
-
+    in_loss = reference_in_loss(cfg, model)
     if cfg.lora and cfg.lora.dropout:
-        model.train()  # adapter dropout on while training; eval() at the end
+        model.train()  # adapter dropout on while training (the reference skips adapters)
     algorithm = PreferenceAlgorithm(
         cfg.loss,
         loss_settings(cfg),
@@ -270,6 +261,24 @@ def run(cfg: PreferenceConfig) -> dict:
         out=out,
         data_stats=train_data.stats.as_dict(),
     )
+    # The reference is scored from the trainer's model: sharded over the mesh like the
+    # policy, and still at its initial weights (a resumed run restores later, in `fit`).
+    iterator, _, info = attach_reference(cfg, trainer.model, train_data, train_data.iterator())
+    print(f"reference: {info}", file=sys.stderr)
+    eval_fn = None
+    if eval_data is not None:
+        eval_batches = [b.as_dict() for b in eval_data.iterator(num_epochs=1)]
+        if cfg.needs_reference and not in_loss:
+            # Scored once now, from the initial weights (adapters off with LoRA): no copy
+            # and no cache file for the evaluation set.
+            score = ref.score_each_batch(
+                trainer.model, chunk_size=cfg.logits_chunk_size, kl_rows=cfg.loss == "kto"
+            )
+            eval_batches = [{**batch, **score(batch)} for batch in eval_batches]
+
+        def eval_fn():
+            return trainer.evaluate(eval_batches)
+
     return train_and_summarise(
         trainer,
         iterator,

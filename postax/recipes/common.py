@@ -18,6 +18,7 @@ from typing import Any
 
 from postax.configs import load_config, to_dict
 from postax.models import ModelConfig, build_model, load_model, preset
+from postax.tokenizer import load_tokenizer
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, training_flops_per_token
 from postax.train.trainer import Trainer
@@ -78,6 +79,20 @@ def start_run(cfg) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return out
+
+
+def load_data(cfg, dataset_class):
+    """(tokenizer directory, tokenizer, training set, evaluation set or None) of a run.
+
+    The tokenizer is `cfg.tokenizer`, else the model's directory; both sets are
+    read and tokenised now, so every data error comes before any compile.
+    """
+    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train_data = dataset_class(cfg.data, tokenizer)
+    eval_data = dataset_class(cfg.eval_data, tokenizer) if cfg.eval_data else None
+    print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
+    return tokenizer_dir, tokenizer, train_data, eval_data
 
 
 def check_vocab(model_config, tokenizer, tokenizer_dir: Path) -> None:

@@ -41,13 +41,13 @@ from postax.recipes.common import (
     ModelSource,
     build_causal_lm,
     check_vocab,
+    load_data,
     make_trainer,
     recipe_main,
     start_run,
     train_and_summarise,
 )
 from postax.recipes.sft import export
-from postax.tokenizer import load_tokenizer
 from postax.train import reference as ref
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
@@ -235,11 +235,7 @@ def attach_reference(cfg: PreferenceConfig, model, dataset: PreferenceDataset, i
 def run(cfg: PreferenceConfig) -> dict:
     """Preference tuning from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    train_data = PreferenceDataset(cfg.data, tokenizer)
-    eval_data = PreferenceDataset(cfg.eval_data, tokenizer) if cfg.eval_data else None
-    print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
+    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, PreferenceDataset)
 
     model = build_model(cfg)
     check_vocab(model.config, tokenizer, tokenizer_dir)

@@ -15,8 +15,6 @@ followed by the targets.
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
@@ -31,12 +29,12 @@ from postax.recipes.common import (
     ModelSource,
     build_causal_lm,
     copy_tokenizer_files,
+    load_data,
     make_trainer,
     recipe_main,
     start_run,
     train_and_summarise,
 )
-from postax.tokenizer import load_tokenizer
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError
@@ -139,11 +137,7 @@ def trained_filter(cfg: RewardModelConfig):
 def run(cfg: RewardModelConfig) -> dict:
     """Reward-model training from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    train_data = PreferenceDataset(cfg.data, tokenizer)
-    eval_data = PreferenceDataset(cfg.eval_data, tokenizer) if cfg.eval_data else None
-    print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
+    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, PreferenceDataset)
 
     model = build_reward_model(cfg)
     trainer = make_trainer(

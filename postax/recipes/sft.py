@@ -9,7 +9,6 @@ checkpoint) -> Hugging Face export (LoRA merged; the adapter saved alone too).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 from flax import nnx
@@ -26,12 +25,12 @@ from postax.recipes.common import (
     build_causal_lm,
     check_vocab,
     copy_tokenizer_files,
+    load_data,
     make_trainer,
     recipe_main,
     start_run,
     train_and_summarise,
 )
-from postax.tokenizer import load_tokenizer
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
 
@@ -87,11 +86,7 @@ class SFTAlgorithm:
 def run(cfg: SFTConfig) -> dict:
     """Supervised fine-tuning from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    train_data = SFTDataset(cfg.data, tokenizer)
-    eval_data = SFTDataset(cfg.eval_data, tokenizer) if cfg.eval_data else None
-    print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
+    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, SFTDataset)
 
     model = build_causal_lm(cfg.model)
     check_vocab(model.config, tokenizer, tokenizer_dir)

@@ -495,3 +495,25 @@ def test_dpo_recipe_on_eight_devices_equals_one_device(files, tmp_path):
     assert sharded["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
     for key in ("loss", "accuracy", "margin", "reward_chosen"):
         assert sharded["eval"][key] == pytest.approx(single["eval"][key], rel=1e-4, abs=1e-6)
+
+
+def test_lora_reward_model_trains_adapters_and_head_and_exports_merged(files):
+    out = files["root"] / "rm-lora"
+    cfg = reward_model.RewardModelConfig(
+        output_dir=str(out),
+        tokenizer=files["tokenizer"],
+        model=ModelSource(config=postax.ModelConfig(**MODEL), seed=1),
+        data=data(files["train"]),
+        trainer=TrainerConfig(steps=3, progress=False),
+        lora=LoRAConfig(rank=4, alpha=8.0),
+    )
+    model = reward_model.build_reward_model(cfg)
+    trained = nnx.state(model, reward_model.trained_filter(cfg))
+    paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trained)}
+    assert any(p.startswith("score/") for p in paths)
+    assert any("lora_a" in p for p in paths) and not any(p.endswith("base/weight") for p in paths)
+    reward_model.run(cfg)
+    from postax.models.reward import load_reward_model
+
+    exported = load_reward_model(out / "final")
+    assert not postax.models.lora.lora_modules(exported)

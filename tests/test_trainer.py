@@ -278,3 +278,24 @@ def test_evaluate_averages_means_and_adds_up_totals():
     firsts = np.concatenate([b["tokens"][:, 0] for b in batches]).astype(np.float64)
     assert result["first_token"] == pytest.approx(firsts.mean(), rel=1e-6)
     assert result["rows_count"] == 12.0
+
+
+def test_trainer_model_stays_usable_after_lora_steps():
+    """Frozen variables (a LoRA base) are donated with the state; the live model gets them back."""
+    from postax.models.lora import LoRAConfig, apply_lora, merge_lora
+
+    model = postax.build_model(TINY, seed=0)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(0))
+    trainer = Trainer(
+        model,
+        SFTAlgorithm(),
+        wrt=nnx.LoRAParam,
+        config=TrainerConfig(steps=2, progress=False),
+        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"),
+    )
+    for _ in range(2):
+        trainer.train_step(synthetic_batch())
+    tokens = jnp.asarray(synthetic_batch()["tokens"])
+    logits = trainer.model(tokens)  # reads the base weights
+    merged = merge_lora(trainer.model)
+    np.testing.assert_allclose(merged(tokens), logits, rtol=1e-4, atol=1e-4)

@@ -286,7 +286,9 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         """One optimizer step on a global batch; returns device metrics (no host sync)."""
         self.state, metrics = self._step_fn(self.state, self._device_batch(batch))
-        nnx.update(self.model, self.state.params, self.state.mutable)
+        # The step donates the whole state, frozen variables (a LoRA base) included: their
+        # old arrays are deleted, so the model must take the returned ones too.
+        nnx.update(self.model, self.state.params, self.state.mutable, self.state.frozen)
         return metrics
 
     def evaluate(self, batches) -> dict[str, float]:

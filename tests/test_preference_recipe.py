@@ -517,3 +517,28 @@ def test_lora_reward_model_trains_adapters_and_head_and_exports_merged(files):
 
     exported = load_reward_model(out / "final")
     assert not postax.models.lora.lora_modules(exported)
+
+
+def test_resumed_dpo_run_equals_the_uninterrupted_run(files):
+    """Stop after 2 of 4 steps, run again: the reference comes from the initial weights (cache
+    reused), the trainer resumes, and losses equal a straight 4-step run."""
+    from postax.recipes.common import CheckpointSettings
+
+    def run(name: str, steps: int) -> list[float]:
+        cfg = config(
+            files,
+            name,
+            eval_data=None,
+            trainer=TrainerConfig(steps=steps, log_every=1, progress=False),
+            checkpoint=CheckpointSettings(save_every=1, async_save=False),
+        )
+        summary = preference.run(cfg)
+        assert summary["steps"] == steps
+        return summary, [r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r]
+
+    _, straight = run("straight", 4)
+    first, _ = run("resumed", 2)
+    again, resumed = run("resumed", 4)
+    assert first["reference_computed"] is True and again["reference_computed"] is False
+    assert again["reference_cache"] == first["reference_cache"]
+    assert resumed == pytest.approx(straight, abs=1e-6)

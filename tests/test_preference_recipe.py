@@ -202,7 +202,8 @@ def first_step_loss(files, cfg) -> tuple[float, int]:
     dataset = PreferenceDataset(cfg.data, tokenizer)
     model = preference.build_model(cfg)
     before = count_arrays(EMBEDDING)
-    iterator, in_loss, _ = preference.attach_reference(cfg, model, dataset, dataset.iterator())
+    in_loss = preference.reference_in_loss(cfg, model)
+    iterator, _ = preference.attach_reference(cfg, model, dataset, dataset.iterator())
     added = count_arrays(EMBEDDING) - before
     algorithm = preference.PreferenceAlgorithm(
         "dpo", cfg.dpo, reference_in_loss=in_loss, chunk_size=0
@@ -290,7 +291,7 @@ def test_micro_batching_changes_neither_loss_nor_update(files, loss, shared):
         )
         dataset = PreferenceDataset(cfg.data, tokenizer)
         model = preference.build_model(cfg)
-        iterator, _, _ = preference.attach_reference(cfg, model, dataset, dataset.iterator())
+        iterator, _ = preference.attach_reference(cfg, model, dataset, dataset.iterator())
         algorithm = preference.PreferenceAlgorithm(
             loss, preference.loss_settings(cfg), needs_reference=cfg.needs_reference
         )

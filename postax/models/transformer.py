@@ -328,6 +328,23 @@ class CausalLM(nnx.Module):
             length=jnp.zeros((), jnp.int32),
         )
 
+    def prefill(
+        self, prompt_tokens: jax.Array, prompt_mask: jax.Array, capacity: int
+    ) -> tuple[KVCache, jax.Array]:
+        """(cache of every prompt column but the last, positions [b, t]) for left-padded prompts.
+
+        The last column is left for the first decoding step, whose logits give the first
+        generated token; its logits are the only ones the sampler needs.
+        """
+        positions = positions_from_mask(prompt_mask)
+        _, cache = self.decode(
+            prompt_tokens[:, :-1],
+            self.init_cache(prompt_tokens.shape[0], capacity),
+            positions=positions[:, :-1],
+            attention_mask=prompt_mask[:, :-1],
+        )
+        return cache, positions
+
     @exact_float32
     def decode(
         self,

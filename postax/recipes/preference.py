@@ -202,24 +202,23 @@ def reference_in_loss(cfg: PreferenceConfig, model) -> bool:
 
 
 def attach_reference(cfg: PreferenceConfig, model, dataset: PreferenceDataset, iterator):
-    """(iterator whose batches carry reference log-probs, reference computed in the loss, info).
+    """(iterator whose batches carry reference log-probs, info).
 
-    Reference-free losses get the iterator back unchanged. KTO always scores
+    Reference-free losses, and a reference computed in the loss
+    (`reference_in_loss`), get the iterator back unchanged. KTO always scores
     its reference on the fly: its mismatched KL rows are paired anew in every
     batch, so there is nothing fixed to cache.
     """
     mode = "on_the_fly" if cfg.loss == "kto" else cfg.reference
     info: dict[str, Any] = {"reference": mode if cfg.needs_reference else "none"}
-    if not cfg.needs_reference:
-        return iterator, False, info
+    if not cfg.needs_reference or reference_in_loss(cfg, model):
+        return iterator, info
     if mode == "on_the_fly":
-        if ref.has_lora(model):
-            return iterator, True, info
         frozen = ref.frozen_copy(model)  # full fine-tuning needs its initial weights
         attach = ref.score_each_batch(
             frozen, chunk_size=cfg.logits_chunk_size, kl_rows=cfg.loss == "kto"
         )
-        return ref.ReferenceIterator(iterator, attach), False, info
+        return ref.ReferenceIterator(iterator, attach), info
     cache_dir = Path(cfg.reference_cache_dir or Path(cfg.output_dir) / "reference")
     logps, path, computed = ref.load_or_compute(
         model,
@@ -229,7 +228,7 @@ def attach_reference(cfg: PreferenceConfig, model, dataset: PreferenceDataset, i
         chunk_size=cfg.logits_chunk_size,
     )
     info.update(reference_cache=str(path), reference_computed=computed)
-    return ref.ReferenceIterator(iterator, ref.lookup(logps)), False, info
+    return ref.ReferenceIterator(iterator, ref.lookup(logps)), info
 
 
 def run(cfg: PreferenceConfig) -> dict:
@@ -259,7 +258,7 @@ def run(cfg: PreferenceConfig) -> dict:
     )
     # The reference is scored from the trainer's model: sharded over the mesh like the
     # policy, and still at its initial weights (a resumed run restores later, in `fit`).
-    iterator, _, info = attach_reference(cfg, trainer.model, train_data, train_data.iterator())
+    iterator, info = attach_reference(cfg, trainer.model, train_data, train_data.iterator())
     print(f"reference: {info}", file=sys.stderr)
     eval_fn = None
     if eval_data is not None:

@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from postax.models.transformer import CausalLM, KVCache, positions_from_mask
+from postax.models.transformer import CausalLM, KVCache
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -90,14 +90,7 @@ def beam_search(
     k = num_beams
     vocab = model.config.vocab_size
     candidates = max(2, 1 + stop_ids.shape[0]) * k
-    cache = model.init_cache(n_prompts, width + new_tokens)
-    positions = positions_from_mask(prompt_mask)
-    _, cache = model.decode(
-        prompt_tokens[:, :-1],
-        cache,
-        positions=positions[:, :-1],
-        attention_mask=prompt_mask[:, :-1],
-    )
+    cache, positions = model.prefill(prompt_tokens, prompt_mask, width + new_tokens)
     cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, k, axis=0), cache)
     zeros_tokens = jnp.zeros((n_prompts, k, new_tokens), jnp.int32)
     zeros_logprobs = jnp.zeros((n_prompts, k, new_tokens), jnp.float32)

@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from postax.models.transformer import CausalLM, KVCache, positions_from_mask
+from postax.models.transformer import CausalLM, KVCache
 from postax.sampling import beam as beam_search
 from postax.sampling.strategies import first_argmax, process_logits, sample
 from postax.validation import is_int, is_number, require
@@ -789,14 +789,7 @@ class Sampler:
         model = nnx.merge(graphdef, model_state)
         n_prompts, width = prompt_tokens.shape
         n_rows = row_prompt.shape[0]
-        cache = model.init_cache(n_prompts, width + new_tokens)
-        positions = positions_from_mask(prompt_mask)
-        _, cache = model.decode(
-            prompt_tokens[:, :-1],
-            cache,
-            positions=positions[:, :-1],
-            attention_mask=prompt_mask[:, :-1],
-        )
+        cache, positions = model.prefill(prompt_tokens, prompt_mask, width + new_tokens)
         if n_rows != n_prompts or n_prompts > 1:
             cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, row_prompt, 0), cache)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, sample_ids)

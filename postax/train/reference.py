@@ -91,7 +91,7 @@ def reference_digest(model) -> str:
     for path, value in sorted(
         nnx.to_flat_state(state), key=lambda item: tuple(str(p) for p in item[0])
     ):
-        array = value.get_value() if hasattr(value, "get_value") else value.value
+        array = value.get_value()
         if not isinstance(array, jax.Array | np.ndarray):
             continue
         host = np.asarray(array)
@@ -116,10 +116,8 @@ def _scorer(model, *, prefix: str, chunk_size: int) -> Callable[[dict], jax.Arra
     @jax.jit
     def score(state, batch):
         merged = nnx.merge(graphdef, state)
-        if has_lora(merged):
-            with lora_disabled(merged):
-                return sequence_logps(merged, batch, prefix=prefix, chunk_size=chunk_size)[0]
-        return sequence_logps(merged, batch, prefix=prefix, chunk_size=chunk_size)[0]
+        with lora_disabled(merged):  # no-op without adapters
+            return sequence_logps(merged, batch, prefix=prefix, chunk_size=chunk_size)[0]
 
     return lambda batch: score(state, {k: jnp.asarray(v) for k, v in batch.items()})
 

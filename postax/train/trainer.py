@@ -181,7 +181,13 @@ class Trainer:
             self.state,
         )
         self.state = jax.device_put(self.state, state_shardings)
-        self._step_fn = jax.jit(self._step, donate_argnums=0, out_shardings=(state_shardings, None))
+        # Frozen variables (a LoRA or quantised base) never change: they are passed beside
+        # the donated state, so the live model's arrays of them stay valid.
+        self._step_fn = jax.jit(
+            self._step_keeping_frozen,
+            donate_argnums=0,
+            out_shardings=(dataclasses.replace(state_shardings, frozen=None), None),
+        )
         self._eval_fn = jax.jit(self._eval)
         self.compiles = 0
         self.checkpoint_config = checkpoint
@@ -189,6 +195,11 @@ class Trainer:
         self.metrics = MetricsLogger(metrics) if metrics else None
 
     # ------------------------------------------------------------------ jitted
+
+    def _step_keeping_frozen(self, state: TrainState, frozen, batch: Batch):
+        """`_step` on a state whose frozen variables come separately (not donated)."""
+        new_state, metrics = self._step(dataclasses.replace(state, frozen=frozen), batch)
+        return dataclasses.replace(new_state, frozen=None), metrics
 
     def _step(self, state: TrainState, batch: Batch):
         self.compiles += 1  # runs once per trace
@@ -285,10 +296,11 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         """One optimizer step on a global batch; returns device metrics (no host sync)."""
-        self.state, metrics = self._step_fn(self.state, self._device_batch(batch))
-        # The step donates the whole state, frozen variables (a LoRA base) included: their
-        # old arrays are deleted, so the model must take the returned ones too.
-        nnx.update(self.model, self.state.params, self.state.mutable, self.state.frozen)
+        frozen = self.state.frozen
+        donated = dataclasses.replace(self.state, frozen=None)
+        new_state, metrics = self._step_fn(donated, frozen, self._device_batch(batch))
+        self.state = dataclasses.replace(new_state, frozen=frozen)
+        nnx.update(self.model, self.state.params, self.state.mutable)
         return metrics
 
     def evaluate(self, batches) -> dict[str, float]:

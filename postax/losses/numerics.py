@@ -6,7 +6,10 @@
   log-probs of samples drawn from pi (Schulman 2020, "Approximating KL
   divergence"): k1 = log r' with r' = pi/ref, i.e. logp - ref_logp;
   k2 = (logp - ref_logp)^2 / 2; k3 = (r - 1) - log r with r = ref/pi.
-- `aggregate`: loss aggregation modes across tokens and sequences.
+- `aggregate`: loss aggregation modes across tokens and sequences, and
+  `aggregation_normalizer`, the global normalizer each mode divides by.
+- `masked_whiten`: (x - mean) / (std + epsilon) over the masked entries, with
+  the population (ddof=0) standard deviation; 0 outside the mask.
 """
 
 from __future__ import annotations
@@ -67,3 +70,41 @@ def aggregate(
         per_sequence = jnp.sum(per_token * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
         return jnp.sum(per_sequence) / normalizer
     raise ValueError(f"mode={mode!r} is invalid: one of {AGGREGATIONS}")
+
+
+def aggregation_normalizer(
+    mask: jax.Array, mode: str, *, constant: float | None = None
+) -> jax.Array:
+    """The normalizer `aggregate` expects, computed from the mask of the GLOBAL batch.
+
+    token_mean: the number of masked tokens; sequence_mean: the number of rows
+    with at least one masked token; sequence_sum_constant: that number of rows
+    times `constant` (e.g. the maximum completion length). Clamped at 1 so that
+    an all-padding batch gives finite losses.
+    """
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    if mode == "token_mean":
+        return jnp.maximum(jnp.sum(mask), 1.0)
+    rows = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+    if mode == "sequence_mean":
+        return jnp.maximum(rows, 1.0)
+    if mode == "sequence_sum_constant":
+        if constant is None or constant <= 0:
+            raise ValueError(f"constant={constant!r} is invalid: a number > 0 for mode={mode!r}")
+        return jnp.maximum(rows * constant, 1.0)
+    raise ValueError(f"mode={mode!r} is invalid: one of {AGGREGATIONS}")
+
+
+def masked_whiten(values: jax.Array, mask: jax.Array, *, epsilon: float = 1e-6) -> jax.Array:
+    """(x - mean) / (std + epsilon) over the entries where mask is nonzero; 0 elsewhere.
+
+    Mean and standard deviation are taken over all masked entries together
+    (population std, ddof=0); entries outside the mask are ignored even when
+    they are not finite.
+    """
+    keep = jnp.asarray(mask) > 0
+    values = jnp.where(keep, jnp.asarray(values, jnp.float32), 0.0)
+    mean = masked_mean(values, keep)
+    centred = jnp.where(keep, values - mean, 0.0)
+    std = jnp.sqrt(masked_mean(centred**2, keep))
+    return jnp.where(keep, centred / (std + epsilon), 0.0)

@@ -1,0 +1,1 @@
+"""Reinforcement learning pieces: advantage estimators, rollouts and reward functions."""

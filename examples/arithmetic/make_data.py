@@ -2,14 +2,18 @@
 
     python examples/arithmetic/make_data.py   # writes train.jsonl, eval.jsonl, tokenizer/
 
-The task: "A+B=" for three-digit A and B, answered digit by digit from the
-right with the carry, then the sum after "####":
+The task: "A+B=" for two-digit A and B (`--digits`), answered column by
+column from the right with the carry, then the sum after "####":
 
-    358+467=  ->  8+7=15 5+6+1=12 3+4+1=8 #### 825
+    58+67=  ->  8+7=15 5+6+1=12 #### 125
 
 Every record holds `prompt`, `completion` (the worked answer, for SFT) and
-`answer` (the sum, for the reward). The eval split holds sums never seen in
-training. Deterministic (seeded).
+`answer` (the true sum, for the reward). The training completions are
+deliberately imperfect demonstrations: in `sloppy_fraction` (60%) of them the
+carry is forgotten ("8+7=15 5+6=11 #### 115"), so a model fine-tuned on them
+imitates the mistake on most sums with a carry; an exact-match reward on the
+true sum is what RL can correct. The eval split (pairs never seen in
+training) holds correct completions. Deterministic (seeded).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def worked_sum(a: int, b: int, *, sloppy: bool = False) -> str:
 
     `sloppy`: the carry is forgotten in every column (each column writes its
     own sum, the last one whole), and the answer is what those columns spell:
-    358+467 -> "8+7=15 5+6=11 3+4=7 #### 715".
+    58+67 -> "8+7=15 5+6=11 #### 115".
     """
     if sloppy:
         da, db = str(a)[::-1], str(b)[::-1]
@@ -61,7 +65,7 @@ def write(
     *,
     train: int = 4000,
     held_out: int = 200,
-    digits: int = 3,
+    digits: int = 2,
     sloppy_fraction: float = 0.6,
     seed: int = 0,
 ) -> Path:
@@ -90,6 +94,6 @@ def write(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
-    parser.add_argument("--digits", type=int, default=3)
+    parser.add_argument("--digits", type=int, default=2)
     args = parser.parse_args()
     write(args.out, digits=args.digits)

@@ -304,6 +304,8 @@ def run(cfg: GRPOConfig) -> dict:
         # 7. metrics, evaluation, checkpoints
         row = rl.rollout_metrics(groups, cfg.group_size)
         row.update(rl.summarise_updates(step_metrics))
+        if kl is not None:  # KL in the reward: the mean per-token estimate it subtracted
+            row["kl"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - began
         if eval_prompts and cfg.eval.every and iteration % cfg.eval.every == 0:
@@ -341,7 +343,12 @@ def run(cfg: GRPOConfig) -> dict:
         summary["export"] = str(export(trainer.model, cfg, tokenizer_dir, out))
     trainer.close()
     summary["plot"] = str(
-        plot_metrics(out / "metrics.jsonl", out / "rewards.png", ("reward", "eval_accuracy"))
+        plot_metrics(
+            out / "metrics.jsonl",
+            out / "rewards.png",
+            ("reward", "eval_accuracy"),
+            xlabel="iteration",
+        )
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

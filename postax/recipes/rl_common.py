@@ -187,10 +187,11 @@ class Groups:
     completions: list[Completion]
     rewards: np.ndarray  # [rows] weighted total
     per_function: dict[str, np.ndarray]
-    failures: dict[str, int]
+    failures: dict[str, int]  # rows scored on_error
     rounds: int = 1
     dropped_groups: int = 0
     filler_groups: int = 0
+    timeouts: dict[str, int] = dataclasses.field(default_factory=dict)  # calls out of time
 
 
 def score_completions(
@@ -208,11 +209,14 @@ def score_completions(
         completion_tokens=[c.num_tokens for c in completions],
         finish_reasons=[c.finish_reason for c in completions],
     )
-    failures = {
-        name: result.failures.get(name, 0) + result.timeouts.get(name, 0)
-        for name in result.per_function
-    }
-    return Groups(records, completions, result.total, result.per_function, failures)
+    return Groups(
+        records,
+        completions,
+        result.total,
+        result.per_function,
+        dict(result.failures),
+        timeouts=dict(result.timeouts),
+    )
 
 
 class Timer:
@@ -310,30 +314,36 @@ def _select_groups(groups: Groups, keep: np.ndarray, group_size: int) -> Groups:
         groups.rewards[rows],
         {n: v[rows] for n, v in groups.per_function.items()},
         groups.failures,
+        timeouts=groups.timeouts,
     )
 
 
 def _concat_groups(parts: list[Groups]) -> Groups:
-    failures: dict[str, int] = {}
-    for part in parts:
-        for name, count in part.failures.items():
-            failures[name] = failures.get(name, 0) + count
+    def summed(counts: list[dict[str, int]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in counts:
+            for name, count in part.items():
+                out[name] = out.get(name, 0) + count
+        return out
+
     return Groups(
         [r for p in parts for r in p.records],
         [c for p in parts for c in p.completions],
         np.concatenate([p.rewards for p in parts]),
         {n: np.concatenate([p.per_function[n] for p in parts]) for n in parts[0].per_function},
-        failures,
+        summed([p.failures for p in parts]),
+        timeouts=summed([p.timeouts for p in parts]),
     )
 
 
 def rollout_rows(
     groups: Groups, *, num_rows: int, pad_id: int, overlong_filter: bool
 ) -> RolloutRows:
-    """The training rows of sampled groups (filler rows up to `num_rows`)."""
+    """The training rows of sampled groups (filler rows up to `num_rows`; all of them when
+    dynamic sampling kept no group)."""
     completions = groups.completions
     trained = [not (overlong_filter and c.finish_reason == "length") for c in completions]
-    longest = max(len(c.prompt_ids) + len(c.token_ids) - 1 for c in completions)
+    longest = max((len(c.prompt_ids) + len(c.token_ids) - 1 for c in completions), default=1)
     return layout_rows(
         [c.prompt_ids for c in completions],
         [c.token_ids for c in completions],
@@ -438,24 +448,35 @@ def evaluate_prompts(
 
 
 def rollout_metrics(groups: Groups, group_size: int) -> dict[str, float]:
-    """Reward, length and filter statistics of the sampled rows (filler rows excluded)."""
-    lengths = np.array([c.num_tokens for c in groups.completions], np.float32)
-    truncated = np.array([c.finish_reason == "length" for c in groups.completions], np.float32)
+    """Reward, length and filter statistics of the sampled rows (filler rows excluded; without
+    any sampled row, only the sampling and failure counts)."""
     out = {
-        "reward": float(np.mean(groups.rewards)),
-        "reward_std": float(np.std(groups.rewards)),
-        "completion_length": float(np.mean(lengths)),
-        "completion_length_max": float(np.max(lengths)),
-        "truncated_fraction": float(np.mean(truncated)),
-        "zero_variance_groups": float((~informative_groups(groups.rewards, group_size)).sum()),
         "sampling_rounds": float(groups.rounds),
         "dropped_groups": float(groups.dropped_groups),
         "filler_groups": float(groups.filler_groups),
     }
-    for name, values in groups.per_function.items():
-        out[f"reward_{name}"] = float(np.mean(values))
     for name, count in groups.failures.items():
         out[f"reward_failures_{name}"] = float(count)
+    for name, count in groups.timeouts.items():
+        out[f"reward_timeouts_{name}"] = float(count)
+    if not groups.completions:
+        return out
+    lengths = np.array([c.num_tokens for c in groups.completions], np.float32)
+    truncated = np.array([c.finish_reason == "length" for c in groups.completions], np.float32)
+    out.update(
+        {
+            "reward": float(np.mean(groups.rewards)),
+            "reward_std": float(np.std(groups.rewards)),
+            "completion_length": float(np.mean(lengths)),
+            "completion_length_max": float(np.max(lengths)),
+            "truncated_fraction": float(np.mean(truncated)),
+            "zero_variance_groups": float(
+                (~informative_groups(groups.rewards, group_size)).sum()
+            ),
+        }
+    )
+    for name, values in groups.per_function.items():
+        out[f"reward_{name}"] = float(np.mean(values))
     return out
 
 

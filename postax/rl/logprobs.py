@@ -30,10 +30,18 @@ def rollout_logprobs(
     hidden = model.hidden_states(
         batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
     )
-    logits = model.logits(hidden)
+    return logprobs_from_logits(
+        model.logits(hidden), batch["targets"], temperature=temperature, entropy=entropy
+    )
+
+
+def logprobs_from_logits(
+    logits: jax.Array, targets: jax.Array, *, temperature: float, entropy: bool = False
+) -> tuple[jax.Array, jax.Array | None]:
+    """(log-probs of targets under softmax(logits / T), entropies or None), float32."""
     if temperature != 1.0:
         logits = logits / temperature
-    logp = token_logprobs(logits, batch["targets"])
+    logp = token_logprobs(logits, targets)
     if not entropy:
         return logp, None
     log_probs = jax.nn.log_softmax(logits, axis=-1)

@@ -41,6 +41,8 @@ class PromptDataConfig:
     max_prompt_tokens: longer prompts are dropped (counted), or cut from the
       left with `truncate: left`.
     fields: the record fields passed to reward functions (default: all but the prompt).
+    chat_template: render a string prompt as a user message with the chat
+      template (and `system_prompt`, if set, as a system message before it).
     """
 
     path: str
@@ -52,6 +54,8 @@ class PromptDataConfig:
     seed: int = 0
     fields: tuple[str, ...] | None = None
     limit: int = 0  # read at most this many records (0 = all)
+    chat_template: bool = False
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_prompt_tokens"):
@@ -62,6 +66,8 @@ class PromptDataConfig:
             raise ConfigError(f"truncate={self.truncate!r} is invalid: 'drop' or 'left'")
         if not isinstance(self.limit, int) or self.limit < 0:
             raise ConfigError(f"limit={self.limit!r} is invalid: an integer >= 0 (0 = all)")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ConfigError("system_prompt needs chat_template: true")
         if isinstance(self.fields, list):
             object.__setattr__(self, "fields", tuple(self.fields))
 
@@ -104,7 +110,14 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer, location: str, field: str) ->
 class PromptDataset:
     """Prompt records of a file, encoded once; batches of `config.batch_size` records."""
 
-    batching_settings = ("batch_size", "max_prompt_tokens", "truncate", "shuffle")
+    batching_settings = (
+        "batch_size",
+        "max_prompt_tokens",
+        "truncate",
+        "shuffle",
+        "chat_template",
+        "system_prompt",
+    )
 
     def __init__(self, config: PromptDataConfig, tokenizer: Tokenizer) -> None:
         self.config = config
@@ -119,6 +132,12 @@ class PromptDataset:
                     f"(data.prompt_field); fields present: {sorted(record.fields)}"
                 )
             prompt = record.fields[config.prompt_field]
+            if config.chat_template and isinstance(prompt, str) and prompt:
+                system = [{"role": "system", "content": config.system_prompt}]
+                prompt = [
+                    *(system if config.system_prompt else []),
+                    {"role": "user", "content": prompt},
+                ]
             ids = _prompt_ids(prompt, tokenizer, record.location, config.prompt_field)
             if len(ids) > config.max_prompt_tokens:
                 if config.truncate == "drop":

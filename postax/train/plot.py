@@ -30,7 +30,12 @@ def read_series(
 
 
 def plot_metrics(
-    metrics_path: str | Path, png_path: str | Path, names: Sequence[str], *, title: str = ""
+    metrics_path: str | Path,
+    png_path: str | Path,
+    names: Sequence[str],
+    *,
+    title: str = "",
+    xlabel: str = "step",
 ) -> Path:
     """Writes one panel per metric (x: step) to `png_path`; returns the path."""
     try:
@@ -52,7 +57,7 @@ def plot_metrics(
         axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].set_xlabel(xlabel)
     if title:
         axes[0, 0].set_title(title)
     fig.tight_layout()

@@ -1,0 +1,417 @@
+"""PPO with a learned critic, top to bottom: `postax ppo --config configs/ppo/x.yaml key=value`.
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms", as used for
+language models by Ziegler et al. 2019 and Ouyang et al. 2022 ("Training
+language models to follow instructions with human feedback"): the reward of a
+completion (reward functions, or a reward model through the `reward_model`
+reward) sits on its last token, a per-token KL penalty to the reference on
+every token (`kl_placement: reward`, the default here), and Generalised
+Advantage Estimation (Schulman et al. 2016) over a per-token value estimate
+turns these token rewards into advantages and value targets.
+
+One iteration:
+
+1. prompts -> the sampler draws `rollout.samples_per_prompt` completions per
+   prompt from the live policy (no weight copy);
+2. rewards from the weighted reward functions (failures contained, counted);
+3. without gradient: reference log-probs (kl_coef > 0), the critic's values
+   and, with `update.old_logprobs: recompute`, the policy's log-probs;
+4. token rewards (outcome on the last token, -beta * KL on each) -> GAE
+   (gamma, lambda) -> advantages (whitened over the batch by default) and
+   returns = advantages + values;
+5. `update.epochs` x `update.minibatches` steps on the clipped policy loss
+   plus `value.coef` x the (clipped) value loss, policy and critic together;
+6. metrics, evaluation, checkpoints.
+
+Deviations from Ouyang et al.: no pretraining-mix term (PPO-ptx); the KL
+coefficient is fixed (no adaptive controller); advantages are whitened per
+rollout batch (as most implementations do) unless `value.whiten_advantages`
+is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from postax.losses.numerics import aggregation_normalizer, kl_estimate, masked_whiten
+from postax.losses.policy import PolicyLossConfig, policy_loss
+from postax.losses.value import value_loss
+from postax.models.lora import LoRAConfig
+from postax.models.reward import load_reward_model
+from postax.models.value import CRITICS, ActorCritic, critic_from_policy
+from postax.recipes import rl_common as rl
+from postax.recipes.common import (
+    CheckpointSettings,
+    MetricsSettings,
+    ModelSource,
+    check_vocab,
+    recipe_main,
+    start_run,
+)
+from postax.recipes.sft import export
+from postax.rl import advantages as adv
+from postax.rl.logprobs import logprobs_from_logits, score_rollout
+from postax.rl.prompts import PromptDataConfig, PromptDataset
+from postax.rl.rewards import RewardConfig
+from postax.sampling.sampler import Sampler
+from postax.tokenizer import load_tokenizer
+from postax.train.optim import OptimizerConfig
+from postax.train.plot import plot_metrics
+from postax.train.reference import frozen_copy, has_lora
+from postax.validation import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ValueConfig:
+    """The critic and its loss.
+
+    critic: "head" (a value head on the policy's trunk) or "separate" (its own
+      decoder: from `critic_path`, a Hugging Face *ForSequenceClassification
+      checkpoint such as a trained reward model, else a copy of the policy).
+    coef: weight of the value loss; clip: value clipping range (null = off).
+    gamma, lam: GAE's discount and lambda.
+    head_std: initial std of a new head's weights (0: values start at 0).
+    """
+
+    critic: str = "head"
+    critic_path: str | None = None
+    coef: float = 0.5
+    clip: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    head_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.critic not in CRITICS:
+            raise ConfigError(f"value.critic={self.critic!r} is invalid: one of {CRITICS}")
+        if self.critic_path is not None and self.critic != "separate":
+            raise ConfigError("value.critic_path needs value.critic: separate")
+        if not self.coef >= 0:
+            raise ConfigError(f"value.coef={self.coef!r} is invalid: a number >= 0")
+        if self.clip is not None and not self.clip > 0:
+            raise ConfigError(f"value.clip={self.clip!r} is invalid: null (off) or > 0")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"value.{name}={value!r} is invalid: a number in [0, 1]")
+        if not self.head_std >= 0:
+            raise ConfigError(f"value.head_std={self.head_std!r} is invalid: a number >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    output_dir: str
+    model: ModelSource
+    data: PromptDataConfig
+    rewards: tuple[RewardConfig, ...]
+    iterations: int
+    tokenizer: str | None = None  # default: model.path
+    eval_data: PromptDataConfig | None = None
+    eval: rl.EvalConfig = dataclasses.field(default_factory=rl.EvalConfig)
+    rollout: rl.RolloutConfig = dataclasses.field(
+        default_factory=lambda: rl.RolloutConfig(samples_per_prompt=1)
+    )
+    policy: PolicyLossConfig = dataclasses.field(
+        default_factory=lambda: PolicyLossConfig(kl_coef=0.05, kl_estimator="k1")
+    )
+    kl_placement: str = "reward"
+    value: ValueConfig = dataclasses.field(default_factory=ValueConfig)
+    update: rl.UpdateConfig = dataclasses.field(
+        default_factory=lambda: rl.UpdateConfig(epochs=2, minibatches=2)
+    )
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    lora: LoRAConfig | None = None
+    quantize: str | None = None
+    run: rl.RunSettings = dataclasses.field(default_factory=rl.RunSettings)
+    checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
+    metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rewards, list):
+            object.__setattr__(self, "rewards", tuple(self.rewards))
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ConfigError(f"iterations={self.iterations!r} is invalid: an integer >= 1")
+        if self.kl_placement not in ("loss", "reward"):
+            raise ConfigError(f"kl_placement={self.kl_placement!r} is invalid: 'loss' or 'reward'")
+        if self.rollout.dynamic_sampling:
+            raise ConfigError(
+                "rollout.dynamic_sampling is for group-normalised advantages (GRPO family); "
+                "PPO's critic gives every sample an advantage"
+            )
+        if self.policy.importance_cap is not None and self.update.old_logprobs != "recompute":
+            raise ConfigError("policy.importance_cap needs update.old_logprobs: recompute")
+        if self.quantize not in (None, "int8", "nf4"):
+            raise ConfigError(f"quantize={self.quantize!r} is invalid: null, 'int8' or 'nf4'")
+        if self.quantize and self.lora is None:
+            raise ConfigError("quantize is set but lora is not: a quantised base needs lora")
+        if self.tokenizer is None and self.model.path is None:
+            raise ConfigError("tokenizer: required when the model is not loaded from a path")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOAlgorithm:
+    """Clipped policy loss + value.coef x value loss on rollout rows, for the Trainer."""
+
+    loss_config: PolicyLossConfig
+    value: ValueConfig
+    temperature: float
+    constant: float
+
+    def normalizer(self, batch):
+        return aggregation_normalizer(
+            batch["loss_mask"], self.loss_config.aggregation, constant=self.constant
+        )
+
+    def loss(self, model: ActorCritic, batch, normalizer, rng):
+        del rng
+        logits, values = model.logits_and_values(batch)
+        logp, entropy = logprobs_from_logits(
+            logits,
+            batch["targets"],
+            temperature=self.temperature,
+            entropy=self.loss_config.entropy_coef > 0,
+        )
+        p_loss, metrics = policy_loss(
+            logp,
+            batch["old_logp"],
+            batch["advantages"],
+            batch["loss_mask"],
+            normalizer,
+            self.loss_config,
+            ref_logp=batch.get("ref_logp"),
+            behaviour_logp=batch.get("sampler_logp"),
+            entropy=entropy,
+        )
+        v_loss, v_metrics = value_loss(
+            values,
+            batch["old_values"],
+            batch["returns"],
+            batch["loss_mask"],
+            normalizer,
+            clip=self.value.clip,
+            aggregation=self.loss_config.aggregation,
+        )
+        return p_loss + self.value.coef * v_loss, {**metrics, **v_metrics}
+
+
+@functools.partial(nnx.jit, static_argnames=("temperature", "logprobs"))
+def _values_and_logprobs(model: ActorCritic, batch, temperature: float, logprobs: bool):
+    logits, values = model.logits_and_values(batch)
+    if not logprobs:
+        return values, None
+    return values, logprobs_from_logits(logits, batch["targets"], temperature=temperature)[0]
+
+
+def build_actor_critic(cfg: PPOConfig) -> ActorCritic:
+    policy = rl.build_policy(cfg.model, cfg.lora, cfg.quantize)
+    rngs = nnx.Rngs(cfg.model.seed + 1)
+    critic = None
+    if cfg.value.critic == "separate":
+        if cfg.value.critic_path:
+            critic = load_reward_model(cfg.value.critic_path, dtype=cfg.model.dtype)
+            if critic.config.vocab_size != policy.config.vocab_size:
+                raise ConfigError(
+                    f"value.critic_path: vocab_size {critic.config.vocab_size} differs from the "
+                    f"policy's {policy.config.vocab_size} (they read the same tokens)"
+                )
+        else:
+            critic = critic_from_policy(policy, rngs=rngs)
+    return ActorCritic(policy, critic=critic, rngs=rngs, head_std=cfg.value.head_std)
+
+
+def trained_variables(cfg: PPOConfig):
+    """What the optimizer updates: everything, or with LoRA the adapters and the critic."""
+    if not cfg.lora:
+        return nnx.Param
+    critic = "value_head" if cfg.value.critic == "head" else "critic"
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains(critic)))
+
+
+def gae_targets(
+    cfg: PPOConfig, rewards: np.ndarray, rows: dict[str, np.ndarray], kl: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(advantages, returns) [rows, width] of the sampled rows."""
+    mask = rows["loss_mask"]
+    beta = cfg.policy.kl_coef if cfg.kl_placement == "reward" else 0.0
+    kl = np.zeros_like(mask) if kl is None else kl
+    token_rewards = adv.token_rewards_with_kl(rewards, kl, mask, beta)
+    advantages, returns = adv.gae(
+        token_rewards, rows["old_values"], mask, gamma=cfg.value.gamma, lam=cfg.value.lam
+    )
+    if cfg.value.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return np.asarray(advantages), np.asarray(returns)
+
+
+def run(cfg: PPOConfig) -> dict:
+    """PPO from a config; returns the run summary."""
+    out = start_run(cfg)
+    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prompts = PromptDataset(cfg.data, tokenizer)
+    eval_prompts = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
+    runner = rl.reward_runner(cfg.rewards)
+
+    model = build_actor_critic(cfg)
+    check_vocab(model.config, tokenizer, tokenizer_dir)
+    steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
+    algorithm = PPOAlgorithm(
+        dataclasses.replace(cfg.policy, kl_coef=0.0)
+        if cfg.kl_placement == "reward"
+        else cfg.policy,
+        cfg.value,
+        float(cfg.rollout.temperature),
+        float(cfg.rollout.max_new_tokens),
+    )
+    trainer = rl.make_rl_trainer(
+        cfg,
+        model,
+        algorithm,
+        steps=cfg.iterations * steps_per_iteration,
+        out=out,
+        wrt=trained_variables(cfg),
+    )
+    num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
+    rl.check_rows(cfg, num_rows, trainer.mesh.shape["data"])
+    policy = trainer.model.policy
+    use_reference = cfg.policy.kl_coef > 0
+    lora_reference = use_reference and has_lora(policy)
+    reference = frozen_copy(policy) if use_reference and not lora_reference else None
+    iterator = prompts.iterator()
+    resumed = trainer.restore(iterator)
+    sampler = Sampler(policy, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    source = rl.RolloutSource(sampler, runner, tokenizer, iterator, cfg.rollout, cfg.run.seed)
+    temperature = float(cfg.rollout.temperature)
+    eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+
+    def evaluate() -> dict[str, float]:
+        return rl.evaluate_prompts(
+            sampler,
+            runner,
+            tokenizer,
+            eval_prompts,
+            max_new_tokens=eval_tokens,
+            metric=cfg.eval.metric,
+        )
+
+    summary: dict = {"resumed": resumed}
+    if eval_prompts and not resumed:
+        summary["eval_before"] = evaluate()
+        trainer.metrics.log(0, {f"eval_{k}": v for k, v in summary["eval_before"].items()})
+
+    start = trainer.step // steps_per_iteration
+    for iteration in range(start + 1, cfg.iterations + 1):
+        timer = rl.Timer()
+        began = time.perf_counter()
+
+        # 1-2. prompts -> rollouts -> rewards
+        groups = source.draw(iteration, 0, timer=timer)
+        rows = rl.rollout_rows(
+            groups,
+            num_rows=num_rows,
+            pad_id=tokenizer.pad_token_id,
+            overlong_filter=cfg.rollout.overlong_filter,
+        ).as_dict()
+        sampled = len(groups.completions)
+
+        # 3. reference log-probs, values and old log-probs, without gradient
+        kl = None
+        with timer("score"):
+            device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
+            recompute = cfg.update.old_logprobs == "recompute"
+            values, old_logp = _values_and_logprobs(
+                trainer.model, device_rows, temperature, recompute
+            )
+            rows["old_values"] = np.asarray(values) * rows["loss_mask"]
+            rows["old_logp"] = np.asarray(old_logp) if recompute else rows["sampler_logp"]
+            if use_reference:
+                ref_logp = np.asarray(
+                    score_rollout(
+                        reference or policy,
+                        device_rows,
+                        temperature=temperature,
+                        adapters=not lora_reference,
+                    )
+                )
+                if cfg.kl_placement == "reward":
+                    kl = np.asarray(
+                        kl_estimate(rows["sampler_logp"], ref_logp, cfg.policy.kl_estimator)
+                    )
+                    kl = kl * rows["loss_mask"]
+                else:
+                    rows["ref_logp"] = ref_logp
+
+        # 4. token rewards -> GAE -> advantages and value targets (filler rows get 0)
+        advantages, returns = gae_targets(
+            cfg,
+            groups.rewards,
+            {k: v[:sampled] for k, v in rows.items()},
+            None if kl is None else kl[:sampled],
+        )
+        rows["advantages"] = rl.pad_rows(advantages.astype(np.float32), num_rows)
+        rows["returns"] = rl.pad_rows(returns.astype(np.float32), num_rows)
+
+        # 5. minibatch updates of policy and critic
+        with timer("update"):
+            step_metrics = jax.device_get(rl.run_updates(trainer, rows, cfg.update, iteration))
+
+        # 6. metrics, evaluation, checkpoints
+        row = rl.rollout_metrics(groups, cfg.rollout.samples_per_prompt)
+        row.update(rl.summarise_updates(step_metrics))
+        if kl is not None:
+            row["kl_reward"] = float(kl[:sampled].sum() / max(rows["loss_mask"].sum(), 1.0))
+        row.update({f"time_{k}": v for k, v in timer.seconds.items()})
+        row["time_iteration"] = time.perf_counter() - began
+        if eval_prompts and cfg.eval.every and iteration % cfg.eval.every == 0:
+            row.update({f"eval_{k}": v for k, v in evaluate().items()})
+        trainer.metrics.log(iteration, row)
+        if cfg.run.progress:
+            rl.log_line(
+                iteration,
+                cfg.iterations,
+                row,
+                ("reward", "eval_accuracy", "value_error", "clip_fraction", "kl_reward", "loss"),
+            )
+        if cfg.checkpoint.save_every and iteration % cfg.checkpoint.save_every == 0:
+            trainer.save(iterator, force=True)
+
+    trainer.save(iterator, force=True)
+    if trainer.checkpoints:
+        trainer.checkpoints.wait()
+    if eval_prompts:
+        summary["eval_after"] = evaluate()
+        trainer.metrics.log(
+            cfg.iterations, {f"eval_{k}": v for k, v in summary["eval_after"].items()}
+        )
+        print(f"eval after: {summary['eval_after']}", file=sys.stderr)
+    summary["iterations"] = cfg.iterations
+    trainer.model.eval()
+    if cfg.export:
+        summary["export"] = str(export(trainer.model.policy, cfg, tokenizer_dir, out))
+    trainer.close()
+    summary["plot"] = str(
+        plot_metrics(
+            out / "metrics.jsonl",
+            out / "rewards.png",
+            ("reward", "eval_accuracy"),
+            xlabel="iteration",
+        )
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return recipe_main("ppo", PPOConfig, run, argv, "configs/ppo/")

@@ -188,6 +188,8 @@ def run(cfg: GRPOConfig) -> dict:
     tokenizer = load_tokenizer(tokenizer_dir)
     prompts = PromptDataset(cfg.data, tokenizer)
     eval_prompts = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
+    num_rows = cfg.data.batch_size * cfg.group_size
+    rl.check_rows(cfg, num_rows)
     runner = rl.reward_runner(cfg.rewards)
 
     model = rl.build_policy(cfg.model, cfg.lora, cfg.quantize)
@@ -208,8 +210,6 @@ def run(cfg: GRPOConfig) -> dict:
         out=out,
         wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
     )
-    num_rows = cfg.data.batch_size * cfg.group_size
-    rl.check_rows(cfg, num_rows, trainer.mesh.shape["data"])
     # The reference: the initial weights (a frozen copy, sharded like the policy), or
     # with LoRA the policy itself with its adapters off. beta = 0 loads none.
     use_reference = cfg.policy.kl_coef > 0
@@ -342,6 +342,7 @@ def run(cfg: GRPOConfig) -> dict:
     if cfg.export:
         summary["export"] = str(export(trainer.model, cfg, tokenizer_dir, out))
     trainer.close()
+    runner.close()
     summary["plot"] = str(
         plot_metrics(
             out / "metrics.jsonl",

@@ -262,6 +262,8 @@ def run(cfg: PPOConfig) -> dict:
     tokenizer = load_tokenizer(tokenizer_dir)
     prompts = PromptDataset(cfg.data, tokenizer)
     eval_prompts = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
+    num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
+    rl.check_rows(cfg, num_rows)
     runner = rl.reward_runner(cfg.rewards)
 
     model = build_actor_critic(cfg)
@@ -283,8 +285,6 @@ def run(cfg: PPOConfig) -> dict:
         out=out,
         wrt=trained_variables(cfg),
     )
-    num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
-    rl.check_rows(cfg, num_rows, trainer.mesh.shape["data"])
     policy = trainer.model.policy
     use_reference = cfg.policy.kl_coef > 0
     lora_reference = use_reference and has_lora(policy)
@@ -401,6 +401,7 @@ def run(cfg: PPOConfig) -> dict:
     if cfg.export:
         summary["export"] = str(export(trainer.model.policy, cfg, tokenizer_dir, out))
     trainer.close()
+    runner.close()
     summary["plot"] = str(
         plot_metrics(
             out / "metrics.jsonl",

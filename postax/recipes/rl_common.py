@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -162,14 +163,17 @@ def make_rl_trainer(cfg, model, algorithm, *, steps: int, out, wrt) -> Trainer:
     )
 
 
-def check_rows(cfg, rows: int, data_parallel: int) -> None:
-    """Rows of a rollout batch must split into minibatches, micro-batches and data shards."""
+def check_rows(cfg, rows: int) -> None:
+    """Rows of a rollout batch must split into minibatches, micro-batches and data shards
+    (checked before any model is built)."""
+    data, fsdp, _ = cfg.run.mesh.shape(jax.device_count())
+    data_parallel = data * fsdp  # rows are split over the data and fsdp axes
     per_step = cfg.update.minibatches * cfg.update.micro_batches * data_parallel
     if rows % per_step:
         raise ConfigError(
             f"data.batch_size x rollout.samples_per_prompt = {rows} rows do not split into "
             f"update.minibatches={cfg.update.minibatches} x update.micro_batches="
-            f"{cfg.update.micro_batches} x {data_parallel} data-parallel devices"
+            f"{cfg.update.micro_batches} x {data_parallel} devices (mesh data x fsdp)"
         )
 
 
@@ -470,9 +474,7 @@ def rollout_metrics(groups: Groups, group_size: int) -> dict[str, float]:
             "completion_length": float(np.mean(lengths)),
             "completion_length_max": float(np.max(lengths)),
             "truncated_fraction": float(np.mean(truncated)),
-            "zero_variance_groups": float(
-                (~informative_groups(groups.rewards, group_size)).sum()
-            ),
+            "zero_variance_groups": float((~informative_groups(groups.rewards, group_size)).sum()),
         }
     )
     for name, values in groups.per_function.items():

@@ -20,6 +20,15 @@ COMMANDS = {
         "postax.recipes.reward_model",
         "Train a reward model (Bradley-Terry) on preference pairs.",
     ),
+    "grpo": (
+        "postax.recipes.grpo",
+        "RL with group advantages: GRPO, Dr.GRPO, DAPO, GSPO, RLOO, REINFORCE++.",
+    ),
+    "ppo": ("postax.recipes.ppo", "PPO with a value head or a separate critic, GAE, KL penalty."),
+    "distill": (
+        "postax.recipes.distill",
+        "Knowledge distillation (logits, attention, features, GKD).",
+    ),
 }
 
 

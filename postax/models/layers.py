@@ -262,13 +262,18 @@ CAUSAL_BLOCK = 64
 MAX_CAUSAL_BLOCKS = 8
 
 
-def _grouped_attention(q, k, v, mask, scale, softcap):
-    """q [b, t, kv, g, d]; k, v [b, kv, s, d]; mask [b, t, s] -> [b, kv, g, t, d]."""
+def _grouped_probabilities(q, k, mask, scale, softcap):
+    """q [b, t, kv, g, d]; k [b, kv, s, d]; mask [b, t, s] -> float32 [b, kv, g, t, s]."""
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _grouped_attention(q, k, v, mask, scale, softcap):
+    """q [b, t, kv, g, d]; k, v [b, kv, s, d]; mask [b, t, s] -> [b, kv, g, t, d]."""
+    probs = _grouped_probabilities(q, k, mask, scale, softcap).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
 
 
@@ -404,3 +409,20 @@ class Attention(nnx.Module):
             q, k, v, mask, scale=self.scale, softcap=self.softcap, causal=causal
         )
         return self.o_proj(out)
+
+    def attend_with_probabilities(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """`attend` without query blocking, also returning the float32 attention
+        probabilities [b, heads, t, s] (query heads; a key a query cannot see gets 0).
+
+        Opt-in (attention transfer, inspection): the training and sampling paths call `attend`.
+        """
+        b, t, h, d = q.shape
+        kv_heads = k.shape[1]
+        probs = _grouped_probabilities(
+            q.reshape(b, t, kv_heads, h // kv_heads, d), k, mask, self.scale, self.softcap
+        )
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * v.shape[-1])
+        return self.o_proj(out), probs.reshape(b, h, t, k.shape[2])

@@ -8,12 +8,18 @@ Two entry points share one layer stack:
     explicit positions, a padding mask and segment ids for packed rows;
   - `model.decode(tokens, cache, ...)`: appends tokens to a preallocated
     `KVCache` and returns their logits (prefill and decoding in the sampler).
+
+`model.intermediates(tokens, hidden_layers=..., attention_layers=...)` is an
+opt-in third pass over the same layers that also returns chosen per-layer
+hidden states and attention probabilities (distillation); the two above do not
+compute them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +58,19 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.valid.shape[1]
+
+
+class Intermediates(NamedTuple):
+    """What `CausalLM.intermediates` returns.
+
+    hidden: final normed hidden states [b, t, embed] (the input of `logits`).
+    layer_hidden: {k: residual stream after k layers [b, t, embed]}.
+    attention: {layer: float32 attention probabilities [b, heads, t, t]}.
+    """
+
+    hidden: jax.Array
+    layer_hidden: dict[int, jax.Array]
+    attention: dict[int, jax.Array]
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -137,6 +156,17 @@ class DecoderLayer(nnx.Module):
         x, _ = self._attention_out(x, positions, attend)
         return self._mlp_out(x)
 
+    def with_attention(self, x, positions, masks):
+        """`__call__` that also returns the float32 attention probabilities [b, heads, t, t]."""
+        attn = self.self_attn
+
+        def attend(q, k, v):
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            return attn.attend_with_probabilities(q, k, v, masks[attn.window or 0])
+
+        x, probs = self._attention_out(x, positions, attend)
+        return self._mlp_out(x), probs
+
     def decode(self, x, positions, keys, values, write_at, valid):
         """Writes this step's k/v into the cache at `write_at`, attends over the cache."""
         attn = self.self_attn
@@ -189,6 +219,48 @@ class Decoder(nnx.Module):
             # Gemma rounds sqrt(hidden) to the activation dtype before scaling.
             x = x * jnp.asarray(self.embed_scale, x.dtype)
         return x
+
+
+def _positions_and_masks(
+    model,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+    """(positions [b, t], {window: [b, t, t] bool mask}) of a full forward pass of `model`
+    (a CausalLM, or a module with its decoder and config, e.g. a reward model)."""
+    b, t = tokens.shape
+    if branch_ids is not None:
+        if positions is None:
+            raise ValueError("branch_ids need explicit positions")
+        if any(layer.self_attn.window for layer in model.model.layers):
+            raise ValueError(
+                "branch_ids are not supported with sliding-window layers "
+                f"({model.config.family}): their windows count slots, not positions"
+            )
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+        if segment_ids is not None:
+            positions = positions_from_segments(segment_ids)
+        else:
+            positions = positions_from_mask(valid)
+    index = jnp.arange(t)
+    masks = {
+        window or 0: make_attention_mask(
+            index,
+            valid,
+            query_segments=segment_ids,
+            key_segments=segment_ids,
+            window=window,
+            query_branches=branch_ids,
+            key_branches=branch_ids,
+        )
+        for window in {layer.self_attn.window for layer in model.model.layers}
+    }
+    return positions, masks
 
 
 class CausalLM(nnx.Module):
@@ -253,34 +325,14 @@ class CausalLM(nnx.Module):
             models without sliding windows (their windows count slots).
         positions default to counting real tokens (restarting per segment).
         """
-        b, t = tokens.shape
-        if branch_ids is not None:
-            if positions is None:
-                raise ValueError("branch_ids need explicit positions")
-            if any(layer.self_attn.window for layer in self.model.layers):
-                raise ValueError(
-                    "branch_ids are not supported with sliding-window layers "
-                    f"({self.config.family}): their windows count slots, not positions"
-                )
-        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        if positions is None:
-            if segment_ids is not None:
-                positions = positions_from_segments(segment_ids)
-            else:
-                positions = positions_from_mask(valid)
-        index = jnp.arange(t)
-        masks = {
-            window or 0: make_attention_mask(
-                index,
-                valid,
-                query_segments=segment_ids,
-                key_segments=segment_ids,
-                window=window,
-                query_branches=branch_ids,
-                key_branches=branch_ids,
-            )
-            for window in {layer.self_attn.window for layer in self.model.layers}
-        }
+        positions, masks = _positions_and_masks(
+            self,
+            tokens,
+            positions=positions,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            branch_ids=branch_ids,
+        )
         x = self.model.embed(tokens)
         for layer in self.model.layers:
             x = (
@@ -289,6 +341,52 @@ class CausalLM(nnx.Module):
                 else layer(x, positions, masks)
             )
         return self.model.norm(x)
+
+    @exact_float32
+    def intermediates(
+        self,
+        tokens: jax.Array,
+        *,
+        hidden_layers: tuple[int, ...] = (),
+        attention_layers: tuple[int, ...] = (),
+        **kwargs,
+    ) -> Intermediates:
+        """A full forward pass that also returns chosen per-layer hidden states and attention
+        probabilities (opt-in: `hidden_states` and `__call__` stay as they are).
+
+        hidden_layers: indices k in [0, num_layers]: the residual stream after k decoder
+            layers, before the final norm (0: the scaled embeddings). Hugging Face's
+            `output_hidden_states` differs only at k = num_layers, where it applies the norm.
+        attention_layers: indices in [0, num_layers): float32 softmax probabilities
+            [b, num_heads, t, t] of that layer (query heads; keys a query cannot see get 0).
+            These layers attend without query blocking (same result, more score work).
+        kwargs: positions, attention_mask, segment_ids, branch_ids as in `hidden_states`.
+        """
+        count = len(self.model.layers)
+        for name, indices, stop in (
+            ("hidden_layers", hidden_layers, count + 1),
+            ("attention_layers", attention_layers, count),
+        ):
+            bad = [i for i in indices if not 0 <= i < stop]
+            if bad:
+                raise ValueError(
+                    f"{name}={tuple(indices)!r} is invalid: indices in [0, {stop}) for a "
+                    f"model of {count} layers"
+                )
+        positions, masks = _positions_and_masks(self, tokens, **kwargs)
+        x = self.model.embed(tokens)
+        hidden = {0: x} if 0 in hidden_layers else {}
+        attention = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in attention_layers:
+                x, attention[i] = layer.with_attention(x, positions, masks)
+            elif self.remat:
+                x = nnx.remat(DecoderLayer.__call__)(layer, x, positions, masks)
+            else:
+                x = layer(x, positions, masks)
+            if i + 1 in hidden_layers:
+                hidden[i + 1] = x
+        return Intermediates(self.model.norm(x), hidden, attention)
 
     def __call__(self, tokens: jax.Array, **kwargs) -> jax.Array:
         return self.logits(self.hidden_states(tokens, **kwargs))

@@ -166,7 +166,7 @@ class Seams:
         self.initial: list[dict[str, np.ndarray]] = []
         self.copies = 0
         self.scores: list[dict] = []
-        build, copy, score = rl.build_policy, grpo.frozen_copy, grpo.score_rollout
+        build, copy, score = rl.build_policy, rl.frozen_copy, rl.score_rollout
 
         def build_policy(*args, **kwargs):
             model = build(*args, **kwargs)
@@ -188,8 +188,9 @@ class Seams:
             return out
 
         patch.setattr(rl, "build_policy", build_policy)
-        patch.setattr(grpo, "frozen_copy", frozen_copy)
-        patch.setattr(grpo, "score_rollout", score_rollout)
+        patch.setattr(rl, "frozen_copy", frozen_copy)
+        patch.setattr(rl, "score_rollout", score_rollout)  # the reference's scoring
+        patch.setattr(grpo, "score_rollout", score_rollout)  # recomputed old log-probs
 
 
 def observed_run(cfg: grpo.GRPOConfig, *, crash_at_update: int = 0):

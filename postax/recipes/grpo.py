@@ -31,17 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from postax.losses.numerics import aggregation_normalizer, kl_estimate
+from postax.losses.numerics import aggregation_normalizer
 from postax.losses.policy import PolicyLossConfig, policy_loss
 from postax.models.lora import LoRAConfig
 from postax.recipes import rl_common as rl
@@ -53,20 +50,15 @@ from postax.recipes.common import (
     recipe_main,
     start_run,
 )
-from postax.recipes.sft import export
 from postax.rl import advantages as adv
 from postax.rl.logprobs import rollout_logprobs, score_rollout
-from postax.rl.prompts import PromptDataConfig, PromptDataset
+from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
 from postax.sampling.sampler import Sampler
-from postax.tokenizer import load_tokenizer
 from postax.train.optim import OptimizerConfig
-from postax.train.plot import plot_metrics
-from postax.train.reference import frozen_copy, has_lora
 from postax.validation import ConfigError
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-KL_PLACEMENTS = ("loss", "reward")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,29 +86,11 @@ class GRPOConfig:
     export: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.rewards, list):
-            object.__setattr__(self, "rewards", tuple(self.rewards))
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ConfigError(f"iterations={self.iterations!r} is invalid: an integer >= 1")
+        rl.check_settings(self)
         if self.advantage not in ADVANTAGES:
             raise ConfigError(f"advantage={self.advantage!r} is invalid: one of {ADVANTAGES}")
-        if self.kl_placement not in KL_PLACEMENTS:
-            raise ConfigError(
-                f"kl_placement={self.kl_placement!r} is invalid: one of {KL_PLACEMENTS}"
-            )
-        if self.policy.importance_cap is not None and self.update.old_logprobs != "recompute":
-            raise ConfigError(
-                "policy.importance_cap needs update.old_logprobs: recompute (the weights are "
-                "trainer old log-probs over sampler log-probs)"
-            )
         if self.loss_constant is not None and self.loss_constant < 1:
             raise ConfigError(f"loss_constant={self.loss_constant!r} is invalid: an integer >= 1")
-        if self.quantize not in (None, "int8", "nf4"):
-            raise ConfigError(f"quantize={self.quantize!r} is invalid: null, 'int8' or 'nf4'")
-        if self.quantize and self.lora is None:
-            raise ConfigError("quantize is set but lora is not: a quantised base needs lora")
-        if self.tokenizer is None and self.model.path is None:
-            raise ConfigError("tokenizer: required when the model is not loaded from a path")
 
     @property
     def group_size(self) -> int:
@@ -184,24 +158,18 @@ def compute_advantages(
 def run(cfg: GRPOConfig) -> dict:
     """GRPO-family RL from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    prompts = PromptDataset(cfg.data, tokenizer)
-    eval_prompts = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
     num_rows = cfg.data.batch_size * cfg.group_size
-    rl.check_rows(cfg, num_rows)
-    runner = rl.reward_runner(cfg.rewards)
+    data = rl.load_run_data(cfg, num_rows)
 
     model = rl.build_policy(cfg.model, cfg.lora, cfg.quantize)
-    check_vocab(model.config, tokenizer, tokenizer_dir)
-    steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
+    check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
+    temperature = float(cfg.rollout.temperature)
     algorithm = PolicyGradientAlgorithm(
-        dataclasses.replace(cfg.policy, kl_coef=0.0)
-        if cfg.kl_placement == "reward"
-        else cfg.policy,
-        float(cfg.rollout.temperature),
+        rl.loss_policy_config(cfg),
+        temperature,
         float(cfg.loss_constant or cfg.rollout.max_new_tokens),
     )
+    steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
     trainer = rl.make_rl_trainer(
         cfg,
         model,
@@ -210,36 +178,20 @@ def run(cfg: GRPOConfig) -> dict:
         out=out,
         wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
     )
-    # The reference: the initial weights (a frozen copy, sharded like the policy), or
-    # with LoRA the policy itself with its adapters off. beta = 0 loads none.
-    use_reference = cfg.policy.kl_coef > 0
-    lora_reference = use_reference and has_lora(trainer.model)
-    reference = frozen_copy(trainer.model) if use_reference and not lora_reference else None
-    iterator = prompts.iterator()
+    reference = rl.Reference(cfg, trainer.model)  # before a resume restores trained weights
+    iterator = data.prompts.iterator()
     resumed = trainer.restore(iterator)
-    sampler = Sampler(trainer.model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
-    source = rl.RolloutSource(sampler, runner, tokenizer, iterator, cfg.rollout, cfg.run.seed)
-    temperature = float(cfg.rollout.temperature)
-    eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    # The sampler reads the trainer's live module: every rollout uses the current weights.
+    sampler = Sampler(trainer.model, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    source = rl.RolloutSource(
+        sampler, data.runner, data.tokenizer, iterator, cfg.rollout, cfg.run.seed
+    )
+    evaluate = rl.Evaluator(
+        sampler, data, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.metric
+    )
+    summary = rl.evaluate_first(trainer, evaluate, resumed)
 
-    def evaluate() -> dict[str, float]:
-        return rl.evaluate_prompts(
-            sampler,
-            runner,
-            tokenizer,
-            eval_prompts,
-            max_new_tokens=eval_tokens,
-            metric=cfg.eval.metric,
-        )
-
-    summary: dict = {"resumed": resumed}
-    if eval_prompts and not resumed:
-        summary["eval_before"] = evaluate()
-        trainer.metrics.log(0, {f"eval_{k}": v for k, v in summary["eval_before"].items()})
-        print(f"eval before: {summary['eval_before']}", file=sys.stderr)
-
-    start = trainer.step // steps_per_iteration
-    for iteration in range(start + 1, cfg.iterations + 1):
+    for iteration in range(trainer.step // steps_per_iteration + 1, cfg.iterations + 1):
         timer = rl.Timer()
         began = time.perf_counter()
 
@@ -254,31 +206,15 @@ def run(cfg: GRPOConfig) -> dict:
         rows = rl.rollout_rows(
             groups,
             num_rows=num_rows,
-            pad_id=tokenizer.pad_token_id,
+            pad_id=data.tokenizer.pad_token_id,
             overlong_filter=cfg.rollout.overlong_filter,
         ).as_dict()
         sampled = len(groups.completions)
 
-        # 4. reference log-probs and old log-probs, scored without gradient
-        kl = None
+        # 4. reference log-probs (or the KL for the reward) and old log-probs, no gradient
         with timer("score"):
             device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
-            if use_reference:
-                ref_logp = np.asarray(
-                    score_rollout(
-                        reference or trainer.model,
-                        device_rows,
-                        temperature=temperature,
-                        adapters=not lora_reference,
-                    )
-                )
-                if cfg.kl_placement == "reward":
-                    kl = np.asarray(
-                        kl_estimate(rows["sampler_logp"], ref_logp, cfg.policy.kl_estimator)
-                    )
-                    kl = kl * rows["loss_mask"]
-                else:
-                    rows["ref_logp"] = ref_logp
+            kl = reference.attach(rows, device_rows, temperature)
             rows["old_logp"] = rows["sampler_logp"]
             if cfg.update.old_logprobs == "recompute":
                 rows["old_logp"] = np.asarray(
@@ -286,11 +222,10 @@ def run(cfg: GRPOConfig) -> dict:
                 )
 
         # 5. advantages (filler rows get 0)
-        rewards = groups.rewards
         rows["advantages"] = rl.pad_rows(
             compute_advantages(
                 cfg,
-                rewards,
+                groups.rewards,
                 {k: v[:sampled] for k, v in rows.items()},
                 None if kl is None else kl[:sampled],
             ).astype(np.float32),
@@ -308,51 +243,20 @@ def run(cfg: GRPOConfig) -> dict:
             row["kl"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - began
-        if eval_prompts and cfg.eval.every and iteration % cfg.eval.every == 0:
-            row.update({f"eval_{k}": v for k, v in evaluate().items()})
-        trainer.metrics.log(iteration, row)
-        if cfg.run.progress:
-            rl.log_line(
-                iteration,
-                cfg.iterations,
-                row,
-                (
-                    "reward",
-                    "eval_accuracy",
-                    "completion_length",
-                    "clip_fraction",
-                    "kl",
-                    "loss",
-                    "time_iteration",
-                ),
-            )
-        if cfg.checkpoint.save_every and iteration % cfg.checkpoint.save_every == 0:
-            trainer.save(iterator, force=True)
+        rl.end_iteration(cfg, trainer, iterator, evaluate, iteration, row, SHOWN)
 
-    trainer.save(iterator, force=True)
-    if trainer.checkpoints:
-        trainer.checkpoints.wait()
-    if eval_prompts:
-        summary["eval_after"] = evaluate()
-        trainer.metrics.log(
-            cfg.iterations, {f"eval_{k}": v for k, v in summary["eval_after"].items()}
-        )
-    summary["iterations"] = cfg.iterations
-    trainer.model.eval()
-    if cfg.export:
-        summary["export"] = str(export(trainer.model, cfg, tokenizer_dir, out))
-    trainer.close()
-    runner.close()
-    summary["plot"] = str(
-        plot_metrics(
-            out / "metrics.jsonl",
-            out / "rewards.png",
-            ("reward", "eval_accuracy"),
-            xlabel="iteration",
-        )
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return rl.finish_run(cfg, trainer, iterator, evaluate, summary, out, trainer.model)
+
+
+SHOWN = (
+    "reward",
+    "eval_accuracy",
+    "completion_length",
+    "clip_fraction",
+    "kl",
+    "loss",
+    "time_iteration",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

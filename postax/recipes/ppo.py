@@ -33,17 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from postax.losses.numerics import aggregation_normalizer, kl_estimate, masked_whiten
+from postax.losses.numerics import aggregation_normalizer, masked_whiten
 from postax.losses.policy import PolicyLossConfig, policy_loss
 from postax.losses.value import value_loss
 from postax.models.lora import LoRAConfig
@@ -58,16 +55,12 @@ from postax.recipes.common import (
     recipe_main,
     start_run,
 )
-from postax.recipes.sft import export
 from postax.rl import advantages as adv
-from postax.rl.logprobs import logprobs_from_logits, score_rollout
-from postax.rl.prompts import PromptDataConfig, PromptDataset
+from postax.rl.logprobs import logprobs_from_logits
+from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
 from postax.sampling.sampler import Sampler
-from postax.tokenizer import load_tokenizer
 from postax.train.optim import OptimizerConfig
-from postax.train.plot import plot_metrics
-from postax.train.reference import frozen_copy, has_lora
 from postax.validation import ConfigError
 
 
@@ -139,25 +132,12 @@ class PPOConfig:
     export: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.rewards, list):
-            object.__setattr__(self, "rewards", tuple(self.rewards))
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ConfigError(f"iterations={self.iterations!r} is invalid: an integer >= 1")
-        if self.kl_placement not in ("loss", "reward"):
-            raise ConfigError(f"kl_placement={self.kl_placement!r} is invalid: 'loss' or 'reward'")
+        rl.check_settings(self)
         if self.rollout.dynamic_sampling:
             raise ConfigError(
                 "rollout.dynamic_sampling is for group-normalised advantages (GRPO family); "
                 "PPO's critic gives every sample an advantage"
             )
-        if self.policy.importance_cap is not None and self.update.old_logprobs != "recompute":
-            raise ConfigError("policy.importance_cap needs update.old_logprobs: recompute")
-        if self.quantize not in (None, "int8", "nf4"):
-            raise ConfigError(f"quantize={self.quantize!r} is invalid: null, 'int8' or 'nf4'")
-        if self.quantize and self.lora is None:
-            raise ConfigError("quantize is set but lora is not: a quantised base needs lora")
-        if self.tokenizer is None and self.model.path is None:
-            raise ConfigError("tokenizer: required when the model is not loaded from a path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,25 +238,16 @@ def gae_targets(
 def run(cfg: PPOConfig) -> dict:
     """PPO from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    prompts = PromptDataset(cfg.data, tokenizer)
-    eval_prompts = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
     num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
-    rl.check_rows(cfg, num_rows)
-    runner = rl.reward_runner(cfg.rewards)
+    data = rl.load_run_data(cfg, num_rows)
 
     model = build_actor_critic(cfg)
-    check_vocab(model.config, tokenizer, tokenizer_dir)
-    steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
+    check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
+    temperature = float(cfg.rollout.temperature)
     algorithm = PPOAlgorithm(
-        dataclasses.replace(cfg.policy, kl_coef=0.0)
-        if cfg.kl_placement == "reward"
-        else cfg.policy,
-        cfg.value,
-        float(cfg.rollout.temperature),
-        float(cfg.rollout.max_new_tokens),
+        rl.loss_policy_config(cfg), cfg.value, temperature, float(cfg.rollout.max_new_tokens)
     )
+    steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
     trainer = rl.make_rl_trainer(
         cfg,
         model,
@@ -286,33 +257,20 @@ def run(cfg: PPOConfig) -> dict:
         wrt=trained_variables(cfg),
     )
     policy = trainer.model.policy
-    use_reference = cfg.policy.kl_coef > 0
-    lora_reference = use_reference and has_lora(policy)
-    reference = frozen_copy(policy) if use_reference and not lora_reference else None
-    iterator = prompts.iterator()
+    reference = rl.Reference(cfg, policy)  # before a resume restores trained weights
+    iterator = data.prompts.iterator()
     resumed = trainer.restore(iterator)
-    sampler = Sampler(policy, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
-    source = rl.RolloutSource(sampler, runner, tokenizer, iterator, cfg.rollout, cfg.run.seed)
-    temperature = float(cfg.rollout.temperature)
-    eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    # The sampler reads the trainer's live policy module: no weight copy, no sync step.
+    sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    source = rl.RolloutSource(
+        sampler, data.runner, data.tokenizer, iterator, cfg.rollout, cfg.run.seed
+    )
+    evaluate = rl.Evaluator(
+        sampler, data, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.metric
+    )
+    summary = rl.evaluate_first(trainer, evaluate, resumed)
 
-    def evaluate() -> dict[str, float]:
-        return rl.evaluate_prompts(
-            sampler,
-            runner,
-            tokenizer,
-            eval_prompts,
-            max_new_tokens=eval_tokens,
-            metric=cfg.eval.metric,
-        )
-
-    summary: dict = {"resumed": resumed}
-    if eval_prompts and not resumed:
-        summary["eval_before"] = evaluate()
-        trainer.metrics.log(0, {f"eval_{k}": v for k, v in summary["eval_before"].items()})
-
-    start = trainer.step // steps_per_iteration
-    for iteration in range(start + 1, cfg.iterations + 1):
+    for iteration in range(trainer.step // steps_per_iteration + 1, cfg.iterations + 1):
         timer = rl.Timer()
         began = time.perf_counter()
 
@@ -321,37 +279,21 @@ def run(cfg: PPOConfig) -> dict:
         rows = rl.rollout_rows(
             groups,
             num_rows=num_rows,
-            pad_id=tokenizer.pad_token_id,
+            pad_id=data.tokenizer.pad_token_id,
             overlong_filter=cfg.rollout.overlong_filter,
         ).as_dict()
         sampled = len(groups.completions)
 
-        # 3. reference log-probs, values and old log-probs, without gradient
-        kl = None
+        # 3. reference (or the KL for the reward), values and old log-probs, no gradient
         with timer("score"):
             device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
+            kl = reference.attach(rows, device_rows, temperature)
             recompute = cfg.update.old_logprobs == "recompute"
             values, old_logp = _values_and_logprobs(
                 trainer.model, device_rows, temperature, recompute
             )
             rows["old_values"] = np.asarray(values) * rows["loss_mask"]
             rows["old_logp"] = np.asarray(old_logp) if recompute else rows["sampler_logp"]
-            if use_reference:
-                ref_logp = np.asarray(
-                    score_rollout(
-                        reference or policy,
-                        device_rows,
-                        temperature=temperature,
-                        adapters=not lora_reference,
-                    )
-                )
-                if cfg.kl_placement == "reward":
-                    kl = np.asarray(
-                        kl_estimate(rows["sampler_logp"], ref_logp, cfg.policy.kl_estimator)
-                    )
-                    kl = kl * rows["loss_mask"]
-                else:
-                    rows["ref_logp"] = ref_logp
 
         # 4. token rewards -> GAE -> advantages and value targets (filler rows get 0)
         advantages, returns = gae_targets(
@@ -370,48 +312,16 @@ def run(cfg: PPOConfig) -> dict:
         # 6. metrics, evaluation, checkpoints
         row = rl.rollout_metrics(groups, cfg.rollout.samples_per_prompt)
         row.update(rl.summarise_updates(step_metrics))
-        if kl is not None:
-            row["kl_reward"] = float(kl[:sampled].sum() / max(rows["loss_mask"].sum(), 1.0))
+        if kl is not None:  # the mean per-token KL estimate taken from the rewards
+            row["kl_reward"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - began
-        if eval_prompts and cfg.eval.every and iteration % cfg.eval.every == 0:
-            row.update({f"eval_{k}": v for k, v in evaluate().items()})
-        trainer.metrics.log(iteration, row)
-        if cfg.run.progress:
-            rl.log_line(
-                iteration,
-                cfg.iterations,
-                row,
-                ("reward", "eval_accuracy", "value_error", "clip_fraction", "kl_reward", "loss"),
-            )
-        if cfg.checkpoint.save_every and iteration % cfg.checkpoint.save_every == 0:
-            trainer.save(iterator, force=True)
+        rl.end_iteration(cfg, trainer, iterator, evaluate, iteration, row, SHOWN)
 
-    trainer.save(iterator, force=True)
-    if trainer.checkpoints:
-        trainer.checkpoints.wait()
-    if eval_prompts:
-        summary["eval_after"] = evaluate()
-        trainer.metrics.log(
-            cfg.iterations, {f"eval_{k}": v for k, v in summary["eval_after"].items()}
-        )
-        print(f"eval after: {summary['eval_after']}", file=sys.stderr)
-    summary["iterations"] = cfg.iterations
-    trainer.model.eval()
-    if cfg.export:
-        summary["export"] = str(export(trainer.model.policy, cfg, tokenizer_dir, out))
-    trainer.close()
-    runner.close()
-    summary["plot"] = str(
-        plot_metrics(
-            out / "metrics.jsonl",
-            out / "rewards.png",
-            ("reward", "eval_accuracy"),
-            xlabel="iteration",
-        )
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return rl.finish_run(cfg, trainer, iterator, evaluate, summary, out, policy)
+
+
+SHOWN = ("reward", "eval_accuracy", "value_error", "clip_fraction", "kl_reward", "loss")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,25 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from postax.losses.numerics import kl_estimate
+from postax.losses.policy import PolicyLossConfig
 from postax.models.lora import LoRAConfig, apply_lora
 from postax.models.quant import quantize
 from postax.parallel import MeshConfig
 from postax.recipes.common import ModelSource, build_causal_lm
-from postax.rl.prompts import PromptRecord, prompt_texts, reward_fields
+from postax.recipes.sft import export
+from postax.rl.logprobs import score_rollout
+from postax.rl.prompts import PromptDataset, PromptRecord, prompt_texts, reward_fields
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
 from postax.rl.rollout import RolloutRows, informative_groups, layout_rows, width_bucket
 from postax.sampling.sampler import Completion, Sampler, SamplingConfig
+from postax.tokenizer import load_tokenizer
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig
+from postax.train.plot import plot_metrics
+from postax.train.reference import frozen_copy, has_lora
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
@@ -485,3 +494,172 @@ def rollout_metrics(groups: Groups, group_size: int) -> dict[str, float]:
 def log_line(iteration: int, total: int, row: dict[str, float], keys: Sequence[str]) -> None:
     shown = " ".join(f"{k}={row[k]:.4g}" for k in keys if k in row)
     print(f"iteration {iteration}/{total} {shown}", file=sys.stderr, flush=True)
+
+
+def check_settings(cfg) -> None:
+    """The checks every RL config shares (called from its `__post_init__`)."""
+    if isinstance(cfg.rewards, list):
+        object.__setattr__(cfg, "rewards", tuple(cfg.rewards))
+    if not isinstance(cfg.iterations, int) or cfg.iterations < 1:
+        raise ConfigError(f"iterations={cfg.iterations!r} is invalid: an integer >= 1")
+    if cfg.kl_placement not in KL_PLACEMENTS:
+        raise ConfigError(f"kl_placement={cfg.kl_placement!r} is invalid: one of {KL_PLACEMENTS}")
+    if cfg.policy.importance_cap is not None and cfg.update.old_logprobs != "recompute":
+        raise ConfigError(
+            "policy.importance_cap needs update.old_logprobs: recompute (the weights are "
+            "trainer old log-probs over sampler log-probs)"
+        )
+    if cfg.quantize not in (None, "int8", "nf4"):
+        raise ConfigError(f"quantize={cfg.quantize!r} is invalid: null, 'int8' or 'nf4'")
+    if cfg.quantize and cfg.lora is None:
+        raise ConfigError("quantize is set but lora is not: a quantised base needs lora")
+    if cfg.tokenizer is None and cfg.model.path is None:
+        raise ConfigError("tokenizer: required when the model is not loaded from a path")
+
+
+KL_PLACEMENTS = ("loss", "reward")
+
+
+@dataclasses.dataclass
+class RunData:
+    """What a run reads before any model is built: tokenizer, prompts, reward functions."""
+
+    tokenizer_dir: Path
+    tokenizer: Any
+    prompts: PromptDataset
+    eval_records: list[PromptRecord] | None
+    runner: RewardRunner
+
+
+def load_run_data(cfg, num_rows: int) -> RunData:
+    """Tokenizer (cfg.tokenizer, else the model's directory), prompt sets and reward
+    functions; every data and config error comes before any model is built."""
+    check_rows(cfg, num_rows)
+    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prompts = PromptDataset(cfg.data, tokenizer)
+    eval_records = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
+    return RunData(tokenizer_dir, tokenizer, prompts, eval_records, reward_runner(cfg.rewards))
+
+
+def loss_policy_config(cfg) -> PolicyLossConfig:
+    """The policy loss's config: the KL term moves to the rewards with `kl_placement: reward`."""
+    if cfg.kl_placement == "reward":
+        return dataclasses.replace(cfg.policy, kl_coef=0.0)
+    return cfg.policy
+
+
+class Reference:
+    """The KL reference of a run, or none (`policy.kl_coef` 0 loads nothing).
+
+    Full fine-tuning keeps a frozen copy of the initial weights (sharded like
+    the policy); with LoRA the reference is the policy itself with its
+    adapters off, so no second copy of the weights exists.
+    """
+
+    def __init__(self, cfg, policy) -> None:
+        self.coef = cfg.policy.kl_coef
+        self.estimator = cfg.policy.kl_estimator
+        self.placement = cfg.kl_placement
+        self.policy = policy
+        self.lora = self.coef > 0 and has_lora(policy)
+        self.copy = frozen_copy(policy) if self.coef > 0 and not self.lora else None
+
+    def attach(self, rows: dict, device_rows: dict, temperature: float) -> np.ndarray | None:
+        """Scores the reference. KL in the loss: adds `ref_logp` to rows, returns None. KL in
+        the reward: returns the per-token KL estimate of the sampled tokens [rows, width]."""
+        if self.coef <= 0:
+            return None
+        ref_logp = np.asarray(
+            score_rollout(
+                self.copy or self.policy,
+                device_rows,
+                temperature=temperature,
+                adapters=not self.lora,
+            )
+        )
+        if self.placement == "loss":
+            rows["ref_logp"] = ref_logp
+            return None
+        kl = np.asarray(kl_estimate(rows["sampler_logp"], ref_logp, self.estimator))
+        return kl * rows["loss_mask"]
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """Greedy completions of the held-out prompts, scored (see `evaluate_prompts`)."""
+
+    sampler: Sampler
+    data: RunData
+    max_new_tokens: int
+    metric: str | None
+
+    def __call__(self) -> dict[str, float]:
+        return evaluate_prompts(
+            self.sampler,
+            self.data.runner,
+            self.data.tokenizer,
+            self.data.eval_records,
+            max_new_tokens=self.max_new_tokens,
+            metric=self.metric,
+        )
+
+
+def evaluate_first(trainer: Trainer, evaluate: Evaluator, resumed: bool) -> dict:
+    """The run summary's start: held-out results before training (not on a resume)."""
+    summary: dict = {"resumed": resumed}
+    if evaluate.data.eval_records and not resumed:
+        summary["eval_before"] = evaluate()
+        trainer.metrics.log(0, {f"eval_{k}": v for k, v in summary["eval_before"].items()})
+        print(f"eval before: {summary['eval_before']}", file=sys.stderr)
+    return summary
+
+
+def end_iteration(
+    cfg,
+    trainer: Trainer,
+    iterator,
+    evaluate: Evaluator,
+    iteration: int,
+    row: dict,
+    shown: Sequence[str],
+) -> None:
+    """Evaluation when due, the metrics line, the progress line, a checkpoint when due."""
+    if evaluate.data.eval_records and cfg.eval.every and iteration % cfg.eval.every == 0:
+        row.update({f"eval_{k}": v for k, v in evaluate().items()})
+    trainer.metrics.log(iteration, row)
+    if cfg.run.progress:
+        log_line(iteration, cfg.iterations, row, shown)
+    if cfg.checkpoint.save_every and iteration % cfg.checkpoint.save_every == 0:
+        trainer.save(iterator, force=True)
+
+
+def finish_run(
+    cfg, trainer: Trainer, iterator, evaluate: Evaluator, summary: dict, out: Path, policy
+) -> dict:
+    """Last checkpoint, held-out results after training, export (`out/final`), plot, summary."""
+    trainer.save(iterator, force=True)
+    if trainer.checkpoints:
+        trainer.checkpoints.wait()
+    if evaluate.data.eval_records:
+        summary["eval_after"] = evaluate()
+        trainer.metrics.log(
+            cfg.iterations, {f"eval_{k}": v for k, v in summary["eval_after"].items()}
+        )
+        print(f"eval after: {summary['eval_after']}", file=sys.stderr)
+    summary["iterations"] = cfg.iterations
+    trainer.model.eval()
+    if cfg.export:
+        summary["export"] = str(export(policy, cfg, evaluate.data.tokenizer_dir, out))
+    trainer.close()
+    evaluate.data.runner.close()
+    summary["plot"] = str(
+        plot_metrics(
+            out / "metrics.jsonl",
+            out / "rewards.png",
+            ("reward", "eval_accuracy"),
+            xlabel="iteration",
+        )
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -15,7 +15,8 @@ Each mode: one untimed step (compilation), then --steps timed steps; the
 median is reported with the process's peak RSS at the end.
 
 With --trl the same pairs run through TRL's `DPOTrainer` (sigmoid loss, same
-beta, AdamW, float32 on the CPU) on the same weights (saved with
+beta, AdamW, float32 on the CPU: `bf16=False` and `gradient_checkpointing=False`,
+which TRL's configs turn on by default) on the same weights (saved with
 `postax.save_model`, loaded as `LlamaForCausalLM`), with a frozen reference
 model on the fly and with `precompute_ref_log_probs=True`. TRL needs text, so
 the random token ids are written as words of a word-level tokenizer with one
@@ -192,6 +193,8 @@ def run_trl(model, batch, args, precompute: bool) -> dict:
         precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=args.pairs,
         use_cpu=True,
+        bf16=False,  # trl's configs default to bf16 autocast and gradient checkpointing
+        gradient_checkpointing=False,
         report_to="none",
         save_strategy="no",
         logging_steps=steps,

@@ -11,10 +11,12 @@ keeps a persistent XLA compilation cache of its own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -728,3 +730,35 @@ def test_rows_that_do_not_split_into_minibatches_are_refused(files):
     cfg = grpo_config(files, "bad_rows", update=rl.UpdateConfig(minibatches=3))
     with pytest.raises(ConfigError, match=r"32 rows do not split into update.minibatches=3"):
         grpo.run(cfg)
+
+
+def test_width_buckets_step_by_quarter_octaves():
+    from postax.rl.rollout import width_bucket
+
+    got = {n: width_bucket(n) for n in (1, 16, 17, 100, 128, 129, 161, 191, 193, 257)}
+    assert got == {
+        1: 16, 16: 16, 17: 20, 100: 112, 128: 128, 129: 160, 161: 192, 191: 192, 193: 224,
+        257: 320,
+    }  # fmt: skip
+    for n in range(1, 600):
+        assert n <= width_bucket(n) <= max(16, 1.25 * n)
+
+
+def test_rollout_stop_ids_reach_the_sampler():
+    seen = []
+
+    class Sampler:
+        def generate_many(self, requests):
+            seen.append(requests[0][1])
+            return []
+
+    class Iterator:
+        def __next__(self):
+            return types.SimpleNamespace(records=[PromptRecord("x:1", "p", (1, 2), {})])
+
+    for stop in (None, ()):
+        rollout = rl.RolloutConfig(samples_per_prompt=2, stop_token_ids=stop)
+        source = rl.RolloutSource(Sampler(), None, None, Iterator(), rollout, 0)
+        with contextlib.suppress(Exception):
+            source.draw(1, 0, timer=rl.Timer())
+    assert [c.stop_token_ids for c in seen] == [None, ()]

@@ -187,7 +187,11 @@ def run(cfg: GRPOConfig) -> dict:
         sampler, data.runner, data.tokenizer, iterator, cfg.rollout, cfg.run.seed
     )
     evaluate = rl.Evaluator(
-        sampler, data, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, cfg.eval.metric
+        sampler,
+        data,
+        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        cfg.eval.metric,
+        cfg.rollout.stop_token_ids,
     )
     summary = rl.evaluate_first(trainer, evaluate, resumed)
 

@@ -57,6 +57,8 @@ class RolloutConfig:
     overlong_filter: DAPO: completions cut at max_new_tokens stay in the
       batch (rewards, advantages of their group) but are masked out of the loss.
     max_batch_size: most rows the sampler decodes at once.
+    stop_token_ids: ids that end a completion; null: the tokenizer's eos ids,
+      []: none (every completion runs max_new_tokens).
     """
 
     samples_per_prompt: int = 8
@@ -66,6 +68,7 @@ class RolloutConfig:
     max_sampling_rounds: int = 4
     overlong_filter: bool = False
     max_batch_size: int = 64
+    stop_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -269,6 +272,7 @@ class RolloutSource:
             temperature=float(self.rollout.temperature),
             num_samples=self.rollout.samples_per_prompt,
             seed=(self.seed * 1_000_003 + iteration * 101 + round_index) % 2**32,
+            stop_token_ids=self.rollout.stop_token_ids,
         )
         records = next(self.iterator).records
         with timer("generate"):
@@ -443,10 +447,13 @@ def evaluate_prompts(
     *,
     max_new_tokens: int,
     metric: str | None,
+    stop_token_ids: tuple[int, ...] | None = None,
 ) -> dict[str, float]:
     """Greedy completions of held-out prompts, scored: mean reward per function, `accuracy`
     (the mean of `metric`, default the first function) and mean completion length."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=0.0, seed=0, stop_token_ids=stop_token_ids
+    )
     completions = sampler.generate_many([(r.ids, sampling) for r in records])
     groups = score_completions(runner, tokenizer, records, completions, 1)
     names = list(groups.per_function)
@@ -593,6 +600,7 @@ class Evaluator:
     data: RunData
     max_new_tokens: int
     metric: str | None
+    stop_token_ids: tuple[int, ...] | None = None
 
     def __call__(self) -> dict[str, float]:
         return evaluate_prompts(
@@ -602,6 +610,7 @@ class Evaluator:
             self.data.eval_records,
             max_new_tokens=self.max_new_tokens,
             metric=self.metric,
+            stop_token_ids=self.stop_token_ids,
         )
 
 

@@ -2,8 +2,8 @@
 
 A rollout batch holds `groups x group_size` rows, prompt-major (the samples
 of group 0, then group 1, ...). Row i is its prompt followed by its
-completion, right-padded to a width bucket (a power of two, so updates
-compile a bounded number of times), in the layout every postax loss reads:
+completion, right-padded to a width bucket (`width_bucket`: four per doubling, so
+updates compile a bounded number of times), in the layout every postax loss reads:
 
     tokens[i, :n-1]    prompt + completion without the last token
     targets[i, :n-1]   the same shifted by one (the token each column predicts)
@@ -27,9 +27,16 @@ import numpy as np
 
 
 def width_bucket(length: int, minimum: int = 16) -> int:
-    """The power of two >= max(length, minimum)."""
+    """The row width for `length` columns: a quarter-octave bucket >= max(length, minimum).
+
+    Widths step by a quarter of the next power of two's half (..., 128, 160,
+    192, 224, 256, 320, ...): at most four shapes per doubling keep compiles
+    few, and a row never pays more than 25% padding (a power of two would
+    pad 191 columns to 256, a third more work in every update).
+    """
     n = max(int(length), minimum)
-    return 1 << (n - 1).bit_length()
+    step = max((1 << (n - 1).bit_length()) // 8, 1)
+    return -(-n // step) * step
 
 
 @dataclasses.dataclass

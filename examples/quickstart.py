@@ -93,10 +93,17 @@ def train(model: postax.CausalLM, tokens: jax.Array, weights: jax.Array, steps: 
 
 
 def greedy_without_cache(model: postax.CausalLM, prompt: list[int], count: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(count):
-        ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0, -1])))
-    return ids[len(prompt) :]
+    """Greedy decoding with a full forward pass per token (no cache).
+
+    The ids live in a fixed buffer (one compilation); causal attention keeps
+    the padding after the current token from changing its logits.
+    """
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    buffer = np.zeros((1, len(prompt) + count), np.int32)
+    buffer[0, : len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + count):
+        buffer[0, i] = int(jnp.argmax(forward(model, jnp.asarray(buffer))[0, i - 1]))
+    return buffer[0, len(prompt) :].tolist()
 
 
 def main() -> None:

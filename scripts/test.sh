@@ -8,4 +8,5 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0   # the CPU wheel; must come before transformers
 python -m pip install -q -e '.[test]'
 ruff check postax tests benchmarks examples
-python -m pytest -q "$@"
+# two workers, one test file each: most of a test's time is single-threaded compilation
+python -m pytest -q -n 2 --dist loadfile "$@"

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from postax.configs import ConfigFileError, load_config, to_dict
+from postax.recipes.distill import DistillConfig
+from postax.recipes.grpo import GRPOConfig
+from postax.recipes.ppo import PPOConfig
 from postax.recipes.preference import PreferenceConfig
 from postax.recipes.sft import SFTConfig
 
@@ -22,6 +25,26 @@ def test_shipped_configs_parse(path):
     config_class = SFTConfig if path.parent.name == "sft" else PreferenceConfig
     cfg = load_config(config_class, path)
     assert cfg.trainer.steps > 0 and cfg.data.seq_len > 0
+
+
+RL_CONFIGS = {"grpo": GRPOConfig, "ppo": PPOConfig}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for d in ("grpo", "ppo", "distill") for p in sorted((CONFIGS / d).glob("*.yaml"))],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_shipped_rl_and_distillation_configs_parse(path):
+    """Each file parses into the config of the command its header names (the demo's SFT
+    step lives beside its GRPO config)."""
+    if path.name.endswith("-sft.yaml"):
+        assert load_config(SFTConfig, path).trainer.steps > 0
+    elif path.parent.name == "distill":
+        assert load_config(DistillConfig, path).output_dir
+    else:
+        cfg = load_config(RL_CONFIGS[path.parent.name], path)
+        assert cfg.iterations > 0 and cfg.rewards
 
 
 def test_overrides_reach_nested_fields_and_parse_values():

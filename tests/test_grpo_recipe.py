@@ -711,6 +711,16 @@ def test_rows_that_do_not_split_into_minibatches_are_refused(files):
         grpo.run(cfg)
 
 
+def test_an_unknown_evaluation_metric_is_refused_before_the_model_is_built(files, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was built before the config error")
+
+    monkeypatch.setattr(rl, "build_policy", fail)
+    cfg = grpo_config(files, "bad_metric", eval=rl.EvalConfig(metric="accuracy"))
+    with pytest.raises(ConfigError, match=r"eval.metric='accuracy' is not a reward function"):
+        grpo.run(cfg)
+
+
 def test_width_buckets_step_by_quarter_octaves():
     from postax.rl.rollout import width_bucket
 

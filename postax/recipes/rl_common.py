@@ -546,7 +546,14 @@ def load_run_data(cfg, num_rows: int) -> RunData:
     tokenizer = load_tokenizer(tokenizer_dir)
     prompts = PromptDataset(cfg.data, tokenizer)
     eval_records = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
-    return RunData(tokenizer_dir, tokenizer, prompts, eval_records, reward_runner(cfg.rewards))
+    runner = reward_runner(cfg.rewards)
+    names = [spec.name for spec in runner.specs]
+    if cfg.eval.metric is not None and cfg.eval.metric not in names:
+        runner.close()
+        raise ConfigError(
+            f"eval.metric={cfg.eval.metric!r} is not a reward function: one of {names}"
+        )
+    return RunData(tokenizer_dir, tokenizer, prompts, eval_records, runner)
 
 
 def loss_policy_config(cfg) -> PolicyLossConfig:

@@ -159,8 +159,8 @@ class Seams:
             self.copies += 1
             return copy(model)
 
-        def score_rollout(model, batch, *, temperature, adapters=True):
-            out = score(model, batch, temperature=temperature, adapters=adapters)
+        def score_rollout(model, batch, *, temperature, adapters=True, window=None):
+            out = score(model, batch, temperature=temperature, adapters=adapters, window=window)
             call = {"adapters": adapters, "logp": np.asarray(out)}
             if not adapters:  # the same rows under the live policy, adapters on
                 call["policy_logp"] = np.asarray(score(model, batch, temperature=temperature))
@@ -751,3 +751,36 @@ def test_rollout_stop_ids_reach_the_sampler():
         with contextlib.suppress(Exception):
             source.draw(1, 0, timer=rl.Timer())
     assert [c.stop_token_ids for c in seen] == [None, ()]
+
+
+def test_completion_window_log_probs_equal_the_full_forward():
+    """Logits on each row's completion window only give the full pass's log-probs, entropies
+    and gradients at every completion token (windows clipped at the row end, filler rows)."""
+    from postax.rl.logprobs import rollout_logprobs
+    from postax.rl.rollout import layout_rows
+
+    model = postax.build_model(postax.ModelConfig(**MODEL), seed=3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 300, size=n).tolist() for n in (2, 13, 5)]  # row 1 clips
+    completions = [rng.integers(3, 300, size=n).tolist() for n in (6, 3, 6)]
+    rows = layout_rows(
+        prompts, completions, [[0.0] * len(c) for c in completions], num_rows=4, width=16
+    ).as_dict()
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    mask = rows["loss_mask"] > 0
+    columns = np.arange(16)[None]
+    start = rows["completion_start"][:, None]
+    in_window = (columns >= start) & (columns < start + 6)
+    assert mask[~in_window].sum() == 0
+    full = rollout_logprobs(model, batch, temperature=0.8, entropy=True)
+    windowed = rollout_logprobs(model, batch, temperature=0.8, entropy=True, window=6)
+    for a, b in zip(full, windowed, strict=True):
+        np.testing.assert_allclose(np.asarray(b)[mask], np.asarray(a)[mask], atol=1e-5)
+        assert not np.asarray(b)[~in_window].any()  # nothing computed outside the window
+
+    def masked_sum(model, window):
+        logp, _ = rollout_logprobs(model, batch, temperature=0.8, window=window)
+        return jnp.sum(logp * batch["loss_mask"])
+
+    grads = [nnx.grad(masked_sum)(model, w) for w in (None, 6)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)

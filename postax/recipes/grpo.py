@@ -99,11 +99,16 @@ class GRPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyGradientAlgorithm:
-    """The clipped policy loss on rollout rows, for the Trainer."""
+    """The clipped policy loss on rollout rows, for the Trainer.
+
+    window: logits only on each row's completion window of that many columns
+    (`rollout.max_new_tokens`; None: every column).
+    """
 
     loss_config: PolicyLossConfig
     temperature: float
     constant: float
+    window: int | None = None
 
     def normalizer(self, batch):
         return aggregation_normalizer(
@@ -113,7 +118,11 @@ class PolicyGradientAlgorithm:
     def loss(self, model, batch, normalizer, rng):
         del rng
         logp, entropy = rollout_logprobs(
-            model, batch, temperature=self.temperature, entropy=self.loss_config.entropy_coef > 0
+            model,
+            batch,
+            temperature=self.temperature,
+            entropy=self.loss_config.entropy_coef > 0,
+            window=self.window,
         )
         return policy_loss(
             logp,
@@ -168,6 +177,7 @@ def run(cfg: GRPOConfig) -> dict:
         rl.loss_policy_config(cfg),
         temperature,
         float(cfg.loss_constant or cfg.rollout.max_new_tokens),
+        window=cfg.rollout.max_new_tokens,
     )
     steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
     trainer = rl.make_rl_trainer(
@@ -222,7 +232,12 @@ def run(cfg: GRPOConfig) -> dict:
             rows["old_logp"] = rows["sampler_logp"]
             if cfg.update.old_logprobs == "recompute":
                 rows["old_logp"] = np.asarray(
-                    score_rollout(trainer.model, device_rows, temperature=temperature)
+                    score_rollout(
+                        trainer.model,
+                        device_rows,
+                        temperature=temperature,
+                        window=cfg.rollout.max_new_tokens,
+                    )
                 )
 
         # 5. advantages (filler rows get 0)

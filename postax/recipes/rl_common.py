@@ -574,6 +574,7 @@ class Reference:
     def __init__(self, cfg, policy) -> None:
         self.coef = cfg.policy.kl_coef
         self.estimator = cfg.policy.kl_estimator
+        self.window = cfg.rollout.max_new_tokens  # logits on completion columns only
         self.placement = cfg.kl_placement
         self.policy = policy
         self.lora = self.coef > 0 and has_lora(policy)
@@ -590,6 +591,7 @@ class Reference:
                 device_rows,
                 temperature=temperature,
                 adapters=not self.lora,
+                window=self.window,
             )
         )
         if self.placement == "loss":

@@ -11,6 +11,13 @@ terms, and its support changes with the parameters).
 
 Entropy is that of softmax(logits / T) at each column, the distribution the
 tokens were drawn from.
+
+With `window` C, the output head runs only on each row's C columns from its
+`completion_start` (the column predicting its first completion token): the
+prompt's columns need hidden states, as context, but no logits. With long
+prompts that saves most of the [rows, width, vocab] logits, their log-softmax
+and their gradient. Results are scattered back to [R, W] (0 outside the
+window), so callers see the same layout either way.
 """
 
 from __future__ import annotations
@@ -24,15 +31,37 @@ from postax.models.lora import lora_disabled
 
 
 def rollout_logprobs(
-    model, batch: dict[str, jax.Array], *, temperature: float, entropy: bool = False
+    model,
+    batch: dict[str, jax.Array],
+    *,
+    temperature: float,
+    entropy: bool = False,
+    window: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """(log-probs [R, W] of `targets`, entropies [R, W] or None), float32, unmasked."""
+    """(log-probs [R, W] of `targets`, entropies [R, W] or None), float32, unmasked;
+    with `window`, computed on the completion window only (0 elsewhere)."""
     hidden = model.hidden_states(
         batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
     )
-    return logprobs_from_logits(
-        model.logits(hidden), batch["targets"], temperature=temperature, entropy=entropy
+    if window is None:
+        return logprobs_from_logits(
+            model.logits(hidden), batch["targets"], temperature=temperature, entropy=entropy
+        )
+    rows, width = batch["targets"].shape
+    columns = batch["completion_start"][:, None] + jnp.arange(window, dtype=jnp.int32)[None]
+    inside = columns < width
+    columns = jnp.minimum(columns, width - 1)
+    picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)
+    targets = jnp.take_along_axis(batch["targets"], columns, axis=1)
+    logp, ent = logprobs_from_logits(
+        model.logits(picked), targets, temperature=temperature, entropy=entropy
     )
+
+    def scatter(values):  # add, not set: clipped duplicate columns contribute 0
+        out = jnp.zeros((rows, width), jnp.float32)
+        return out.at[jnp.arange(rows)[:, None], columns].add(jnp.where(inside, values, 0.0))
+
+    return scatter(logp), None if ent is None else scatter(ent)
 
 
 def logprobs_from_logits(
@@ -48,19 +77,24 @@ def logprobs_from_logits(
     return logp, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
 
 
-def _score(model, batch, temperature):
-    return rollout_logprobs(model, batch, temperature=temperature)[0]
+def _score(model, batch, temperature, window):
+    return rollout_logprobs(model, batch, temperature=temperature, window=window)[0]
 
 
-_score_jit = nnx.jit(_score, static_argnames=("temperature",))
+_score_jit = nnx.jit(_score, static_argnames=("temperature", "window"))
 
 
 def score_rollout(
-    model, batch: dict[str, jax.Array], *, temperature: float, adapters: bool = True
+    model,
+    batch: dict[str, jax.Array],
+    *,
+    temperature: float,
+    adapters: bool = True,
+    window: int | None = None,
 ) -> jax.Array:
     """Jitted log-probs of a rollout batch without gradient; `adapters=False` scores a
     LoRA model's base (the reference of LoRA RL: no second copy of the weights)."""
     if adapters:
-        return _score_jit(model, batch, temperature)
+        return _score_jit(model, batch, temperature, window)
     with lora_disabled(model):
-        return _score_jit(model, batch, temperature)
+        return _score_jit(model, batch, temperature, window)

@@ -12,6 +12,7 @@ updates compile a bounded number of times), in the layout every postax loss read
     segment_ids        1 for real columns, 0 for padding
     sampler_logp       the sampler's log-prob of each target completion token
     index              the row's number, -1 for filler rows
+    completion_start   the column predicting the row's first completion token
 
 so `sampler_logp[i, j]` and the trainer's log-prob of `targets[i, j]` refer to
 the same token. Filler rows (all zeros, `index` -1) keep the row count fixed
@@ -50,6 +51,7 @@ class RolloutRows:
     segment_ids: np.ndarray
     sampler_logp: np.ndarray
     index: np.ndarray
+    completion_start: np.ndarray
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return dataclasses.asdict(self)
@@ -92,6 +94,7 @@ def layout_rows(
     segment_ids = np.zeros((num_rows, width), np.int32)
     sampler_logp = np.zeros((num_rows, width), np.float32)
     index = np.full((num_rows,), -1, np.int32)
+    completion_start = np.zeros((num_rows,), np.int32)
     for i, (prompt, completion, logp) in enumerate(
         zip(prompts, completions, logprobs, strict=True)
     ):
@@ -107,8 +110,11 @@ def layout_rows(
             loss_mask[i, start : start + len(completion)] = 1.0
         sampler_logp[i, start : start + len(completion)] = logp
         index[i] = i
+        completion_start[i] = start
     positions = np.broadcast_to(np.arange(width, dtype=np.int32), (num_rows, width)).copy()
-    return RolloutRows(tokens, targets, loss_mask, positions, segment_ids, sampler_logp, index)
+    return RolloutRows(
+        tokens, targets, loss_mask, positions, segment_ids, sampler_logp, index, completion_start
+    )
 
 
 def informative_groups(rewards: np.ndarray, group_size: int, *, atol: float = 1e-6) -> np.ndarray:

@@ -158,7 +158,7 @@ def test_ppo_separate_critic_with_lora_trains_adapters_and_critic_only(tmp_path)
     assert not any(p.startswith("policy/") and "lora" not in p for p in changed)
 
 
-def test_ppo_loss_and_update_do_not_depend_on_micro_batches():
+def test_ppo_loss_and_update_do_not_depend_on_micro_batches_or_the_completion_window():
     cfg = ModelConfig(**MODEL)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 300, size=n).tolist() for n in (3, 5, 4, 2)]
@@ -174,11 +174,12 @@ def test_ppo_loss_and_update_do_not_depend_on_micro_batches():
     rows = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in rows.items()}
     value = ppo.ValueConfig(clip=0.05, head_std=0.02)
     results = []
-    for micro_batches in (1, 2):
+    # (completion window, micro-batches): the window holds every completion (at most 5 tokens)
+    for window, micro_batches in ((None, 1), (None, 2), (5, 1), (5, 2)):
         policy = build_model(cfg, seed=1)
         model = ActorCritic(policy, rngs=nnx.Rngs(2), head_std=value.head_std)
         algorithm = ppo.PPOAlgorithm(
-            PolicyLossConfig(clip_low=0.02, clip_high=0.02), value, 0.9, 8.0
+            PolicyLossConfig(clip_low=0.02, clip_high=0.02), value, 0.9, 8.0, window=window
         )
         trainer = Trainer(
             model,
@@ -188,11 +189,12 @@ def test_ppo_loss_and_update_do_not_depend_on_micro_batches():
         )
         metrics = jax.device_get(trainer.train_step(rows))
         results.append((metrics, jax.tree.map(np.asarray, nnx.state(model, nnx.Param))))
-    (m1, p1), (m2, p2) = results
+    (m1, p1), *others = results
     assert m1["clipped_tokens"] > 0 and m1["value_clipped_tokens"] > 0  # both clips active
-    for key in ("loss", "policy_loss", "value_loss", "clipped_tokens", "completion_tokens"):
-        np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p2)
+    for m2, p2 in others:
+        for key in ("loss", "policy_loss", "value_loss", "clipped_tokens", "completion_tokens"):
+            np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p2)
 
 
 def test_critic_from_policy_starts_at_zero_values():

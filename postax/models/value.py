@@ -81,16 +81,21 @@ class ActorCritic(nnx.Module):
     def config(self):
         return self.policy.config
 
-    def logits_and_values(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """float32 logits [b, t, vocab] and values [b, t] of rollout rows."""
+    def logits_and_values(
+        self, batch: dict[str, jax.Array], columns: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """float32 logits [b, c, vocab] and values [b, c] of rollout rows at `columns` [b, c]
+        (default: every column). The output head and the critic's head run only there."""
         kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
         hidden = self.policy.hidden_states(batch["tokens"], **kwargs)
-        logits = self.policy.logits(hidden)
+        if columns is None:
+            b, t = batch["tokens"].shape
+            columns = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)
+        logits = self.policy.logits(picked)
         if self.critic is None:
-            return logits, self.value_head(hidden)
+            return logits, self.value_head(picked)
         critic_hidden = self.critic.hidden_states(batch["tokens"], **kwargs)
-        b, t = batch["tokens"].shape
-        columns = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         return logits, self.critic.score_hidden(critic_hidden, columns)
 
 

@@ -56,7 +56,12 @@ from postax.recipes.common import (
     start_run,
 )
 from postax.rl import advantages as adv
-from postax.rl.logprobs import logprobs_from_logits
+from postax.rl.logprobs import (
+    gather_window,
+    logprobs_from_logits,
+    scatter_window,
+    window_columns,
+)
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
 from postax.sampling.sampler import Sampler
@@ -142,12 +147,18 @@ class PPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PPOAlgorithm:
-    """Clipped policy loss + value.coef x value loss on rollout rows, for the Trainer."""
+    """Clipped policy loss + value.coef x value loss on rollout rows, for the Trainer.
+
+    window: the output head and the critic's head run only on each row's
+    completion window of that many columns (`rollout.max_new_tokens`; None:
+    every column); the losses read the same window of every per-token array.
+    """
 
     loss_config: PolicyLossConfig
     value: ValueConfig
     temperature: float
     constant: float
+    window: int | None = None
 
     def normalizer(self, batch):
         return aggregation_normalizer(
@@ -156,29 +167,35 @@ class PPOAlgorithm:
 
     def loss(self, model: ActorCritic, batch, normalizer, rng):
         del rng
-        logits, values = model.logits_and_values(batch)
+        if self.window is None:
+            columns, window = None, lambda x: x
+        else:
+            columns, inside = window_columns(batch, self.window)
+            window = functools.partial(gather_window, columns=columns, inside=inside)
+        logits, values = model.logits_and_values(batch, columns)
         logp, entropy = logprobs_from_logits(
             logits,
-            batch["targets"],
+            window(batch["targets"]),
             temperature=self.temperature,
             entropy=self.loss_config.entropy_coef > 0,
         )
+        mask = window(batch["loss_mask"])  # the same tokens as the full mask: the normalizer holds
         p_loss, metrics = policy_loss(
             logp,
-            batch["old_logp"],
-            batch["advantages"],
-            batch["loss_mask"],
+            window(batch["old_logp"]),
+            window(batch["advantages"]),
+            mask,
             normalizer,
             self.loss_config,
-            ref_logp=batch.get("ref_logp"),
-            behaviour_logp=batch.get("sampler_logp"),
+            ref_logp=None if "ref_logp" not in batch else window(batch["ref_logp"]),
+            behaviour_logp=window(batch["sampler_logp"]),
             entropy=entropy,
         )
         v_loss, v_metrics = value_loss(
             values,
-            batch["old_values"],
-            batch["returns"],
-            batch["loss_mask"],
+            window(batch["old_values"]),
+            window(batch["returns"]),
+            mask,
             normalizer,
             clip=self.value.clip,
             aggregation=self.loss_config.aggregation,
@@ -186,12 +203,20 @@ class PPOAlgorithm:
         return p_loss + self.value.coef * v_loss, {**metrics, **v_metrics}
 
 
-@functools.partial(nnx.jit, static_argnames=("temperature", "logprobs"))
-def _values_and_logprobs(model: ActorCritic, batch, temperature: float, logprobs: bool):
-    logits, values = model.logits_and_values(batch)
+@functools.partial(nnx.jit, static_argnames=("temperature", "logprobs", "window"))
+def _values_and_logprobs(
+    model: ActorCritic, batch, temperature: float, logprobs: bool, window: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """(values [R, W], old log-probs [R, W] or None) on the completion windows, 0 elsewhere."""
+    columns, inside = window_columns(batch, window)
+    logits, values = model.logits_and_values(batch, columns)
+    width = batch["targets"].shape[1]
+    values = scatter_window(values, columns, inside, width)
     if not logprobs:
         return values, None
-    return values, logprobs_from_logits(logits, batch["targets"], temperature=temperature)[0]
+    targets = gather_window(batch["targets"], columns, inside)
+    logp = logprobs_from_logits(logits, targets, temperature=temperature)[0]
+    return values, scatter_window(logp, columns, inside, width)
 
 
 def build_actor_critic(cfg: PPOConfig) -> ActorCritic:
@@ -245,7 +270,11 @@ def run(cfg: PPOConfig) -> dict:
     check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
     temperature = float(cfg.rollout.temperature)
     algorithm = PPOAlgorithm(
-        rl.loss_policy_config(cfg), cfg.value, temperature, float(cfg.rollout.max_new_tokens)
+        rl.loss_policy_config(cfg),
+        cfg.value,
+        temperature,
+        float(cfg.rollout.max_new_tokens),
+        window=cfg.rollout.max_new_tokens,
     )
     steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
     trainer = rl.make_rl_trainer(
@@ -294,7 +323,7 @@ def run(cfg: PPOConfig) -> dict:
             kl = reference.attach(rows, device_rows, temperature)
             recompute = cfg.update.old_logprobs == "recompute"
             values, old_logp = _values_and_logprobs(
-                trainer.model, device_rows, temperature, recompute
+                trainer.model, device_rows, temperature, recompute, cfg.rollout.max_new_tokens
             )
             rows["old_values"] = np.asarray(values) * rows["loss_mask"]
             rows["old_logp"] = np.asarray(old_logp) if recompute else rows["sampler_logp"]

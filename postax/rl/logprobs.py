@@ -47,21 +47,40 @@ def rollout_logprobs(
         return logprobs_from_logits(
             model.logits(hidden), batch["targets"], temperature=temperature, entropy=entropy
         )
-    rows, width = batch["targets"].shape
-    columns = batch["completion_start"][:, None] + jnp.arange(window, dtype=jnp.int32)[None]
-    inside = columns < width
-    columns = jnp.minimum(columns, width - 1)
+    columns, inside = window_columns(batch, window)
     picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)
-    targets = jnp.take_along_axis(batch["targets"], columns, axis=1)
     logp, ent = logprobs_from_logits(
-        model.logits(picked), targets, temperature=temperature, entropy=entropy
+        model.logits(picked),
+        jnp.take_along_axis(batch["targets"], columns, axis=1),
+        temperature=temperature,
+        entropy=entropy,
+    )
+    width = batch["targets"].shape[1]
+    return (
+        scatter_window(logp, columns, inside, width),
+        None if ent is None else scatter_window(ent, columns, inside, width),
     )
 
-    def scatter(values):  # add, not set: clipped duplicate columns contribute 0
-        out = jnp.zeros((rows, width), jnp.float32)
-        return out.at[jnp.arange(rows)[:, None], columns].add(jnp.where(inside, values, 0.0))
 
-    return scatter(logp), None if ent is None else scatter(ent)
+def window_columns(batch: dict[str, jax.Array], window: int) -> tuple[jax.Array, jax.Array]:
+    """(columns [R, window] of each row's completion window, clipped to the width; inside
+    [R, window]: False where the window ran past the row end and the column repeats)."""
+    width = batch["targets"].shape[1]
+    columns = batch["completion_start"][:, None] + jnp.arange(window, dtype=jnp.int32)[None]
+    return jnp.minimum(columns, width - 1), columns < width
+
+
+def gather_window(values: jax.Array, columns: jax.Array, inside: jax.Array) -> jax.Array:
+    """values [R, W] at the window's columns [R, window], 0 where not `inside`."""
+    return jnp.where(inside, jnp.take_along_axis(values, columns, axis=1), 0)
+
+
+def scatter_window(values: jax.Array, columns: jax.Array, inside: jax.Array, width: int):
+    """Window values [R, window] back to [R, width] float32, 0 outside the window (added, not
+    set: a clipped, repeated column contributes 0)."""
+    rows = values.shape[0]
+    out = jnp.zeros((rows, width), jnp.float32)
+    return out.at[jnp.arange(rows)[:, None], columns].add(jnp.where(inside, values, 0.0))
 
 
 def logprobs_from_logits(

@@ -772,15 +772,20 @@ def test_completion_window_log_probs_equal_the_full_forward():
     start = rows["completion_start"][:, None]
     in_window = (columns >= start) & (columns < start + 6)
     assert mask[~in_window].sum() == 0
-    full = rollout_logprobs(model, batch, temperature=0.8, entropy=True)
-    windowed = rollout_logprobs(model, batch, temperature=0.8, entropy=True, window=6)
+
+    @nnx.jit(static_argnames="window")
+    def log_probs_and_grads(model, window):
+        def masked_sum(model):
+            logp, ent = rollout_logprobs(model, batch, temperature=0.8, entropy=True, window=window)
+            return jnp.sum(logp * batch["loss_mask"]), (logp, ent)
+
+        return nnx.grad(masked_sum, has_aux=True)(model)
+
+    (full_grads, full), (window_grads, windowed) = (
+        log_probs_and_grads(model, window) for window in (None, 6)
+    )
     for a, b in zip(full, windowed, strict=True):
         np.testing.assert_allclose(np.asarray(b)[mask], np.asarray(a)[mask], atol=1e-5)
         assert not np.asarray(b)[~in_window].any()  # nothing computed outside the window
-
-    def masked_sum(model, window):
-        logp, _ = rollout_logprobs(model, batch, temperature=0.8, window=window)
-        return jnp.sum(logp * batch["loss_mask"])
-
-    grads = [nnx.grad(masked_sum)(model, w) for w in (None, 6)]
+    grads = (full_grads, window_grads)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)

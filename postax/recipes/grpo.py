@@ -54,7 +54,6 @@ from postax.rl import advantages as adv
 from postax.rl.logprobs import rollout_logprobs, score_rollout
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
-from postax.sampling.sampler import Sampler
 from postax.train.optim import OptimizerConfig
 from postax.validation import ConfigError
 
@@ -188,22 +187,7 @@ def run(cfg: GRPOConfig) -> dict:
         out=out,
         wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
     )
-    reference = rl.Reference(cfg, trainer.model)  # before a resume restores trained weights
-    iterator = data.prompts.iterator()
-    resumed = trainer.restore(iterator)
-    # The sampler reads the trainer's live module: every rollout uses the current weights.
-    sampler = Sampler(trainer.model, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
-    source = rl.RolloutSource(
-        sampler, data.runner, data.tokenizer, iterator, cfg.rollout, cfg.run.seed
-    )
-    evaluate = rl.Evaluator(
-        sampler,
-        data,
-        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-        cfg.eval.metric,
-        cfg.rollout.stop_token_ids,
-    )
-    summary = rl.evaluate_first(trainer, evaluate, resumed)
+    loop = rl.start_loop(cfg, trainer, data, trainer.model)
 
     for iteration in range(trainer.step // steps_per_iteration + 1, cfg.iterations + 1):
         timer = rl.Timer()
@@ -211,7 +195,7 @@ def run(cfg: GRPOConfig) -> dict:
 
         # 1-3. prompts -> rollouts -> rewards (dynamic sampling draws more prompts)
         groups = rl.collect_groups(
-            functools.partial(source.draw, iteration, timer=timer),
+            functools.partial(loop.source.draw, iteration, timer=timer),
             cfg.data.batch_size,
             cfg.group_size,
             dynamic=cfg.rollout.dynamic_sampling,
@@ -228,7 +212,7 @@ def run(cfg: GRPOConfig) -> dict:
         # 4. reference log-probs (or the KL for the reward) and old log-probs, no gradient
         with timer("score"):
             device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
-            kl = reference.attach(rows, device_rows, temperature)
+            kl = loop.reference.attach(rows, device_rows, temperature)
             rows["old_logp"] = rows["sampler_logp"]
             if cfg.update.old_logprobs == "recompute":
                 rows["old_logp"] = np.asarray(
@@ -262,9 +246,11 @@ def run(cfg: GRPOConfig) -> dict:
             row["kl"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - began
-        rl.end_iteration(cfg, trainer, iterator, evaluate, iteration, row, SHOWN)
+        rl.end_iteration(cfg, trainer, loop.iterator, loop.evaluate, iteration, row, SHOWN)
 
-    return rl.finish_run(cfg, trainer, iterator, evaluate, summary, out, trainer.model)
+    return rl.finish_run(
+        cfg, trainer, loop.iterator, loop.evaluate, loop.summary, out, trainer.model
+    )
 
 
 SHOWN = (

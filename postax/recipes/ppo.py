@@ -64,7 +64,6 @@ from postax.rl.logprobs import (
 )
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
-from postax.sampling.sampler import Sampler
 from postax.train.optim import OptimizerConfig
 from postax.validation import ConfigError
 
@@ -286,29 +285,14 @@ def run(cfg: PPOConfig) -> dict:
         wrt=trained_variables(cfg),
     )
     policy = trainer.model.policy
-    reference = rl.Reference(cfg, policy)  # before a resume restores trained weights
-    iterator = data.prompts.iterator()
-    resumed = trainer.restore(iterator)
-    # The sampler reads the trainer's live policy module: no weight copy, no sync step.
-    sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
-    source = rl.RolloutSource(
-        sampler, data.runner, data.tokenizer, iterator, cfg.rollout, cfg.run.seed
-    )
-    evaluate = rl.Evaluator(
-        sampler,
-        data,
-        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-        cfg.eval.metric,
-        cfg.rollout.stop_token_ids,
-    )
-    summary = rl.evaluate_first(trainer, evaluate, resumed)
+    loop = rl.start_loop(cfg, trainer, data, policy)
 
     for iteration in range(trainer.step // steps_per_iteration + 1, cfg.iterations + 1):
         timer = rl.Timer()
         began = time.perf_counter()
 
         # 1-2. prompts -> rollouts -> rewards
-        groups = source.draw(iteration, 0, timer=timer)
+        groups = loop.source.draw(iteration, 0, timer=timer)
         rows = rl.rollout_rows(
             groups,
             num_rows=num_rows,
@@ -320,7 +304,7 @@ def run(cfg: PPOConfig) -> dict:
         # 3. reference (or the KL for the reward), values and old log-probs, no gradient
         with timer("score"):
             device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
-            kl = reference.attach(rows, device_rows, temperature)
+            kl = loop.reference.attach(rows, device_rows, temperature)
             recompute = cfg.update.old_logprobs == "recompute"
             values, old_logp = _values_and_logprobs(
                 trainer.model, device_rows, temperature, recompute, cfg.rollout.max_new_tokens
@@ -349,9 +333,9 @@ def run(cfg: PPOConfig) -> dict:
             row["kl_reward"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - began
-        rl.end_iteration(cfg, trainer, iterator, evaluate, iteration, row, SHOWN)
+        rl.end_iteration(cfg, trainer, loop.iterator, loop.evaluate, iteration, row, SHOWN)
 
-    return rl.finish_run(cfg, trainer, iterator, evaluate, summary, out, policy)
+    return rl.finish_run(cfg, trainer, loop.iterator, loop.evaluate, loop.summary, out, policy)
 
 
 SHOWN = ("reward", "eval_accuracy", "value_error", "clip_fraction", "kl_reward", "loss")

@@ -29,7 +29,7 @@ from postax.recipes.sft import export
 from postax.rl.logprobs import score_rollout
 from postax.rl.prompts import PromptDataset, PromptRecord, prompt_texts, reward_fields
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
-from postax.rl.rollout import RolloutRows, informative_groups, layout_rows, width_bucket
+from postax.rl.rollout import RolloutRows, informative_groups, layout_rows
 from postax.sampling.sampler import Completion, Sampler, SamplingConfig
 from postax.tokenizer import load_tokenizer
 from postax.train.checkpoint import CheckpointConfig
@@ -360,13 +360,11 @@ def rollout_rows(
     dynamic sampling kept no group)."""
     completions = groups.completions
     trained = [not (overlong_filter and c.finish_reason == "length") for c in completions]
-    longest = max((len(c.prompt_ids) + len(c.token_ids) - 1 for c in completions), default=1)
-    return layout_rows(
+    return layout_rows(  # width: the bucket of the longest row
         [c.prompt_ids for c in completions],
         [c.token_ids for c in completions],
         [c.logprobs for c in completions],
         num_rows=num_rows,
-        width=width_bucket(longest),
         pad_id=pad_id,
         trained=trained,
     )
@@ -621,6 +619,38 @@ class Evaluator:
             metric=self.metric,
             stop_token_ids=self.stop_token_ids,
         )
+
+
+@dataclasses.dataclass
+class Loop:
+    """What an RL loop iterates with: the KL reference, the prompt iterator (restored on a
+    resume), the rollout source, the evaluator and the summary begun before training."""
+
+    reference: Reference
+    iterator: Any
+    source: RolloutSource
+    evaluate: Evaluator
+    summary: dict
+
+
+def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
+    """Reference (from the initial weights, before a resume restores trained ones), resume,
+    a sampler on the trainer's live `policy` module (no weight copy), held-out results first."""
+    reference = Reference(cfg, policy)
+    iterator = data.prompts.iterator()
+    resumed = trainer.restore(iterator)
+    sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    source = RolloutSource(
+        sampler, data.runner, data.tokenizer, iterator, cfg.rollout, cfg.run.seed
+    )
+    evaluate = Evaluator(
+        sampler,
+        data,
+        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        cfg.eval.metric,
+        cfg.rollout.stop_token_ids,
+    )
+    return Loop(reference, iterator, source, evaluate, evaluate_first(trainer, evaluate, resumed))
 
 
 def evaluate_first(trainer: Trainer, evaluate: Evaluator, resumed: bool) -> dict:

@@ -186,7 +186,7 @@ def load_or_compute(
     return logps, path, True
 
 
-class _WithEntries:
+class WithEntries:
     """A batch whose `as_dict()` carries extra entries."""
 
     def __init__(self, batch, extra: dict[str, np.ndarray]):
@@ -203,12 +203,12 @@ class ReferenceIterator:
         self.iterator = iterator
         self.attach = attach
 
-    def __iter__(self) -> Iterator[_WithEntries]:
+    def __iter__(self) -> Iterator[WithEntries]:
         return self
 
-    def __next__(self) -> _WithEntries:
+    def __next__(self) -> WithEntries:
         batch = next(self.iterator)
-        return _WithEntries(batch, self.attach(batch.as_dict()))
+        return WithEntries(batch, self.attach(batch.as_dict()))
 
     def state(self) -> dict[str, Any]:
         return self.iterator.state()

@@ -30,9 +30,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ from flax import nnx
 from postax.losses.distill import teacher_top_k
 from postax.models.layers import make_param
 from postax.models.transformer import CausalLM
-from postax.train.reference import reference_digest
+from postax.train.reference import ReferenceIterator, WithEntries, reference_digest
 
 CACHE_VERSION = 1
 TOPK_ENTRIES = ("teacher_topk_values", "teacher_topk_ids")
@@ -244,17 +243,7 @@ def load_or_compute_top_k(
     return TopKCache(path), True
 
 
-class _WithEntries:
-    """A batch whose `as_dict()` carries extra entries."""
-
-    def __init__(self, batch, extra: dict[str, np.ndarray]):
-        self._batch, self._extra = batch, extra
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {**self._batch.as_dict(), **self._extra}
-
-
-class TopKIterator:
+class TopKIterator(ReferenceIterator):
     """Wraps an `SFTDataset` iterator; each batch gains its rows' cached top-k teacher logits.
 
     The rows of batch (epoch, step) are `dataset.epoch_order(epoch)[step * B : (step + 1) * B]`
@@ -267,21 +256,13 @@ class TopKIterator:
                 f"top-k cache {cache.path} holds {cache.values.shape[0]} rows, the dataset "
                 f"{dataset.num_rows}"
             )
-        self.iterator, self.dataset, self.cache = iterator, dataset, cache
+        super().__init__(iterator, attach=None)
+        self.dataset, self.cache = dataset, cache
 
-    def __iter__(self) -> Iterator[_WithEntries]:
-        return self
-
-    def __next__(self) -> _WithEntries:
+    def __next__(self) -> WithEntries:
         epoch, step = self.iterator.epoch, self.iterator.step
         batch = next(self.iterator)
         size = self.dataset.config.batch_size
         rows = self.dataset.epoch_order(epoch)[step * size : (step + 1) * size]
         width = batch.tokens.shape[1]
-        return _WithEntries(batch, self.cache.for_rows(rows, width, size))
-
-    def state(self) -> dict[str, Any]:
-        return self.iterator.state()
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.iterator.restore(state)
+        return WithEntries(batch, self.cache.for_rows(rows, width, size))

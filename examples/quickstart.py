@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 import postax
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 
 CAPITALS = {
     "France": "Paris",

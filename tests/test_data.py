@@ -24,8 +24,7 @@ from postax.data import (
     pack,
 )
 from postax.data.sources import BadRecord, Record
-from postax.tokenizer import load_tokenizer
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer, load_tokenizer
 from tokenizer_fixtures import LLAMA3, make_tokenizer_dir, update_json
 
 CORPUS = [

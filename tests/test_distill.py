@@ -29,7 +29,7 @@ from postax.losses.distill import (
 from postax.recipes import distill
 from postax.recipes.common import ModelSource
 from postax.recipes.sft import SFTAlgorithm
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 from postax.train import teacher as teachers
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import Trainer, TrainerConfig

@@ -23,8 +23,7 @@ from postax.data import (
     UnpairedPreferenceBatch,
 )
 from postax.data.preference_encode import REASONS
-from postax.tokenizer import load_tokenizer
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer, load_tokenizer
 from postax.validation import ConfigError
 from tokenizer_fixtures import (
     CHATML,

@@ -26,7 +26,7 @@ from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.models.lora import LoRAConfig
 from postax.recipes import preference, reward_model
 from postax.recipes.common import ModelSource
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 from postax.train.reference import sequence_logps
 from postax.train.trainer import Trainer, TrainerConfig
 

@@ -1,7 +1,7 @@
 """Text in and out: string and chat prompts, stop strings, and the `postax generate` command.
 
 One real checkpoint directory (a tiny Llama with a byte-level BPE tokenizer
-from `postax.tokenizer_build`) serves every test.
+from `postax.tokenizer.build`) serves every test.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flax import nnx
 import postax
 import postax.cli
 from postax.sampling import Sampler, SamplingConfig
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -13,7 +13,7 @@ import postax
 from hf_fixtures import relative_error
 from postax.recipes.sft import main
 from postax.sampling import Sampler
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 
 FACTS = {
     "France": "Paris",

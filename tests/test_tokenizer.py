@@ -376,6 +376,29 @@ def test_chat_ids_match_transformers(
     assert len(encoding.assistant_mask) == len(encoding.ids)
 
 
+@pytest.mark.parametrize("flavor", [*FLAVORS, "generation"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_encode_chat_ids_match_apply_chat_template_and_transformers(
+    pairs: dict[str, Pair], flavor: str, conversation: str, add_generation_prompt: bool
+) -> None:
+    ours, hf = pairs[flavor].ours, pairs[flavor].hf
+    extra = FLAVORS[flavor][3] if flavor in FLAVORS else {}
+    kwargs = {"add_generation_prompt": add_generation_prompt, **extra}
+    messages = CONVERSATIONS[conversation]
+    ids = ours.encode_chat(messages, **kwargs)
+    assert ids == ours.apply_chat_template(messages, **kwargs).ids
+    assert ids == hf_ids(hf, messages, **kwargs)
+
+
+def test_encode_chat_with_tools_matches_transformers(pairs: dict[str, Pair]) -> None:
+    ours, hf = pairs["chatml"].ours, pairs["chatml"].hf
+    tools = [WEATHER_TOOL]
+    ids = ours.encode_chat(TOOL_CONVERSATION, tools=tools)
+    assert ids == ours.apply_chat_template(TOOL_CONVERSATION, tools=tools).ids
+    assert ids == hf_ids(hf, TOOL_CONVERSATION, tools=tools)
+
+
 def test_llama3_uses_strftime_now_by_default(pairs: dict[str, Pair]) -> None:
     ours, hf = pairs["llama3"].ours, pairs["llama3"].hf
     messages = CONVERSATIONS["single_user"]

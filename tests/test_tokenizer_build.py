@@ -6,7 +6,7 @@ import pytest
 import transformers
 
 import postax
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 
 TEXTS = ["What is 12 + 7? 12 + 7 = 19.", "The capital of France is Paris.", "héllo wörld ✓"] * 4
 MESSAGES = [

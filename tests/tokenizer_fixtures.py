@@ -189,6 +189,33 @@ GENERATION_TEMPLATE = """\
 """
 
 
+# ChatML that, like Qwen3's template, writes the reasoning of an assistant turn only after the
+# last user message: rendering a longer conversation rewrites (drops) earlier reasoning, so the
+# template is not prefix-stable.
+QWEN3_TEMPLATE = """\
+{%- set ns = namespace(last_query_index=0) %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {%- set ns.last_query_index = loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if loop.index0 > ns.last_query_index and message.reasoning_content %}
+            {{- '<think>\\n' + message.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- message.content + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
 @functools.cache
 def _base_tokenizer_json() -> str:
     """Train the shared byte-level BPE once per process; return it serialized."""
@@ -303,12 +330,14 @@ def make_tokenizer_dir(
     *,
     tokens: SpecialTokens = LLAMA3,
     template_file: bool = False,
+    named_templates: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a complete HF tokenizer directory at `path` (created if needed) and return it.
 
     `chat_template` may be a string, a list of {"name", "template"} dicts (several named
     templates) or None (no template). With `template_file=True` a string template goes to
     `chat_template.jinja` instead of `tokenizer_config.json`, as transformers 5 saves it.
+    `named_templates` (name -> source) go to `chat_templates/<name>.jinja`.
     """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -321,4 +350,7 @@ def make_tokenizer_dir(
         if not isinstance(chat_template, str):
             raise ValueError("template_file=True needs a single string chat_template")
         (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    for name, source in (named_templates or {}).items():
+        (directory / "chat_templates").mkdir(exist_ok=True)
+        (directory / "chat_templates" / f"{name}.jinja").write_text(source, encoding="utf-8")
     return directory

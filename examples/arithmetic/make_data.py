@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 
 HERE = Path(__file__).parent
 

@@ -354,7 +354,7 @@ class RewardScorer:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt + completion))
         messages = [*prompt, {"role": "assistant", "content": completion}]
-        return list(self.tokenizer.apply_chat_template(messages).ids)
+        return self.tokenizer.encode_chat(messages)
 
     def score(
         self, prompts: Sequence[Prompt], completions: Sequence[str], *, batch_size: int = 16

@@ -1,5 +1,5 @@
 """What every recipe shares: where the model comes from, the run directory, the trainer's
-checkpoint and metrics settings, the end-of-run summary, tokenizer files and the command line.
+checkpoint and metrics settings, the end-of-run summary and the command line.
 
 A recipe reads top to bottom (DESIGN.md principle 5); these helpers keep the
 parts that are the same in every recipe written once.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,14 +22,6 @@ from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, training_flops_per_token
 from postax.train.trainer import Trainer
 from postax.validation import ConfigError
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,12 +140,6 @@ def train_and_summarise(
     trainer.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def copy_tokenizer_files(tokenizer_dir: Path, destination: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, destination / name)
 
 
 def recipe_main(

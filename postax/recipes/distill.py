@@ -56,7 +56,6 @@ from postax.recipes.common import (
     ModelSource,
     build_causal_lm,
     check_vocab,
-    copy_tokenizer_files,
     load_data,
     make_trainer,
     recipe_main,
@@ -64,6 +63,7 @@ from postax.recipes.common import (
     train_and_summarise,
 )
 from postax.sampling import Sampler, SamplingConfig, SamplingError
+from postax.tokenizer import copy_tokenizer_files
 from postax.train import teacher as teachers
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig

@@ -24,13 +24,13 @@ from postax.recipes.common import (
     ModelSource,
     build_causal_lm,
     check_vocab,
-    copy_tokenizer_files,
     load_data,
     make_trainer,
     recipe_main,
     start_run,
     train_and_summarise,
 )
+from postax.tokenizer import copy_tokenizer_files
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
 

@@ -100,7 +100,7 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer, location: str, field: str) ->
         and prompt
         and all(isinstance(m, Mapping) and {"role", "content"} <= set(m) for m in prompt)
     ):
-        return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True).ids
+        return tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
     raise DataError(
         f"{location}: field {field!r} must be a non-empty string or a list of chat messages "
         f"({{'role', 'content'}} objects), got {type(prompt).__name__}"

@@ -413,7 +413,7 @@ class Sampler:
         elif isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
             if self.tokenizer is None:
                 raise SamplingError(f"{where} is a chat but the Sampler has no tokenizer")
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True).ids
+            ids = self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
         elif not isinstance(prompt, bytes) and (
             isinstance(prompt, Sequence) or hasattr(prompt, "__array__")
         ):

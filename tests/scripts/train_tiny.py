@@ -23,7 +23,7 @@ from postax.data import DataConfig, SFTDataset
 from postax.models.hf import param_name
 from postax.parallel import MeshConfig
 from postax.recipes.sft import SFTAlgorithm
-from postax.tokenizer_build import build_tokenizer
+from postax.tokenizer import build_tokenizer
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig
 from postax.train.optim import OptimizerConfig

@@ -17,6 +17,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.trainers import BpeTrainer
 
+from postax.tokenizer.hf_dir import CONFIG_FILE, TOKENIZER_FILE
+
 PAD, TURN_START, TURN_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, TURN_START, TURN_END)
 
@@ -58,7 +60,7 @@ def build_tokenizer(
     tokenizer.train_from_iterator(texts, trainer)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path / "tokenizer.json"))
+    tokenizer.save(str(path / TOKENIZER_FILE))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -68,5 +70,5 @@ def build_tokenizer(
         "chat_template": CHATML_TEMPLATE,
         "model_max_length": 4096,
     }
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -188,8 +188,9 @@ def summarise(label: str, args, per_iteration: list[dict[str, float]], lengths, 
 def run_postax(directory: Path, args, kl: bool) -> dict:
     from postax.losses.policy import PolicyLossConfig
     from postax.recipes import grpo
-    from postax.recipes import rl_common as rl
     from postax.recipes.common import CheckpointSettings, ModelSource
+    from postax.recipes.rl_common.config import RunSettings, UpdateConfig
+    from postax.rl.producer import RolloutConfig
     from postax.rl.prompts import PromptDataConfig
     from postax.rl.rewards import RewardConfig
     from postax.rl.rollout import width_bucket
@@ -208,16 +209,16 @@ def run_postax(directory: Path, args, kl: bool) -> dict:
         ),
         rewards=(RewardConfig(name=reward),),
         iterations=args.iterations + 1,
-        rollout=rl.RolloutConfig(
+        rollout=RolloutConfig(
             samples_per_prompt=args.samples,
             max_new_tokens=args.completion_len,
             temperature=1.0,
             stop_token_ids=(),
         ),
         policy=PolicyLossConfig(kl_coef=KL_COEF if kl else 0.0),
-        update=rl.UpdateConfig(epochs=1, minibatches=1),
+        update=UpdateConfig(epochs=1, minibatches=1),
         optimizer=OptimizerConfig(learning_rate=1e-6, schedule="constant", weight_decay=0.0),
-        run=rl.RunSettings(progress=False),
+        run=RunSettings(progress=False),
         checkpoint=CheckpointSettings(save_every=0),
         export=False,
     )

@@ -30,8 +30,19 @@ from postax.configs import load_config
 from postax.losses.numerics import aggregation_normalizer
 from postax.losses.policy import PolicyLossConfig, policy_loss
 from postax.recipes import grpo
-from postax.recipes import rl_common as rl
 from postax.recipes.common import CheckpointSettings, ModelSource
+from postax.recipes.rl_common import reference
+from postax.recipes.rl_common.config import EvalConfig, RunSettings, UpdateConfig
+from postax.recipes.rl_common.loop import build_policy, make_rl_trainer, reward_runner
+from postax.rl.groups import (
+    Groups,
+    collect_groups,
+    pad_rows,
+    rollout_metrics,
+    rollout_rows,
+    score_completions,
+)
+from postax.rl.producer import RolloutConfig, RolloutProducer
 from postax.rl.prompts import PromptDataConfig, PromptRecord
 from postax.rl.rewards import RewardConfig, overlong_penalty
 from postax.rl.rollout import layout_rows
@@ -107,12 +118,10 @@ def grpo_config(files: Path, name: str, **changes) -> grpo.GRPOConfig:
         data=PromptDataConfig(path=str(files / "train.jsonl"), batch_size=4),
         rewards=(reward("digit_fraction", timeout=None),),
         iterations=2,
-        rollout=rl.RolloutConfig(
-            samples_per_prompt=GROUP, max_new_tokens=NEW_TOKENS, temperature=0.7
-        ),
+        rollout=RolloutConfig(samples_per_prompt=GROUP, max_new_tokens=NEW_TOKENS, temperature=0.7),
         optimizer=OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant"),
         checkpoint=CheckpointSettings(async_save=False),
-        run=rl.RunSettings(progress=False),
+        run=RunSettings(progress=False),
         export=False,
     )
     return grpo.GRPOConfig(**{**defaults, **changes})
@@ -147,7 +156,7 @@ class Seams:
         self.initial: list[dict[str, np.ndarray]] = []
         self.copies = 0
         self.scores: list[dict] = []
-        build, copy, score = rl.build_policy, rl.frozen_copy, rl.score_rollout
+        build, copy, score = grpo.build_policy, reference.frozen_copy, reference.score_rollout
 
         def build_policy(*args, **kwargs):
             model = build(*args, **kwargs)
@@ -168,9 +177,9 @@ class Seams:
             self.scores.append(call)
             return out
 
-        patch.setattr(rl, "build_policy", build_policy)
-        patch.setattr(rl, "frozen_copy", frozen_copy)
-        patch.setattr(rl, "score_rollout", score_rollout)  # the reference's scoring
+        patch.setattr(grpo, "build_policy", build_policy)
+        patch.setattr(reference, "frozen_copy", frozen_copy)
+        patch.setattr(reference, "score_rollout", score_rollout)  # the reference's scoring
         patch.setattr(grpo, "score_rollout", score_rollout)  # recomputed old log-probs
 
 
@@ -180,15 +189,15 @@ def observed_run(cfg: grpo.GRPOConfig, *, crash_at_update: int = 0):
     with pytest.MonkeyPatch.context() as patch:
         seams = Seams(patch)
         if crash_at_update:
-            original, calls = rl.run_updates, []
+            original, calls = grpo.minibatches, []
 
-            def run_updates(*args, **kwargs):
+            def minibatches(*args, **kwargs):
                 calls.append(1)
                 if len(calls) == crash_at_update:
                     raise Interrupted
                 return original(*args, **kwargs)
 
-            patch.setattr(rl, "run_updates", run_updates)
+            patch.setattr(grpo, "minibatches", minibatches)
             with pytest.raises(Interrupted):
                 grpo.run(cfg)
             return None, seams
@@ -241,14 +250,14 @@ def resume_config(files: Path) -> grpo.GRPOConfig:
         iterations=4,
         advantage="dr_grpo",
         rewards=(RewardConfig(name="format", kwargs={"pattern": "[0-9].*"}),),  # a digit first
-        rollout=rl.RolloutConfig(
+        rollout=RolloutConfig(
             samples_per_prompt=GROUP,
             max_new_tokens=NEW_TOKENS,
             temperature=0.7,
             dynamic_sampling=True,
             max_sampling_rounds=2,
         ),
-        update=rl.UpdateConfig(epochs=2),
+        update=UpdateConfig(epochs=2),
         checkpoint=CheckpointSettings(save_every=2, async_save=False),
     )
 
@@ -344,13 +353,13 @@ def test_overlong_shaping_counts_generated_tokens(learning_run):
         assert row["reward_overlong"] == pytest.approx(expected, abs=1e-6)
 
     # the formula on completions whose text length differs from their token count
-    runner = rl.reward_runner(
+    runner = reward_runner(
         [RewardConfig(name="overlong", kwargs={"max_tokens": 8, "cache_tokens": 4})]
     )
     lengths = [3, 5, 7, 8]
     completions = [completion([1], [5] * n, text="digits" * 9) for n in lengths]
     record = PromptRecord("x:1", "1+1=", (1,), {})
-    groups = rl.score_completions(runner, None, [record], completions, 4)
+    groups = score_completions(runner, None, [record], completions, 4)
     np.testing.assert_allclose(groups.per_function["overlong"], [0.0, -0.25, -0.75, -1.0])
 
 
@@ -396,13 +405,12 @@ def test_update_does_not_depend_on_micro_batches(files, tmp_path, aggregation, m
         run_cfg = dataclasses.replace(
             cfg, update=dataclasses.replace(cfg.update, micro_batches=micro_batches)
         )
-        model = rl.build_policy(cfg.model, cfg.lora, cfg.quantize)
+        model = build_policy(cfg.model, cfg.lora, cfg.quantize)
         before = host_params(model)
-        trainer = rl.make_rl_trainer(
+        trainer = make_rl_trainer(
             run_cfg,
             model,
             algorithm,
-            steps=cfg.iterations * cfg.update.epochs * cfg.update.minibatches,
             out=tmp_path / str(micro_batches),
             wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
         )
@@ -431,7 +439,7 @@ def fake_draw(rounds_of_rewards):
     its calls."""
     calls = []
 
-    def draw(round_index: int) -> rl.Groups:
+    def draw(round_index: int) -> Groups:
         calls.append(round_index)
         rewards = np.asarray(rounds_of_rewards[round_index], np.float32)
         records = [f"round {round_index} group {g}" for g in range(len(rewards))]
@@ -441,7 +449,7 @@ def fake_draw(rounds_of_rewards):
             for i in range(rewards.shape[1])
         ]
         flat = rewards.reshape(-1)
-        return rl.Groups(
+        return Groups(
             records, completions, flat, {"r": flat}, {"r": 1}, timeouts={"r": round_index}
         )
 
@@ -456,7 +464,7 @@ def test_dynamic_sampling_drops_equal_groups_and_refills():
             [[0, 1, 0, 0]] * 3,
         ]
     )
-    groups = rl.collect_groups(draw, 2, 4, dynamic=True, rounds=3)
+    groups = collect_groups(draw, 2, 4, dynamic=True, rounds=3)
     assert calls == [0, 1]  # the batch was full after the second draw
     assert groups.records == ["round 0 group 1", "round 1 group 1"]  # the surplus is dropped
     np.testing.assert_array_equal(groups.rewards, [0, 1, 0, 1, 0, 0, 1, 0])
@@ -464,29 +472,29 @@ def test_dynamic_sampling_drops_equal_groups_and_refills():
     assert [c.token_ids[:2] for c in groups.completions[::4]] == [(10, 21), (11, 21)]
     assert (groups.rounds, groups.dropped_groups, groups.filler_groups) == (2, 3, 0)
     assert groups.failures == {"r": 2} and groups.timeouts == {"r": 1}  # summed over draws
-    metrics = rl.rollout_metrics(groups, 4)
+    metrics = rollout_metrics(groups, 4)
     assert metrics["zero_variance_groups"] == 0 and metrics["dropped_groups"] == 3
 
     # without dynamic sampling one draw is the batch, equal groups included
     draw, calls = fake_draw([[[1, 1, 1, 1], [0, 1, 0, 1]]])
-    groups = rl.collect_groups(draw, 2, 4, dynamic=False, rounds=3)
+    groups = collect_groups(draw, 2, 4, dynamic=False, rounds=3)
     assert calls == [0] and len(groups.records) == 2 and groups.filler_groups == 0
-    assert rl.rollout_metrics(groups, 4)["zero_variance_groups"] == 1
+    assert rollout_metrics(groups, 4)["zero_variance_groups"] == 1
 
 
 def test_filler_rows_when_rounds_run_out_weigh_nothing():
     draw, calls = fake_draw([[[3, 3, 3, 3], [0, 1, 1, 1]], [[0, 0, 1, 0], [5, 5, 5, 5]]])
-    groups = rl.collect_groups(draw, 3, 4, dynamic=True, rounds=2)
+    groups = collect_groups(draw, 3, 4, dynamic=True, rounds=2)
     assert calls == [0, 1]
     assert (len(groups.records), groups.rounds, groups.filler_groups) == (2, 2, 1)
-    rows = rl.rollout_rows(groups, num_rows=12, pad_id=0, overlong_filter=False).as_dict()
+    rows = rollout_rows(groups, num_rows=12, pad_id=0, overlong_filter=False).as_dict()
     np.testing.assert_array_equal(rows["index"], [*range(8), -1, -1, -1, -1])
     assert not rows["loss_mask"][8:].any() and not rows["segment_ids"][8:].any()
     assert rows["loss_mask"][:8].sum() == 8 * 3
 
-    cfg = grpo_config(Path("/unused"), "unused", rollout=rl.RolloutConfig(samples_per_prompt=4))
+    cfg = grpo_config(Path("/unused"), "unused", rollout=RolloutConfig(samples_per_prompt=4))
     real = {k: v[:8] for k, v in rows.items()}
-    advantages = rl.pad_rows(grpo.compute_advantages(cfg, groups.rewards, real, None), 12)
+    advantages = pad_rows(grpo.compute_advantages(cfg, groups.rewards, real, None), 12)
     assert not advantages[8:].any() and advantages[:8].any()
     # garbage in the filler rows' log-probs and advantages changes nothing
     rng = np.random.default_rng(1)
@@ -515,11 +523,11 @@ def test_filler_rows_when_rounds_run_out_weigh_nothing():
 
     # no informative group at all: every row is filler, and the iteration still runs
     draw, _ = fake_draw([[[1, 1, 1, 1], [0, 0, 0, 0]]] * 2)
-    empty = rl.collect_groups(draw, 2, 4, dynamic=True, rounds=2)
+    empty = collect_groups(draw, 2, 4, dynamic=True, rounds=2)
     assert (len(empty.records), empty.filler_groups, empty.dropped_groups) == (0, 2, 4)
-    rows = rl.rollout_rows(empty, num_rows=8, pad_id=0, overlong_filter=False).as_dict()
+    rows = rollout_rows(empty, num_rows=8, pad_id=0, overlong_filter=False).as_dict()
     assert (rows["index"] == -1).all() and not rows["loss_mask"].any()
-    metrics = rl.rollout_metrics(empty, 4)
+    metrics = rollout_metrics(empty, 4)
     assert metrics["filler_groups"] == 2 and "reward" not in metrics
     assert grpo.compute_advantages(
         cfg, empty.rewards, {"loss_mask": rows["loss_mask"][:0]}, None
@@ -532,9 +540,9 @@ def test_overlong_filter_masks_truncated_completions_out_of_the_loss():
         completion([1, 2, 3], list(range(7, 9 + i)), finish=finish)
         for i, finish in enumerate(finishes)
     ]
-    groups = rl.Groups(["p"], completions, np.array([1.0, 0.0, 0.0, 0.5], np.float32), {}, {})
-    filtered = rl.rollout_rows(groups, num_rows=4, pad_id=0, overlong_filter=True).as_dict()
-    kept = rl.rollout_rows(groups, num_rows=4, pad_id=0, overlong_filter=False).as_dict()
+    groups = Groups(["p"], completions, np.array([1.0, 0.0, 0.0, 0.5], np.float32), {}, {})
+    filtered = rollout_rows(groups, num_rows=4, pad_id=0, overlong_filter=True).as_dict()
+    kept = rollout_rows(groups, num_rows=4, pad_id=0, overlong_filter=False).as_dict()
     np.testing.assert_array_equal(kept["loss_mask"].sum(-1), [2, 3, 4, 5])
     np.testing.assert_array_equal(filtered["loss_mask"].sum(-1), [0, 3, 4, 0])
     # the truncated rows stay in the batch, log-probs and index included
@@ -545,7 +553,7 @@ def test_overlong_filter_masks_truncated_completions_out_of_the_loss():
         Path("/unused"),
         "unused",
         advantage="dr_grpo",
-        rollout=rl.RolloutConfig(samples_per_prompt=4),
+        rollout=RolloutConfig(samples_per_prompt=4),
     )
     advantages = grpo.compute_advantages(cfg, groups.rewards, filtered, None)
     per_row = advantages.sum(-1) / np.maximum(filtered["loss_mask"].sum(-1), 1)
@@ -567,7 +575,7 @@ def test_kl_in_the_reward_is_subtracted_before_the_group_baseline():
             advantage="dr_grpo",
             kl_placement=placement,
             policy=PolicyLossConfig(kl_coef=0.5),
-            rollout=rl.RolloutConfig(samples_per_prompt=4),
+            rollout=RolloutConfig(samples_per_prompt=4),
         )
         return grpo.compute_advantages(cfg, rewards, {"loss_mask": mask}, kl)[:, 2]
 
@@ -706,7 +714,7 @@ def test_config_errors_name_the_field(files, changes, match):
 
 
 def test_rows_that_do_not_split_into_minibatches_are_refused(files):
-    cfg = grpo_config(files, "bad_rows", update=rl.UpdateConfig(minibatches=3))
+    cfg = grpo_config(files, "bad_rows", update=UpdateConfig(minibatches=3))
     with pytest.raises(ConfigError, match=r"32 rows do not split into update.minibatches=3"):
         grpo.run(cfg)
 
@@ -715,8 +723,8 @@ def test_an_unknown_evaluation_metric_is_refused_before_the_model_is_built(files
     def fail(*args, **kwargs):
         raise AssertionError("the model was built before the config error")
 
-    monkeypatch.setattr(rl, "build_policy", fail)
-    cfg = grpo_config(files, "bad_metric", eval=rl.EvalConfig(metric="accuracy"))
+    monkeypatch.setattr(grpo, "build_policy", fail)
+    cfg = grpo_config(files, "bad_metric", eval=EvalConfig(metric="accuracy"))
     with pytest.raises(ConfigError, match=r"eval.metric='accuracy' is not a reward function"):
         grpo.run(cfg)
 
@@ -746,11 +754,36 @@ def test_rollout_stop_ids_reach_the_sampler():
             return types.SimpleNamespace(records=[PromptRecord("x:1", "p", (1, 2), {})])
 
     for stop in (None, ()):
-        rollout = rl.RolloutConfig(samples_per_prompt=2, stop_token_ids=stop)
-        source = rl.RolloutSource(Sampler(), None, None, Iterator(), rollout, 0)
+        rollout = RolloutConfig(samples_per_prompt=2, stop_token_ids=stop)
+        producer = RolloutProducer(Sampler(), None, None, Iterator(), rollout, 1, 0)
         with contextlib.suppress(Exception):
-            source.draw(1, 0, timer=rl.Timer())
+            producer.draw(1, 0)
     assert [c.stop_token_ids for c in seen] == [None, ()]
+
+
+def test_rollout_draws_never_share_a_seed():
+    """Every (iteration, round) draw of a run samples with its own seed: round 101 of
+    iteration 1 is not round 0 of iteration 2, nor a draw of another run seed."""
+    seen = []
+
+    class Sampler:
+        def generate_many(self, requests):
+            seen.append(requests[0][1].seed)
+            return []
+
+    class Iterator:
+        def __next__(self):
+            return types.SimpleNamespace(records=[PromptRecord("x:1", "p", (1, 2), {})])
+
+    rollout = RolloutConfig(samples_per_prompt=2)
+    draws = [(s, i, r) for s in (0, 1) for i in (1, 2, 3) for r in range(203)]
+    for run_seed, iteration, round_index in draws:
+        producer = RolloutProducer(Sampler(), None, None, Iterator(), rollout, 1, run_seed)
+        with contextlib.suppress(Exception):  # no reward runner: scoring fails after sampling
+            producer.draw(iteration, round_index)
+    seeds = dict(zip(draws, seen, strict=True))
+    assert seeds[(0, 1, 101)] != seeds[(0, 2, 0)]
+    assert len(set(seeds.values())) == len(draws)
 
 
 def test_completion_window_log_probs_equal_the_full_forward():

@@ -19,7 +19,7 @@ from flax import nnx
 import postax
 from postax.recipes.sft import SFTAlgorithm
 from postax.train.checkpoint import CheckpointConfig
-from postax.train.metrics import NonFiniteLossError
+from postax.train.metrics import MetricsConfig, NonFiniteLossError
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import Trainer, TrainerConfig
 
@@ -300,3 +300,73 @@ def test_trainer_model_stays_usable_after_lora_steps():
     logits = trainer.model(tokens)  # reads the base weights
     merged = merge_lora(trainer.model)
     np.testing.assert_allclose(merged(tokens), logits, rtol=1e-4, atol=1e-4)
+
+
+class Position:
+    """A data position an outer loop advances by hand (as the RL prompt iterator)."""
+
+    def __init__(self):
+        self.index = 0
+
+    def state(self):
+        return {"index": self.index}
+
+    def restore(self, state):
+        self.index = state["index"]
+
+
+def iteration_trainer(out: Path) -> Trainer:
+    """3 iterations of 2 SGD steps; a checkpoint every 2 iterations (4 steps)."""
+    return Trainer(
+        postax.build_model(TINY, seed=0),
+        SFTAlgorithm(),
+        config=TrainerConfig(steps=6, progress=True, progress_metrics=("tokens",)),
+        optimizer=OptimizerConfig(name="sgd", learning_rate=0.5, schedule="constant"),
+        checkpoint=CheckpointConfig(directory=str(out / "checkpoints"), save_every=4),
+        metrics=MetricsConfig(directory=str(out)),
+    )
+
+
+def run_iterations(trainer: Trainer, position: Position, *, stop_after: int = 0) -> list[int]:
+    """The outer loop of an RL recipe, on synthetic batches chosen by the data position;
+    `stop_after` k > 0 stops after iteration k as a killed run would."""
+    done = []
+    for iteration in trainer.iterations(3, 2, position):
+        batches = [synthetic_batch(seed=10 * position.index + k) for k in range(2)]
+        position.index += 1
+        metrics = jax.device_get(trainer.run_steps(batches))
+        trainer.end_iteration(
+            iteration, {"loss": float(metrics[-1]["loss"]), "tokens": 1.0}, position
+        )
+        done.append(iteration)
+        if iteration == stop_after:
+            return done
+    trainer.end_training(position)
+    return done
+
+
+def test_outer_iterations_resume_log_and_save_like_fit(tmp_path, capsys):
+    """`iterations` resumes once (data position included), `run_steps` runs one step per batch,
+    `end_iteration` logs under the iteration and saves when due; interrupted after iteration 2
+    and resumed equals the straight run, bitwise."""
+    straight = iteration_trainer(tmp_path / "straight")
+    assert run_iterations(straight, Position()) == [1, 2, 3]
+    assert straight.checkpoints.all_steps() == [4, 6]  # iteration 2 (due), then the last
+    assert "step 3/3" in capsys.readouterr().err  # the progress line counts iterations
+
+    first = iteration_trainer(tmp_path / "cut")
+    assert run_iterations(first, Position(), stop_after=2) == [1, 2]
+    first.checkpoints.wait()
+    first.close()
+    position = Position()
+    resumed = iteration_trainer(tmp_path / "cut")
+    assert run_iterations(resumed, position) == [3]
+    assert position.index == 3  # restored to 2, then iteration 3 advanced it
+    for name, value in flat_params(straight.model).items():
+        np.testing.assert_array_equal(flat_params(resumed.model)[name], value, err_msg=name)
+    straight.close()
+    resumed.close()
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert [row["step"] for row in logged] == [1, 2, 3]
+    expected = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+    assert [row["loss"] for row in logged] == [row["loss"] for row in expected]

@@ -1,5 +1,6 @@
 """What every recipe shares: where the model comes from, the run directory, the trainer's
-checkpoint and metrics settings, the end-of-run summary and the command line.
+checkpoint and metrics settings, the end-of-run summary, the Hugging Face export and the
+command line.
 
 A recipe reads top to bottom (DESIGN.md principle 5); these helpers keep the
 parts that are the same in every recipe written once.
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from postax.configs import load_config, to_dict
-from postax.models import ModelConfig, build_model, load_model, preset
-from postax.tokenizer import load_tokenizer
+from postax.models import ModelConfig, build_model, load_model, preset, save_model
+from postax.models.lora import merge_lora, save_adapter
+from postax.tokenizer import copy_tokenizer_files, load_tokenizer
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, training_flops_per_token
 from postax.train.trainer import Trainer
@@ -140,6 +142,18 @@ def train_and_summarise(
     trainer.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def export(model, cfg, tokenizer_dir: Path, out: Path) -> Path:
+    """Writes the trained model as a Hugging Face checkpoint in out/final (LoRA merged;
+    the adapter alone in out/adapter)."""
+    final = out / "final"
+    if cfg.lora:
+        save_adapter(model, out / "adapter")
+        model = merge_lora(model)
+    save_model(model, final)
+    copy_tokenizer_files(tokenizer_dir, final)
+    return final
 
 
 def recipe_main(

@@ -30,7 +30,6 @@ reward; GSPO `policy.ratio: sequence`; RLOO `advantage: rloo`; REINFORCE++
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import jax
@@ -41,7 +40,6 @@ from flax import nnx
 from postax.losses.numerics import aggregation_normalizer
 from postax.losses.policy import PolicyLossConfig, policy_loss
 from postax.models.lora import LoRAConfig
-from postax.recipes import rl_common as rl
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
@@ -50,14 +48,31 @@ from postax.recipes.common import (
     recipe_main,
     start_run,
 )
+from postax.recipes.rl_common.config import (
+    KL_IN_REWARD,
+    RECOMPUTED_LOGPROBS,
+    EvalConfig,
+    RunSettings,
+    UpdateConfig,
+    check_settings,
+)
+from postax.recipes.rl_common.loop import (
+    Timer,
+    build_policy,
+    load_run_data,
+    make_rl_trainer,
+    start_loop,
+)
+from postax.recipes.rl_common.reference import loss_policy_config
+from postax.recipes.rl_common.updates import minibatches, summarise_updates
 from postax.rl import advantages as adv
+from postax.rl.groups import pad_rows, rollout_metrics, rollout_rows
 from postax.rl.logprobs import rollout_logprobs, score_rollout
+from postax.rl.producer import RolloutConfig
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
 from postax.train.optim import OptimizerConfig
-from postax.validation import ConfigError
-
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+from postax.validation import is_int, require
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,27 +84,35 @@ class GRPOConfig:
     iterations: int
     tokenizer: str | None = None  # default: model.path
     eval_data: PromptDataConfig | None = None
-    eval: rl.EvalConfig = dataclasses.field(default_factory=rl.EvalConfig)
-    rollout: rl.RolloutConfig = dataclasses.field(default_factory=rl.RolloutConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     advantage: str = "grpo"
     policy: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     kl_placement: str = "loss"
     loss_constant: int | None = None  # sequence_sum_constant's divisor (default max_new_tokens)
-    update: rl.UpdateConfig = dataclasses.field(default_factory=rl.UpdateConfig)
+    update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     lora: LoRAConfig | None = None
     quantize: str | None = None
-    run: rl.RunSettings = dataclasses.field(default_factory=rl.RunSettings)
+    run: RunSettings = dataclasses.field(default_factory=RunSettings)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     export: bool = True
 
     def __post_init__(self) -> None:
-        rl.check_settings(self)
-        if self.advantage not in ADVANTAGES:
-            raise ConfigError(f"advantage={self.advantage!r} is invalid: one of {ADVANTAGES}")
-        if self.loss_constant is not None and self.loss_constant < 1:
-            raise ConfigError(f"loss_constant={self.loss_constant!r} is invalid: an integer >= 1")
+        check_settings(self)
+        require(
+            self.advantage in adv.CRITIC_FREE_ESTIMATORS,
+            "advantage",
+            self.advantage,
+            f"one of {adv.CRITIC_FREE_ESTIMATORS}",
+        )
+        require(
+            self.loss_constant is None or (is_int(self.loss_constant) and self.loss_constant >= 1),
+            "loss_constant",
+            self.loss_constant,
+            "null or an integer >= 1",
+        )
 
     @property
     def group_size(self) -> int:
@@ -146,8 +169,8 @@ def compute_advantages(
     times kl_coef from the reward, REINFORCE++ subtracts it token by token.
     """
     mask = rows["loss_mask"]
-    beta = cfg.policy.kl_coef if cfg.kl_placement == "reward" else 0.0
-    if cfg.advantage.startswith("reinforce_pp"):
+    beta = cfg.policy.kl_coef if cfg.kl_placement == KL_IN_REWARD else 0.0
+    if cfg.advantage in adv.REINFORCE_PP_ESTIMATORS:
         token_rewards = np.zeros_like(mask) if kl is None else -beta * kl
         return np.asarray(
             adv.reinforce_plus_plus_advantages(
@@ -167,41 +190,28 @@ def run(cfg: GRPOConfig) -> dict:
     """GRPO-family RL from a config; returns the run summary."""
     out = start_run(cfg)
     num_rows = cfg.data.batch_size * cfg.group_size
-    data = rl.load_run_data(cfg, num_rows)
+    data = load_run_data(cfg, num_rows)
 
-    model = rl.build_policy(cfg.model, cfg.lora, cfg.quantize)
+    model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
     temperature = float(cfg.rollout.temperature)
     algorithm = PolicyGradientAlgorithm(
-        rl.loss_policy_config(cfg),
+        loss_policy_config(cfg),
         temperature,
         float(cfg.loss_constant or cfg.rollout.max_new_tokens),
         window=cfg.rollout.max_new_tokens,
     )
-    steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
-    trainer = rl.make_rl_trainer(
-        cfg,
-        model,
-        algorithm,
-        steps=cfg.iterations * steps_per_iteration,
-        out=out,
-        wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
-    )
-    loop = rl.start_loop(cfg, trainer, data, trainer.model)
+    wrt = nnx.LoRAParam if cfg.lora else nnx.Param
+    trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)
+    loop = start_loop(cfg, trainer, data, trainer.model)
 
-    for iteration in range(trainer.step // steps_per_iteration + 1, cfg.iterations + 1):
-        timer = rl.Timer()
+    for iteration in loop.iterations:
+        timer = Timer()
         began = time.perf_counter()
 
         # 1-3. prompts -> rollouts -> rewards (dynamic sampling draws more prompts)
-        groups = rl.collect_groups(
-            functools.partial(loop.source.draw, iteration, timer=timer),
-            cfg.data.batch_size,
-            cfg.group_size,
-            dynamic=cfg.rollout.dynamic_sampling,
-            rounds=cfg.rollout.max_sampling_rounds,
-        )
-        rows = rl.rollout_rows(
+        groups = loop.producer.produce(iteration, timer)
+        rows = rollout_rows(
             groups,
             num_rows=num_rows,
             pad_id=data.tokenizer.pad_token_id,
@@ -212,9 +222,12 @@ def run(cfg: GRPOConfig) -> dict:
         # 4. reference log-probs (or the KL for the reward) and old log-probs, no gradient
         with timer("score"):
             device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
-            kl = loop.reference.attach(rows, device_rows, temperature)
+            kl = loop.reference.reward_kl(rows, device_rows, temperature)
+            ref_logp = loop.reference.loss_logprobs(device_rows, temperature)
+            if ref_logp is not None:
+                rows["ref_logp"] = ref_logp
             rows["old_logp"] = rows["sampler_logp"]
-            if cfg.update.old_logprobs == "recompute":
+            if cfg.update.old_logprobs == RECOMPUTED_LOGPROBS:
                 rows["old_logp"] = np.asarray(
                     score_rollout(
                         trainer.model,
@@ -225,7 +238,7 @@ def run(cfg: GRPOConfig) -> dict:
                 )
 
         # 5. advantages (filler rows get 0)
-        rows["advantages"] = rl.pad_rows(
+        rows["advantages"] = pad_rows(
             compute_advantages(
                 cfg,
                 groups.rewards,
@@ -237,31 +250,22 @@ def run(cfg: GRPOConfig) -> dict:
 
         # 6. minibatch updates
         with timer("update"):
-            step_metrics = jax.device_get(rl.run_updates(trainer, rows, cfg.update, iteration))
+            step_metrics = trainer.run_steps(minibatches(rows, cfg.update, seed=iteration))
+            step_metrics = jax.device_get(step_metrics)
 
         # 7. metrics, evaluation, checkpoints
-        row = rl.rollout_metrics(groups, cfg.group_size)
-        row.update(rl.summarise_updates(step_metrics))
+        row = rollout_metrics(groups, cfg.group_size)
+        row.update(summarise_updates(step_metrics))
         if kl is not None:  # KL in the reward: the mean per-token estimate it subtracted
             row["kl"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - began
-        rl.end_iteration(cfg, trainer, loop.iterator, loop.evaluate, iteration, row, SHOWN)
+        loop.end_iteration(iteration, row)
 
-    return rl.finish_run(
-        cfg, trainer, loop.iterator, loop.evaluate, loop.summary, out, trainer.model
-    )
+    return loop.finish(out)
 
 
-SHOWN = (
-    "reward",
-    "eval_accuracy",
-    "completion_length",
-    "clip_fraction",
-    "kl",
-    "loss",
-    "time_iteration",
-)
+SHOWN = ("reward", "eval_accuracy", "completion_length", "clip_fraction", "kl", "time_iteration")
 
 
 def main(argv: list[str] | None = None) -> int:

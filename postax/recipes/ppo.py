@@ -46,7 +46,6 @@ from postax.losses.value import value_loss
 from postax.models.lora import LoRAConfig
 from postax.models.reward import load_reward_model
 from postax.models.value import CRITICS, ActorCritic, critic_from_policy
-from postax.recipes import rl_common as rl
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
@@ -55,13 +54,32 @@ from postax.recipes.common import (
     recipe_main,
     start_run,
 )
+from postax.recipes.rl_common.config import (
+    KL_IN_REWARD,
+    RECOMPUTED_LOGPROBS,
+    EvalConfig,
+    RunSettings,
+    UpdateConfig,
+    check_settings,
+)
+from postax.recipes.rl_common.loop import (
+    Timer,
+    build_policy,
+    load_run_data,
+    make_rl_trainer,
+    start_loop,
+)
+from postax.recipes.rl_common.reference import loss_policy_config
+from postax.recipes.rl_common.updates import minibatches, summarise_updates
 from postax.rl import advantages as adv
+from postax.rl.groups import pad_rows, rollout_metrics, rollout_rows
 from postax.rl.logprobs import (
     gather_window,
     logprobs_from_logits,
     scatter_window,
     window_columns,
 )
+from postax.rl.producer import RolloutConfig
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
 from postax.train.optim import OptimizerConfig
@@ -115,28 +133,28 @@ class PPOConfig:
     iterations: int
     tokenizer: str | None = None  # default: model.path
     eval_data: PromptDataConfig | None = None
-    eval: rl.EvalConfig = dataclasses.field(default_factory=rl.EvalConfig)
-    rollout: rl.RolloutConfig = dataclasses.field(
-        default_factory=lambda: rl.RolloutConfig(samples_per_prompt=1)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    rollout: RolloutConfig = dataclasses.field(
+        default_factory=lambda: RolloutConfig(samples_per_prompt=1)
     )
     policy: PolicyLossConfig = dataclasses.field(
         default_factory=lambda: PolicyLossConfig(kl_coef=0.05, kl_estimator="k1")
     )
     kl_placement: str = "reward"
     value: ValueConfig = dataclasses.field(default_factory=ValueConfig)
-    update: rl.UpdateConfig = dataclasses.field(
-        default_factory=lambda: rl.UpdateConfig(epochs=2, minibatches=2)
+    update: UpdateConfig = dataclasses.field(
+        default_factory=lambda: UpdateConfig(epochs=2, minibatches=2)
     )
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     lora: LoRAConfig | None = None
     quantize: str | None = None
-    run: rl.RunSettings = dataclasses.field(default_factory=rl.RunSettings)
+    run: RunSettings = dataclasses.field(default_factory=RunSettings)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     export: bool = True
 
     def __post_init__(self) -> None:
-        rl.check_settings(self)
+        check_settings(self)
         if self.rollout.dynamic_sampling:
             raise ConfigError(
                 "rollout.dynamic_sampling is for group-normalised advantages (GRPO family); "
@@ -219,7 +237,7 @@ def _values_and_logprobs(
 
 
 def build_actor_critic(cfg: PPOConfig) -> ActorCritic:
-    policy = rl.build_policy(cfg.model, cfg.lora, cfg.quantize)
+    policy = build_policy(cfg.model, cfg.lora, cfg.quantize)
     rngs = nnx.Rngs(cfg.model.seed + 1)
     critic = None
     if cfg.value.critic == "separate":
@@ -248,7 +266,7 @@ def gae_targets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(advantages, returns) [rows, width] of the sampled rows."""
     mask = rows["loss_mask"]
-    beta = cfg.policy.kl_coef if cfg.kl_placement == "reward" else 0.0
+    beta = cfg.policy.kl_coef if cfg.kl_placement == KL_IN_REWARD else 0.0
     kl = np.zeros_like(mask) if kl is None else kl
     token_rewards = adv.token_rewards_with_kl(rewards, kl, mask, beta)
     advantages, returns = adv.gae(
@@ -263,37 +281,29 @@ def run(cfg: PPOConfig) -> dict:
     """PPO from a config; returns the run summary."""
     out = start_run(cfg)
     num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
-    data = rl.load_run_data(cfg, num_rows)
+    data = load_run_data(cfg, num_rows)
 
     model = build_actor_critic(cfg)
     check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
     temperature = float(cfg.rollout.temperature)
     algorithm = PPOAlgorithm(
-        rl.loss_policy_config(cfg),
+        loss_policy_config(cfg),
         cfg.value,
         temperature,
         float(cfg.rollout.max_new_tokens),
         window=cfg.rollout.max_new_tokens,
     )
-    steps_per_iteration = cfg.update.epochs * cfg.update.minibatches
-    trainer = rl.make_rl_trainer(
-        cfg,
-        model,
-        algorithm,
-        steps=cfg.iterations * steps_per_iteration,
-        out=out,
-        wrt=trained_variables(cfg),
-    )
-    policy = trainer.model.policy
-    loop = rl.start_loop(cfg, trainer, data, policy)
+    wrt = trained_variables(cfg)
+    trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)
+    loop = start_loop(cfg, trainer, data, trainer.model.policy)
 
-    for iteration in range(trainer.step // steps_per_iteration + 1, cfg.iterations + 1):
-        timer = rl.Timer()
+    for iteration in loop.iterations:
+        timer = Timer()
         began = time.perf_counter()
 
         # 1-2. prompts -> rollouts -> rewards
-        groups = loop.source.draw(iteration, 0, timer=timer)
-        rows = rl.rollout_rows(
+        groups = loop.producer.produce(iteration, timer)
+        rows = rollout_rows(
             groups,
             num_rows=num_rows,
             pad_id=data.tokenizer.pad_token_id,
@@ -304,8 +314,11 @@ def run(cfg: PPOConfig) -> dict:
         # 3. reference (or the KL for the reward), values and old log-probs, no gradient
         with timer("score"):
             device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
-            kl = loop.reference.attach(rows, device_rows, temperature)
-            recompute = cfg.update.old_logprobs == "recompute"
+            kl = loop.reference.reward_kl(rows, device_rows, temperature)
+            ref_logp = loop.reference.loss_logprobs(device_rows, temperature)
+            if ref_logp is not None:
+                rows["ref_logp"] = ref_logp
+            recompute = cfg.update.old_logprobs == RECOMPUTED_LOGPROBS
             values, old_logp = _values_and_logprobs(
                 trainer.model, device_rows, temperature, recompute, cfg.rollout.max_new_tokens
             )
@@ -319,26 +332,27 @@ def run(cfg: PPOConfig) -> dict:
             {k: v[:sampled] for k, v in rows.items()},
             None if kl is None else kl[:sampled],
         )
-        rows["advantages"] = rl.pad_rows(advantages.astype(np.float32), num_rows)
-        rows["returns"] = rl.pad_rows(returns.astype(np.float32), num_rows)
+        rows["advantages"] = pad_rows(advantages.astype(np.float32), num_rows)
+        rows["returns"] = pad_rows(returns.astype(np.float32), num_rows)
 
         # 5. minibatch updates of policy and critic
         with timer("update"):
-            step_metrics = jax.device_get(rl.run_updates(trainer, rows, cfg.update, iteration))
+            step_metrics = trainer.run_steps(minibatches(rows, cfg.update, seed=iteration))
+            step_metrics = jax.device_get(step_metrics)
 
         # 6. metrics, evaluation, checkpoints
-        row = rl.rollout_metrics(groups, cfg.rollout.samples_per_prompt)
-        row.update(rl.summarise_updates(step_metrics))
+        row = rollout_metrics(groups, cfg.rollout.samples_per_prompt)
+        row.update(summarise_updates(step_metrics))
         if kl is not None:  # the mean per-token KL estimate taken from the rewards
             row["kl_reward"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - began
-        rl.end_iteration(cfg, trainer, loop.iterator, loop.evaluate, iteration, row, SHOWN)
+        loop.end_iteration(iteration, row)
 
-    return rl.finish_run(cfg, trainer, loop.iterator, loop.evaluate, loop.summary, out, policy)
+    return loop.finish(out)
 
 
-SHOWN = ("reward", "eval_accuracy", "value_error", "clip_fraction", "kl_reward", "loss")
+SHOWN = ("reward", "eval_accuracy", "value_error", "clip_fraction", "kl_reward")
 
 
 def main(argv: list[str] | None = None) -> int:

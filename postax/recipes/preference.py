@@ -41,13 +41,13 @@ from postax.recipes.common import (
     ModelSource,
     build_causal_lm,
     check_vocab,
+    export,
     load_data,
     make_trainer,
     recipe_main,
     start_run,
     train_and_summarise,
 )
-from postax.recipes.sft import export
 from postax.train import reference as ref
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig

@@ -9,14 +9,12 @@ checkpoint) -> Hugging Face export (LoRA merged; the adapter saved alone too).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from flax import nnx
 
 from postax.data import DataConfig, SFTDataset
 from postax.losses.sft import sft_loss, sft_normalizer
-from postax.models import save_model
-from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from postax.models.lora import LoRAConfig, apply_lora
 from postax.models.quant import quantize
 from postax.recipes.common import (
     CheckpointSettings,
@@ -24,13 +22,13 @@ from postax.recipes.common import (
     ModelSource,
     build_causal_lm,
     check_vocab,
+    export,
     load_data,
     make_trainer,
     recipe_main,
     start_run,
     train_and_summarise,
 )
-from postax.tokenizer import copy_tokenizer_files
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
 
@@ -122,18 +120,6 @@ def run(cfg: SFTConfig) -> dict:
         eval_fn=eval_fn,
         export=(lambda model: export(model, cfg, tokenizer_dir, out)) if cfg.export else None,
     )
-
-
-def export(model, cfg, tokenizer_dir: Path, out: Path) -> Path:
-    """Writes the trained model as a Hugging Face checkpoint in out/final (LoRA merged;
-    the adapter alone in out/adapter)."""
-    final = out / "final"
-    if cfg.lora:
-        save_adapter(model, out / "adapter")
-        model = merge_lora(model)
-    save_model(model, final)
-    copy_tokenizer_files(tokenizer_dir, final)
-    return final
 
 
 def main(argv: list[str] | None = None) -> int:

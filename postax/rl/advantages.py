@@ -62,14 +62,6 @@ import jax.numpy as jnp
 from postax.losses.numerics import masked_whiten
 from postax.validation import is_int, is_number, require
 
-ADVANTAGE_ESTIMATORS = (
-    "grpo",
-    "dr_grpo",
-    "rloo",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-    "gae",
-)
 GROUP_SCALES = ("std", "none")
 
 _require = functools.partial(require, error=ValueError)
@@ -131,7 +123,10 @@ _SEQUENCE_ADVANTAGES = {
     "dr_grpo": functools.partial(group_advantages, scale="none"),
     "rloo": rloo_advantages,
 }
-SEQUENCE_ESTIMATORS = tuple(_SEQUENCE_ADVANTAGES)
+SEQUENCE_ESTIMATORS = tuple(_SEQUENCE_ADVANTAGES)  # one advantage per completion
+REINFORCE_PP_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline")  # per token, no critic
+CRITIC_FREE_ESTIMATORS = (*SEQUENCE_ESTIMATORS, *REINFORCE_PP_ESTIMATORS)  # the GRPO recipe's
+ADVANTAGE_ESTIMATORS = (*CRITIC_FREE_ESTIMATORS, "gae")  # "gae" needs values: PPO's critic
 
 
 def sequence_advantages(name: str, rewards, group_size: int) -> jax.Array:

@@ -21,13 +21,19 @@ device inside the loop except to flush metrics (every `log_every` steps) and
 to save checkpoints. A step whose loss or gradient norm is not finite leaves
 the parameters and optimizer state untouched; the next flush raises
 `NonFiniteLossError`, and no checkpoint is written from a non-finite step.
+
+`fit` runs a batch iterator to `config.steps`. A loop whose iterations make
+their own batches (the RL recipes: a rollout batch, then minibatch updates)
+goes through the same restore, save, metrics and progress paths:
+`iterations` (resumes once, returns the iterations left), `run_steps`,
+`end_iteration` (metrics, progress, checkpoint when due) and `end_training`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -53,14 +59,18 @@ from postax.train.optim import OptimizerConfig, build_optimizer, learning_rate_s
 Batch = Mapping[str, Any]
 
 
-class BatchSource(Protocol):
-    """Batches with a resumable position (postax.data.DataIterator)."""
-
-    def __next__(self) -> Any: ...  # an object with as_dict() -> {name: array}
+class Resumable(Protocol):
+    """A data position that checkpoints save and a resume restores."""
 
     def state(self) -> dict[str, Any]: ...
 
     def restore(self, state: dict[str, Any]) -> None: ...
+
+
+class BatchSource(Resumable, Protocol):
+    """Batches with a resumable position (postax.data.DataIterator)."""
+
+    def __next__(self) -> Any: ...  # an object with as_dict() -> {name: array}
 
 
 class Algorithm(Protocol):
@@ -332,7 +342,7 @@ class Trainer:
             "rng": self.state.rng,
         }
 
-    def restore(self, data_iterator=None) -> bool:
+    def restore(self, data_iterator: Resumable | None = None) -> bool:
         """Resumes from the latest checkpoint if one exists; returns whether it did."""
         if self.checkpoints is None or self.checkpoints.latest_step() is None:
             return False
@@ -347,13 +357,79 @@ class Trainer:
             data_iterator.restore(extra["data"])
         return True
 
-    def save(self, data_iterator=None, *, force: bool = False) -> bool:
+    def save(self, data_iterator: Resumable | None = None, *, force: bool = False) -> bool:
+        """A checkpoint of the state and the data position when `checkpoint.save_every` steps
+        are due or `force`; returns whether one was started."""
         if self.checkpoints is None:
             return False
         extra = {"step": self.step}
         if data_iterator is not None:
             extra["data"] = data_iterator.state()
         return self.checkpoints.save(self.step, self.checkpoint_state(), extra, force=force)
+
+    # ---------------------------------------------- what `fit` and outer loops share
+
+    _progress: ProgressBar | None = None  # the running loop's progress line
+
+    def log(self, step: int, row: Mapping[str, float]) -> None:
+        """Appends `row` to the metrics (JSON lines, TensorBoard, W&B) under `step`."""
+        if self.metrics:
+            self.metrics.log(step, row)
+
+    def _start_progress(self, total: int) -> None:
+        self._progress = ProgressBar(total) if self.config.progress else None
+
+    def _show_progress(self, step: int, row: Mapping[str, float], **throughput: float) -> None:
+        """The progress line at `step`: the loss, `config.progress_metrics`, throughput."""
+        if self._progress:
+            self._progress.update(
+                step,
+                loss=row.get("loss"),
+                extra={k: row[k] for k in self.config.progress_metrics if k in row},
+                **throughput,
+            )
+
+    def end_training(self, data_iterator: Resumable | None = None) -> None:
+        """The last checkpoint, forced and committed before this returns; the progress line
+        closes."""
+        self.save(data_iterator, force=True)
+        if self.checkpoints:
+            self.checkpoints.wait()
+        if self._progress:
+            self._progress.close()
+            self._progress = None
+
+    # ------------------------------------------------- outer iterations (RL recipes)
+
+    def iterations(
+        self, total: int, steps_per_iteration: int, data_iterator: Resumable | None = None
+    ) -> range:
+        """The numbers (from 1) of the iterations still to run in a loop of `total` iterations
+        of `steps_per_iteration` optimizer steps each (RL: one rollout batch each).
+
+        Resumes first from the latest checkpoint if one exists (the range then
+        starts after 1), restoring `data_iterator`'s position, and starts the
+        progress line, counted in iterations.
+        """
+        self.restore(data_iterator)
+        self._start_progress(total)
+        return range(self.step // steps_per_iteration + 1, total + 1)
+
+    def run_steps(self, batches: Iterable[Batch]) -> list[dict[str, jax.Array]]:
+        """One optimizer step per batch, in order; each step's device metrics (no host sync)."""
+        return [self.train_step(batch) for batch in batches]
+
+    def end_iteration(
+        self, iteration: int, row: Mapping[str, float], data_iterator: Resumable | None = None
+    ) -> None:
+        """An iteration's end: `row` in the metrics under `iteration`, the progress line, and
+        a checkpoint with `data_iterator`'s position when `checkpoint.save_every` steps are
+        due."""
+        self.log(iteration, row)
+        self._show_progress(iteration, row)
+        self.save(data_iterator)
+
+    # ------------------------------------------------------------------ fit
 
     def fit(
         self,
@@ -365,7 +441,7 @@ class Trainer:
         """Runs until `config.steps`; resumes first if a checkpoint exists. Returns logged rows."""
         cfg = self.config
         self.restore(batches)
-        progress = ProgressBar(cfg.steps) if cfg.progress else None
+        self._start_progress(cfg.steps)
         peak = (
             matmul_peak_flops(str(jax.tree.leaves(self.state.params)[0].dtype))
             if flops_per_token
@@ -401,23 +477,12 @@ class Trainer:
                     last["fraction_of_peak"] = throughput * flops_per_token / peak
                 if due_eval:
                     last.update({f"eval_{k}": v for k, v in eval_fn().items()})
-                if self.metrics:
-                    for row in rows[-len(pending) :]:
-                        self.metrics.log(row["step"], {k: v for k, v in row.items() if k != "step"})
-                if progress:
-                    progress.update(
-                        step,
-                        loss=last["loss"],
-                        tokens_per_second=throughput,
-                        extra={k: last[k] for k in cfg.progress_metrics if k in last},
-                    )
+                for row in rows[-len(pending) :]:
+                    self.log(row["step"], {k: v for k, v in row.items() if k != "step"})
+                self._show_progress(step, last, tokens_per_second=throughput)
                 pending, window_start, window_tokens = [], time.perf_counter(), 0
                 self.save(batches)
-        self.save(batches, force=True)
-        if self.checkpoints:
-            self.checkpoints.wait()
-        if progress:
-            progress.close()
+        self.end_training(batches)
         return rows
 
     def _save_due(self, step: int) -> bool:

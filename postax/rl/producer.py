@@ -1,0 +1,142 @@
+"""Rollout production, steps 1-3 of an RL iteration: prompts -> samples -> rewards.
+
+`RolloutProducer.produce(iteration)` returns the scored groups of one rollout
+batch: the next prompts, `rollout.samples_per_prompt` completions of each
+drawn from the live policy, and their rewards; with dynamic sampling, more
+draws until the batch is full (`groups.collect_groups`). It runs in the
+caller's thread, so each batch is sampled from the policy as updated by all
+earlier iterations (on-policy).
+
+The RL loop asks only `produce(iteration, timer) -> Groups` of it, plus
+`state()`/`restore(state)` for the position checkpoints save: an
+asynchronous producer (sampling the batch of iteration i + 1 while i trains)
+replaces it there without touching the loop.
+
+Reproducibility: draw `round` of iteration `iteration` samples with a seed
+derived from (run seed, iteration, round) by `numpy.random.SeedSequence`, so
+no two draws of a run share a seed and a resumed run draws what the
+interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from postax.rl.groups import Groups, collect_groups, score_completions
+from postax.rl.rewards import RewardRunner
+from postax.sampling.sampler import Sampler, SamplingConfig
+from postax.validation import ConfigError, is_int, is_number, require
+
+PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """How rollouts are sampled and filtered.
+
+    samples_per_prompt: the group size G.
+    temperature: sampling temperature (> 0); the trainer scores tokens at the same one.
+    dynamic_sampling: DAPO: drop groups whose rewards are all equal and sample
+      more prompts until the batch is full, at most `max_sampling_rounds`
+      rounds (rows still missing then are filler rows that weigh nothing).
+    overlong_filter: DAPO: completions cut at max_new_tokens stay in the
+      batch (rewards, advantages of their group) but are masked out of the loss.
+    max_batch_size: most rows the sampler decodes at once.
+    stop_token_ids: ids that end a completion; null: the tokenizer's eos ids,
+      []: none (every completion runs max_new_tokens).
+    """
+
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    overlong_filter: bool = False
+    max_batch_size: int = 64
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "samples_per_prompt",
+            "max_new_tokens",
+            "max_sampling_rounds",
+            "max_batch_size",
+        ):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 1, f"rollout.{name}", value, "an integer >= 1")
+        if not (is_number(self.temperature) and self.temperature > 0):
+            raise ConfigError(
+                f"rollout.temperature={self.temperature!r} is invalid: a number > 0 (RL samples; "
+                "greedy rollouts have no exploration and equal groups)"
+            )
+
+
+def rollout_seed(seed: int, iteration: int, round_index: int) -> int:
+    """The sampling seed of draw `round_index` of `iteration` in a run seeded `seed` (all >= 0):
+    distinct (seed, iteration, round) triples give independent seeds."""
+    return int(np.random.SeedSequence([seed, iteration, round_index]).generate_state(1)[0])
+
+
+def _untimed(phase: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class RolloutProducer:
+    """Scored rollout groups from the live policy, one batch per iteration, in the caller's
+    thread (see the module docstring; an asynchronous producer with the same `produce`,
+    `state` and `restore` can take its place in the loop).
+
+    prompts: the prompt iterator (`PromptDataset.iterator()`), whose position
+    `state()`/`restore()` hand to checkpoints. prompts_per_batch: the groups
+    a batch holds (`data.batch_size`).
+    """
+
+    sampler: Sampler
+    runner: RewardRunner
+    tokenizer: Any
+    prompts: Any
+    rollout: RolloutConfig
+    prompts_per_batch: int
+    seed: int
+
+    def produce(self, iteration: int, timer: PhaseTimer = _untimed) -> Groups:
+        """The groups of iteration `iteration`'s rollout batch; `timer("generate")` and
+        `timer("reward")` time the sampling and the scoring."""
+        return collect_groups(
+            functools.partial(self.draw, iteration, timer=timer),
+            self.prompts_per_batch,
+            self.rollout.samples_per_prompt,
+            dynamic=self.rollout.dynamic_sampling,
+            rounds=self.rollout.max_sampling_rounds,
+        )
+
+    def draw(self, iteration: int, round_index: int, *, timer: PhaseTimer = _untimed) -> Groups:
+        """Samples and scores the next prompt batch (draw `round_index` of `iteration`)."""
+        sampling = SamplingConfig(
+            max_new_tokens=self.rollout.max_new_tokens,
+            temperature=float(self.rollout.temperature),
+            num_samples=self.rollout.samples_per_prompt,
+            seed=rollout_seed(self.seed, iteration, round_index),
+            stop_token_ids=self.rollout.stop_token_ids,
+        )
+        records = next(self.prompts).records
+        with timer("generate"):
+            completions = self.sampler.generate_many([(r.ids, sampling) for r in records])
+        with timer("reward"):
+            return score_completions(
+                self.runner, self.tokenizer, records, completions, sampling.num_samples
+            )
+
+    def state(self) -> dict[str, Any]:
+        """The prompt position to checkpoint."""
+        return self.prompts.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.prompts.restore(state)

@@ -30,6 +30,7 @@ from postax.sampling import (
     SamplingError,
     completion_logprobs,
     process_logits,
+    scoring,
     token_logprobs,
 )
 from postax.sampling.strategies import sample
@@ -456,6 +457,16 @@ def test_compile_count_is_bounded_and_settings_do_not_recompile(llama):
     assert llama.compile_count == count + 2
     llama.generate([[4] * 30], max_new_tokens=16, temperature=0.9, top_k=9, seed=1)
     assert llama.compile_count == count + 2
+
+
+def test_completion_logprobs_compiles_once_per_bucket(llama):
+    short = llama.generate(PROMPTS, max_new_tokens=2, temperature=0, stop_token_ids=[])
+    longer = llama.generate(PROMPTS, max_new_tokens=4, temperature=0, stop_token_ids=[])
+    completion_logprobs(llama.model, short)
+    count = scoring.traces.total
+    assert ("token_logprobs", (4, 16)) in scoring.traces  # 3 rows of <= 15 tokens
+    completion_logprobs(llama.model, longer)  # other lengths, same (4, 16) bucket
+    assert scoring.traces.total == count
 
 
 def test_sampler_reads_live_weights_without_recompiling(llama):

@@ -64,6 +64,7 @@ from postax.models import hf
 from postax.models.config import ConfigError, ModelConfig
 from postax.models.layers import Linear, make_param, matmul_transposed
 from postax.models.transformer import CausalLM, Decoder, exact_float32
+from postax.shapes import TraceCounter, pow2_bucket
 
 # family -> architecture written by `save_reward_model`.
 ARCHITECTURES = {
@@ -308,10 +309,6 @@ def save_reward_model(
     )
 
 
-def _pow2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
-
-
 Prompt = str | Sequence[Mapping[str, Any]]
 
 
@@ -336,10 +333,10 @@ class RewardScorer:
         self.model = model
         self.tokenizer = tokenizer
         self.min_width = min_width
-        self._traces = 0
+        self.traces = TraceCounter()
 
         def forward(model, tokens, attention_mask):
-            self._traces += 1  # runs once per trace, i.e. per compilation
+            self.traces.bump("forward", tokens)  # runs once per trace, i.e. per compilation
             return model(tokens, attention_mask=attention_mask)
 
         self._forward = nnx.jit(forward)
@@ -347,7 +344,7 @@ class RewardScorer:
     @property
     def compile_count(self) -> int:
         """How many times the forward pass has been traced (compiled) so far."""
-        return self._traces
+        return self.traces.total
 
     def token_ids(self, prompt: Prompt, completion: str) -> list[int]:
         """The ids that are scored for one pair."""
@@ -376,8 +373,8 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            height = min(batch_size, _pow2(len(chunk)))
-            width = _pow2(max(self.min_width, max(len(rows[i]) for i in chunk)))
+            height = min(batch_size, pow2_bucket(len(chunk)))
+            width = pow2_bucket(max(len(rows[i]) for i in chunk), minimum=self.min_width)
             tokens = np.full((height, width), pad, np.int32)
             mask = np.zeros((height, width), np.int32)
             for r, i in enumerate(chunk):

@@ -18,16 +18,28 @@ Per prompt, K = num_beams running beams and K finished hypotheses:
    or every candidate hit.
 
 The cache rows (prompts x beams) are gathered by parent beam every step.
+
+The Sampler runs a batch of beam-search prompts (one `SampleRow` each, all
+with the same config and stop ids) through `beam_batch_inputs` (host
+arrays), its jitted `traced_beam_search` and `beam_row_results` (the
+`num_samples` best finished hypotheses of each prompt).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from postax.models.transformer import CausalLM, KVCache
+from postax.sampling.batching import RowResult, SampleRow, prompt_arrays, stop_id_bucket
+from postax.sampling.config import FINISH_LENGTH, FINISH_STOP, SamplingConfig
+from postax.shapes import TraceCounter, pow2_bucket
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -179,3 +191,89 @@ def beam_search(
     return BeamOutput(
         sequences=state.tokens, logprobs=state.logprobs, lengths=state.lengths, scores=state.scores
     )
+
+
+# -- the Sampler's glue -------------------------------------------------------------------------
+
+
+def traced_beam_search(
+    graphdef,
+    model_state,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    *,
+    real_prompts: jax.Array,
+    max_new_tokens: jax.Array,
+    length_penalty: jax.Array,
+    stop_ids: jax.Array,
+    new_tokens: int,
+    num_beams: int,
+    traces: TraceCounter,
+) -> BeamOutput:
+    """`beam_search` of the model split into (graphdef, state), counting its traces in `traces`."""
+    traces.bump("beam", prompt_tokens, stop_ids, new_tokens, num_beams)
+    return beam_search(
+        nnx.merge(graphdef, model_state),
+        prompt_tokens,
+        prompt_mask,
+        real_prompts=real_prompts,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        stop_ids=stop_ids,
+        new_tokens=new_tokens,
+        num_beams=num_beams,
+    )
+
+
+def beam_batch_inputs(
+    rows: Sequence[SampleRow],
+    config: SamplingConfig,
+    *,
+    height: int,
+    min_prompt_bucket: int,
+    min_new_tokens_bucket: int,
+) -> dict[str, Any]:
+    """The arguments of `traced_beam_search` (model aside) for one batch of `height` prompts."""
+    tokens, mask = prompt_arrays([r.prompt_ids for r in rows], height, min_width=min_prompt_bucket)
+    stop = rows[0].stop_ids
+    stop_ids = np.full((stop_id_bucket(len(stop)) if stop else 0,), -1, np.int32)
+    stop_ids[: len(stop)] = stop
+    return dict(
+        prompt_tokens=tokens,
+        prompt_mask=mask,
+        real_prompts=np.arange(height) < len(rows),
+        max_new_tokens=np.int32(config.max_new_tokens),
+        length_penalty=np.float32(config.length_penalty),
+        stop_ids=stop_ids,
+        new_tokens=pow2_bucket(config.max_new_tokens, minimum=min_new_tokens_bucket),
+        num_beams=config.num_beams,
+    )
+
+
+def beam_row_results(
+    output: BeamOutput,
+    rows: Sequence[SampleRow],
+    config: SamplingConfig,
+    decode_text: Callable[[Sequence[int]], str | None],
+) -> list[list[RowResult]]:
+    """The `num_samples` best finished hypotheses of each row, from host (numpy) outputs."""
+    stop = rows[0].stop_ids
+    results = []
+    for i in range(len(rows)):
+        per_prompt = []
+        for k in range(config.num_samples):
+            n = int(output.lengths[i, k])
+            ids = output.sequences[i, k, :n].tolist()
+            stopped = bool(n) and ids[-1] in stop
+            per_prompt.append(
+                RowResult(
+                    ids,
+                    output.logprobs[i, k, :n].tolist(),
+                    decode_text(ids),
+                    FINISH_STOP if stopped else FINISH_LENGTH,
+                    ids[-1] if stopped else None,
+                    float(output.scores[i, k]),
+                )
+            )
+        results.append(per_prompt)
+    return results

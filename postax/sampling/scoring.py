@@ -3,6 +3,8 @@
 RL recomputes the log-probs of sampled completions under the current policy
 (and a reference model) with `token_logprobs`; with the same temperature,
 top-k, top-p and min-p it equals, in float32, what the sampler recorded.
+`completion_logprobs` scores in bucketed shapes; `traces` counts the
+compilations of its jitted scorer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from flax import nnx
 
 from postax.models.transformer import CausalLM
 from postax.sampling.strategies import ArrayLike, process_logits
+from postax.shapes import TraceCounter, left_pad, pow2_bucket
 
 
 def token_logprobs(
@@ -54,11 +57,15 @@ def token_logprobs(
     return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), picked], axis=1)
 
 
-_jitted_token_logprobs = nnx.jit(token_logprobs)
+traces = TraceCounter()
 
 
-def _pow2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+def _counted_token_logprobs(model: CausalLM, tokens: jax.Array, **options) -> jax.Array:
+    traces.bump("token_logprobs", tokens)  # runs once per trace
+    return token_logprobs(model, tokens, **options)
+
+
+_jitted_token_logprobs = nnx.jit(_counted_token_logprobs)
 
 
 def completion_logprobs(
@@ -75,17 +82,12 @@ def completion_logprobs(
     if not completions:
         return []
     rows = [list(c.prompt_ids) + list(c.token_ids) for c in completions]
-    width = _pow2(max(16, max(len(r) for r in rows)))  # bucketed, as the sampler's shapes
-    n_rows = _pow2(len(rows))
-    tokens = np.full((n_rows, width), pad_id, np.int32)
-    mask = np.zeros((n_rows, width), np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
-    filler = [0] * (n_rows - len(rows))
+    width = pow2_bucket(max(len(r) for r in rows), minimum=16)  # bucketed, as the sampler's
+    n_rows = pow2_bucket(len(rows))
+    tokens, mask = left_pad(rows, width, height=n_rows, pad_id=pad_id)
 
     def column(values, dtype, fill):
-        return np.array(list(values) + [fill] * len(filler), dtype)
+        return np.array(list(values) + [fill] * (n_rows - len(rows)), dtype)
 
     # Beam search (completions with a score) records temperature-1 log-probs without
     # filters (SamplingConfig rejects filters with num_beams > 1).

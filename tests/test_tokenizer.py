@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from postax.tokenizer import ChatEncoding, ChatTemplateError, Tokenizer, load_tokenizer
+from postax.tokenizer import (
+    TEMPLATE_DIR,
+    ChatEncoding,
+    ChatTemplateError,
+    Tokenizer,
+    load_tokenizer,
+)
 from tokenizer_fixtures import (
     CHATML,
     CHATML_TEMPLATE,
@@ -565,14 +571,16 @@ def test_named_templates_from_config_list(tokenizer_dir: Path) -> None:
 
 def test_template_files_replace_config_entry(tokenizer_dir: Path) -> None:
     (tokenizer_dir / "chat_template.jinja").write_text("FILE{{ messages[0].content }}", "utf-8")
-    (tokenizer_dir / "chat_templates").mkdir()
-    (tokenizer_dir / "chat_templates" / "short.jinja").write_text("S", encoding="utf-8")
+    (tokenizer_dir / TEMPLATE_DIR).mkdir()
+    (tokenizer_dir / TEMPLATE_DIR / "short.jinja").write_text("S", encoding="utf-8")
     tokenizer = load_tokenizer(tokenizer_dir, pad_token="<pad>")
     hf = AutoTokenizer.from_pretrained(tokenizer_dir)
     messages = CONVERSATIONS["single_user"]
     assert tokenizer.render_chat(messages) == hf.apply_chat_template(messages, tokenize=False)
     assert tokenizer.render_chat(messages) == "FILEHello world!"
     assert tokenizer.render_chat(messages, template_name="short") == "S"
+    # the folder is transformers' own: it loads the named template from there too
+    assert hf.apply_chat_template(messages, tokenize=False, chat_template="short") == "S"
     assert sorted(tokenizer.chat_templates) == ["default", "short"]
 
 
@@ -587,7 +595,7 @@ def test_template_file_layout_matches_transformers(tmp_path: Path) -> None:
 
 def test_no_chat_template_says_where_it_looked(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path, None, tokens=CHATML))
-    expected = r"no chat template: looked for chat_template\.jinja, chat_templates/\*\.jinja"
+    expected = r"no chat template: looked for chat_template\.jinja, additional_chat_templates/\*\.jinja"
     with pytest.raises(ChatTemplateError, match=expected):
         tokenizer.apply_chat_template(CONVERSATIONS["single_user"])
 

@@ -1,5 +1,5 @@
 """Exports keep the whole tokenizer: `copy_tokenizer_files` copies every file `load_tokenizer`
-reads, named chat templates (`chat_templates/*.jinja`) included."""
+reads, named chat templates (`additional_chat_templates/*.jinja`) included."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ TOOLS = [
 @pytest.fixture
 def tokenizer_dir(tmp_path: Path) -> Path:
     """A directory whose default template ignores tools and whose tool-use template, in
-    chat_templates/tool_use.jinja, lists them; with files load_tokenizer does not read."""
+    additional_chat_templates/tool_use.jinja, lists them; with files load_tokenizer does not read."""
     path = make_tokenizer_dir(
         tmp_path / "tokenizer",
         GENERATION_TEMPLATE,
@@ -43,7 +43,7 @@ def tokenizer_dir(tmp_path: Path) -> Path:
     )
     write_json(path / "generation_config.json", {"eos_token_id": [1, 2]})
     (path / "README.md").write_text("not a tokenizer file\n")
-    (path / "chat_templates" / "notes.txt").write_text("not a template\n")
+    (path / "additional_chat_templates" / "notes.txt").write_text("not a template\n")
     return path
 
 
@@ -64,8 +64,8 @@ def test_copy_tokenizer_files_copies_what_load_tokenizer_reads(
     destination = tmp_path / "copy"
     copied = copy_tokenizer_files(tokenizer_dir, destination)
     assert sorted(map(str, copied)) == [
+        "additional_chat_templates/tool_use.jinja",
         "chat_template.jinja",
-        "chat_templates/tool_use.jinja",
         "generation_config.json",
         "special_tokens_map.json",
         "tokenizer.json",
@@ -97,5 +97,5 @@ def test_sft_export_keeps_named_chat_templates(tokenizer_dir: Path, tmp_path: Pa
         tokenizer=str(tokenizer_dir),
     )
     final = export(postax.build_model(model_config), config, tokenizer_dir, out)
-    assert (final / "chat_templates" / "tool_use.jinja").is_file()
+    assert (final / "additional_chat_templates" / "tool_use.jinja").is_file()
     assert_same_tokenizer(tokenizer_dir, final)

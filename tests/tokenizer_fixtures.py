@@ -337,7 +337,7 @@ def make_tokenizer_dir(
     `chat_template` may be a string, a list of {"name", "template"} dicts (several named
     templates) or None (no template). With `template_file=True` a string template goes to
     `chat_template.jinja` instead of `tokenizer_config.json`, as transformers 5 saves it.
-    `named_templates` (name -> source) go to `chat_templates/<name>.jinja`.
+    `named_templates` (name -> source) go to `additional_chat_templates/<name>.jinja`.
     """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -351,6 +351,6 @@ def make_tokenizer_dir(
             raise ValueError("template_file=True needs a single string chat_template")
         (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     for name, source in (named_templates or {}).items():
-        (directory / "chat_templates").mkdir(exist_ok=True)
-        (directory / "chat_templates" / f"{name}.jinja").write_text(source, encoding="utf-8")
+        (directory / "additional_chat_templates").mkdir(exist_ok=True)
+        (directory / "additional_chat_templates" / f"{name}.jinja").write_text(source, encoding="utf-8")
     return directory

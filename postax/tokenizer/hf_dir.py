@@ -1,6 +1,7 @@
 """A Hugging Face tokenizer directory: the files `load_tokenizer` reads, and how it reads them.
 
-`TOKENIZER_FILES` lists every file the loader reads (`chat_templates/*.jinja` included), and
+`TOKENIZER_FILES` lists every file the loader reads (`additional_chat_templates/*.jinja`
+included), and
 `copy_tokenizer_files` copies exactly those, so an exported checkpoint loads the same tokenizer.
 Nothing in the directory is executed: `auto_map` (remote tokenizer code) is ignored.
 
@@ -9,7 +10,7 @@ Rules, as transformers 5 reads the directory:
 * Named special tokens (`bos_token`, `eos_token`, ..., any `*_token` key) come from
   `tokenizer_config.json`. `special_tokens_map.json` is read only in the legacy layout, where
   the config has no `added_tokens_decoder`, and then its entries win (transformers' rule).
-* Template files (`chat_template.jinja`, `chat_templates/<name>.jinja`) replace the config's
+* Template files (`chat_template.jinja`, `additional_chat_templates/<name>.jinja`) replace the config's
   `chat_template` entry; a list of {name, template} dicts or several files give named templates
   (a single template is named "default").
 * Extra stop ids are the `eos_token_id` entries of `generation_config.json`.
@@ -43,7 +44,7 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 TEMPLATE_FILE = "chat_template.jinja"
-TEMPLATE_DIR = "chat_templates"
+TEMPLATE_DIR = "additional_chat_templates"  # transformers' folder of named templates
 NAMED_TEMPLATE_FILES = f"{TEMPLATE_DIR}/*.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = (
@@ -99,7 +100,7 @@ def copy_tokenizer_files(
     source_dir: str | os.PathLike[str], destination_dir: str | os.PathLike[str]
 ) -> list[Path]:
     """Copy every file `load_tokenizer` reads from `source_dir` into `destination_dir` (named
-    templates into its `chat_templates/` folder); return the copied paths, relative."""
+    templates into its `additional_chat_templates/` folder); return the copied paths, relative."""
     source, destination = Path(source_dir), Path(destination_dir)
     copied = tokenizer_files(source)
     for relative in copied:

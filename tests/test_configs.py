@@ -1,17 +1,29 @@
-"""YAML configs and key=value overrides map onto typed dataclasses with clear errors."""
+"""YAML configs and key=value overrides map onto typed dataclasses with clear errors, and every
+shipped config runs a step or two (an RL iteration) through its command with tiny stand-ins."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+import yaml
+from jax.experimental.compilation_cache import compilation_cache as compilation_cache_module
 
+from postax.cli import COMMANDS
+from postax.cli import main as postax_main
 from postax.configs import ConfigFileError, load_config, to_dict
 from postax.recipes.distill import DistillConfig
 from postax.recipes.grpo import GRPOConfig
 from postax.recipes.ppo import PPOConfig
 from postax.recipes.preference import PreferenceConfig
+from postax.recipes.reward_model import RewardModelConfig
 from postax.recipes.sft import SFTConfig
+from tokenizer_fixtures import CHATML, QWEN3_TEMPLATE, make_tokenizer_dir
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -93,3 +105,299 @@ def test_missing_required_key_and_missing_file(tmp_path):
         load_config(SFTConfig, tmp_path / "bad.yaml")
     with pytest.raises(ConfigFileError, match=r"nope.yaml: config file not found"):
         load_config(SFTConfig, tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------- every shipped config runs
+#
+# Each YAML file under configs/ runs through the command its header names
+# (`postax <command> --config configs/...`), in-process through `postax.cli.main`,
+# for two optimizer steps or one RL iteration. The file's own settings stay
+# (LoRA, dropout, remat, chunked logits, micro-batches, mesh, dtypes, rewards,
+# dynamic sampling...); the overrides only shrink what costs time (output_dir,
+# steps, batch sizes, lengths, evaluation sizes) and point paths that do not
+# exist here at stand-ins: a model another shipped config writes (`runs/x/final`)
+# comes from a tiny run of that config first; a real checkpoint or data file is
+# replaced by a tiny one of the same family and format (STAND_INS).
+
+# directory -> the commands its files may name (the RL demo's SFT step lives beside its GRPO config)
+DIRECTORY_COMMANDS = {
+    "sft": ("sft",),
+    "preference": ("preference", "reward-model"),
+    "grpo": ("grpo", "sft"),
+    "ppo": ("ppo",),
+    "distill": ("distill",),
+}
+CONFIG_CLASSES = {
+    "sft": SFTConfig,
+    "preference": PreferenceConfig,
+    "reward-model": RewardModelConfig,
+    "grpo": GRPOConfig,
+    "ppo": PPOConfig,
+    "distill": DistillConfig,
+}
+SHIPPED = sorted(CONFIGS.glob("**/*.yaml"))
+TRAINER_COMMANDS = ("sft", "preference", "reward-model", "distill")  # steps, not iterations
+STEPS = 2
+RL_ROWS = 16
+
+
+def header_command(path: Path) -> str:
+    """The command of the file's header line `postax <command> --config configs/<dir>/<file>`."""
+    rel = path.relative_to(CONFIGS.parent).as_posix()
+    found = re.findall(rf"postax ([\w-]+) --config {re.escape(rel)}\b", path.read_text())
+    assert found, f"{rel}: no header line `postax <command> --config {rel}`"
+    assert len(set(found)) == 1, f"{rel}: the header names several commands {found}"
+    command = found[0]
+    directory = path.parent.relative_to(CONFIGS).as_posix()
+    assert directory in DIRECTORY_COMMANDS, (
+        f"{rel}: configs/{directory}/ has no runner here (DIRECTORY_COMMANDS)"
+    )
+    assert command in DIRECTORY_COMMANDS[directory], (
+        f"{rel}: `postax {command}` is not a command of configs/{directory}/"
+    )
+    assert command in COMMANDS
+    return command
+
+
+def path_values(raw: dict, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> value of every path a config names (`path`, `*_path`, `tokenizer`)."""
+    found = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found |= path_values(value, f"{dotted}.")
+        elif isinstance(value, str) and (
+            key == "path" or key.endswith("_path") or dotted == "tokenizer"
+        ):
+            found[dotted] = value
+    return found
+
+
+def shrink(command: str, raw: dict) -> list[str]:
+    """Overrides that make a run of the file cheap and leave every other setting alone."""
+
+    def get(dotted: str, default=None):
+        node = raw
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    if command in TRAINER_COMMANDS:
+        micro = get("trainer.micro_batches", 1)
+        out = [f"trainer.steps={STEPS}", "trainer.progress=false"]
+        for data in ("data", "eval_data"):
+            if get(data):
+                seq_len = min(get(f"{data}.seq_len"), 64)
+                out += [f"{data}.seq_len={seq_len}", f"{data}.batch_size={2 * micro}"]
+        if get("logits_chunk_size"):  # still several chunks per row
+            out.append(f"logits_chunk_size={min(get('data.seq_len'), 64) // 4}")
+        if get("on_policy.max_new_tokens"):
+            out.append(f"on_policy.max_new_tokens={min(get('on_policy.max_new_tokens'), 8)}")
+        return out
+    # 16 rows per rollout batch in every RL run: runs of one model share the sampler's programs
+    prompts = max(1, RL_ROWS // get("rollout.samples_per_prompt", 8))
+    out = ["iterations=1", f"data.batch_size={prompts}", "run.progress=false"]
+    out.append(f"rollout.max_new_tokens={min(get('rollout.max_new_tokens', 128), 16)}")
+    if get("eval.max_new_tokens"):
+        out.append("eval.max_new_tokens=16")
+    if get("eval_data"):
+        out.append("eval_data.limit=2")
+    return out
+
+
+# ------------------------------------------------ stand-ins for real paths that do not exist here
+
+STANDIN_VOCAB = 448  # >= the fixture tokenizer's ids
+
+
+def write_qwen3_checkpoint(directory: Path) -> None:
+    """A tiny random Qwen3 checkpoint (bf16 weights, tied embeddings, as Qwen3-0.6B ships)
+    with a ChatML tokenizer and a Qwen3-style chat template."""
+    import torch
+    import transformers
+
+    make_tokenizer_dir(directory, QWEN3_TEMPLATE, tokens=CHATML)
+    vocab = json.loads((directory / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    assert max(ids.values()) < STANDIN_VOCAB
+    config = transformers.Qwen3Config(
+        vocab_size=STANDIN_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+
+
+def write_chat_jsonl(path: Path) -> None:
+    """Chat `messages` records, some with a system turn, some with two exchanges."""
+    rows = []
+    for i in range(24):
+        a, b = 3 + 7 * i % 41, 5 + 11 * i % 37
+        messages = [
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}."},
+        ]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "You are a helpful assistant."})
+        if i % 4 == 1:
+            messages += [
+                {"role": "user", "content": "And twice that?"},
+                {"role": "assistant", "content": f"Twice {a + b} is {2 * (a + b)}."},
+            ]
+        rows.append({"messages": messages})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_gsm8k_jsonl(path: Path, count: int, start: int = 0) -> None:
+    """GSM8K's layout: a word problem in `question`, worked steps and `#### N` in `answer`."""
+    rows = []
+    for i in range(start, start + count):
+        a, b, c = 12 + 5 * i, 3 + i % 7, 2 + i % 4
+        total = (a + b) * c
+        rows.append(
+            {
+                "question": f"Sam has {a} apples and buys {b} more. Then he trades them for {c} "
+                "times as many pears. How many pears does Sam have?",
+                "answer": f"Sam has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n"
+                f"He gets {a + b} * {c} = <<{a + b}*{c}={total}>>{total} pears.\n#### {total}",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# path named in a shipped config -> (file or directory name, writer)
+STAND_INS = {
+    "/models/Qwen3-0.6B": ("qwen3", write_qwen3_checkpoint),
+    "/data/chat.jsonl": ("chat.jsonl", write_chat_jsonl),
+    "/data/gsm8k/train.jsonl": ("gsm8k_train.jsonl", lambda p: write_gsm8k_jsonl(p, 8)),
+    "/data/gsm8k/test.jsonl": ("gsm8k_test.jsonl", lambda p: write_gsm8k_jsonl(p, 4, 100)),
+}
+
+
+class ConfigRuns:
+    """Runs shipped configs once each (prerequisites first) in a shared directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[Path, tuple[Path, list[str]]] = {}
+        self.stand_ins: dict[str, Path] = {}
+        raws = {p: yaml.safe_load(p.read_text()) for p in SHIPPED}
+        self.producers = {f"{raw['output_dir']}/final": p for p, raw in raws.items()}
+
+    def stand_in(self, value: str) -> Path:
+        if value not in self.stand_ins:
+            name, write = STAND_INS[value]
+            self.stand_ins[value] = self.root / "stand_ins" / name
+            self.stand_ins[value].parent.mkdir(exist_ok=True)
+            write(self.stand_ins[value])
+        return self.stand_ins[value]
+
+    def path_overrides(self, path: Path, raw: dict) -> list[str]:
+        out = []
+        for key, value in path_values(raw).items():
+            if value in self.producers:  # another shipped config's export
+                out.append(f"{key}={self.run(self.producers[value])[0] / 'final'}")
+            elif not (CONFIGS.parent / value).exists():
+                assert value in STAND_INS, (
+                    f"{path.name}: {key}={value} does not exist here and has no stand-in "
+                    "(STAND_INS) nor a shipped config that writes it"
+                )
+                out.append(f"{key}={self.stand_in(value)}")
+        return out
+
+    def run(self, path: Path) -> tuple[Path, list[str]]:
+        """(output directory, overrides) of the file's tiny run."""
+        if path not in self.done:
+            raw = yaml.safe_load(path.read_text())
+            command = header_command(path)
+            out = self.root / path.relative_to(CONFIGS).with_suffix("").as_posix().replace("/", "-")
+            overrides = [
+                f"output_dir={out}",
+                *self.path_overrides(path, raw),
+                *shrink(command, raw),
+            ]
+            with pytest.MonkeyPatch.context() as patch:
+                patch.chdir(CONFIGS.parent)  # the files' relative paths, as users run them
+                status = postax_main([command, "--config", str(path), *overrides])
+            assert status == 0
+            self.done[path] = (out, overrides)
+        return self.done[path]
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: Path):
+    """A persistent XLA cache for the runs of this module only: runs of one model and shape
+    (sft/tiny and the RL demo's SFT step; the demo's GRPO and PPO runs, whose samplers
+    decode 16 rows each) compile some of the same programs, and a program found in the cache
+    (those that took over a second to compile) is not compiled again."""
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    compilation_cache_module.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+        compilation_cache_module.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def config_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("config_runs")
+    with compilation_cache(root / "xla_cache"):
+        yield ConfigRuns(root)
+
+
+def flatten(tree, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out |= flatten(value, f"{prefix}{key}.")
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def test_every_directory_under_configs_has_a_runner():
+    assert SHIPPED, "no configs found"
+    assert {p.parent.relative_to(CONFIGS).as_posix() for p in SHIPPED} <= set(DIRECTORY_COMMANDS)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_shipped_config_runs(path, config_runs):
+    command = header_command(path)
+    out, overrides = config_runs.run(path)
+
+    # the run's resolved config is the file's, changed only where overridden
+    shipped = flatten(to_dict(load_config(CONFIG_CLASSES[command], path)))
+    resolved = flatten(json.loads((out / "config.json").read_text()))
+    changed = {k for k in shipped.keys() | resolved.keys() if shipped.get(k) != resolved.get(k)}
+    overridden = {o.partition("=")[0] for o in overrides}
+    assert changed and all(k in overridden for k in changed), changed - overridden
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    summary = json.loads((out / "summary.json").read_text())
+    if command in TRAINER_COMMANDS:
+        assert summary["steps"] == STEPS and np.isfinite(summary["final_loss"])
+    else:
+        assert summary["iterations"] == 1 and len(losses) == 1
+        assert [r["non_finite_steps"] for r in rows if "loss" in r] == [0.0]
+    assert losses and np.all(np.isfinite(losses)), losses
+
+    final = out / "final"
+    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+    assert list(final.glob("*.safetensors"))
+    if getattr(load_config(CONFIG_CLASSES[command], path), "lora", None) is not None:
+        assert list((out / "adapter").iterdir())

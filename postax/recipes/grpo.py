@@ -49,6 +49,7 @@ from postax.recipes.common import (
     start_run,
 )
 from postax.recipes.rl_common.config import (
+    KL_IN_LOSS,
     KL_IN_REWARD,
     RECOMPUTED_LOGPROBS,
     EvalConfig,
@@ -88,7 +89,7 @@ class GRPOConfig:
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     advantage: str = "grpo"
     policy: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
-    kl_placement: str = "loss"
+    kl_placement: str = KL_IN_LOSS
     loss_constant: int | None = None  # sequence_sum_constant's divisor (default max_new_tokens)
     update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)

@@ -140,7 +140,7 @@ class PPOConfig:
     policy: PolicyLossConfig = dataclasses.field(
         default_factory=lambda: PolicyLossConfig(kl_coef=0.05, kl_estimator="k1")
     )
-    kl_placement: str = "reward"
+    kl_placement: str = KL_IN_REWARD
     value: ValueConfig = dataclasses.field(default_factory=ValueConfig)
     update: UpdateConfig = dataclasses.field(
         default_factory=lambda: UpdateConfig(epochs=2, minibatches=2)

@@ -20,9 +20,7 @@ import numpy as np
 from postax.rl.prompts import PromptRecord, prompt_texts, reward_fields
 from postax.rl.rewards import RewardRunner
 from postax.rl.rollout import RolloutRows, informative_groups, layout_rows
-from postax.sampling.sampler import FINISH_REASONS, Completion
-
-CUT_AT_MAX_TOKENS = FINISH_REASONS[1]  # the finish reason of a completion cut at max_new_tokens
+from postax.sampling.sampler import FINISH_LENGTH, Completion
 
 
 @dataclasses.dataclass
@@ -142,7 +140,7 @@ def rollout_rows(
     dynamic sampling kept no group). With `overlong_filter` (DAPO), completions cut at
     max_new_tokens stay in the batch but are masked out of the loss."""
     completions = groups.completions
-    trained = [not (overlong_filter and c.finish_reason == CUT_AT_MAX_TOKENS) for c in completions]
+    trained = [not (overlong_filter and c.finish_reason == FINISH_LENGTH) for c in completions]
     return layout_rows(  # width: the bucket of the longest row
         [c.prompt_ids for c in completions],
         [c.token_ids for c in completions],
@@ -175,9 +173,7 @@ def rollout_metrics(groups: Groups, group_size: int) -> dict[str, float]:
     if not groups.completions:
         return out
     lengths = np.array([c.num_tokens for c in groups.completions], np.float32)
-    truncated = np.array(
-        [c.finish_reason == CUT_AT_MAX_TOKENS for c in groups.completions], np.float32
-    )
+    truncated = np.array([c.finish_reason == FINISH_LENGTH for c in groups.completions], np.float32)
     out.update(
         {
             "reward": float(np.mean(groups.rewards)),

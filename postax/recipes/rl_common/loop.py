@@ -198,6 +198,7 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
     resume, and the held-out results before training (not on a resume)."""
     reference = Reference(cfg, policy)
     sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    # steps 1-3 of every iteration; an asynchronous producer is built here instead
     producer = RolloutProducer(
         sampler,
         data.runner,

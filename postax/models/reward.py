@@ -137,7 +137,6 @@ class RewardModel(nnx.Module):
                 rngs, (1, cfg.hidden_size), (None, "embed"), param_dtype, std=score_std
             )
         self.dtype = dtype
-        self.remat = False  # recompute each layer in the backward pass (saves activation memory)
 
     @classmethod
     def from_causal_lm(

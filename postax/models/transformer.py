@@ -212,6 +212,7 @@ class Decoder(nnx.Module):
         )
         self.embed_scale = cfg.hidden_size**0.5 if cfg.scale_embeddings else None
         self.dtype = dtype
+        self.remat = False  # recompute each layer in the backward pass (saves activation memory)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = self.embed_tokens(tokens)
@@ -219,6 +220,44 @@ class Decoder(nnx.Module):
             # Gemma rounds sqrt(hidden) to the activation dtype before scaling.
             x = x * jnp.asarray(self.embed_scale, x.dtype)
         return x
+
+    def run_layers(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        masks: dict,
+        *,
+        hidden_layers: tuple[int, ...] = (),
+        attention_layers: tuple[int, ...] = (),
+    ) -> Intermediates:
+        """The layer stack of a full forward pass, then the final norm.
+
+        Each layer is rematerialised in the backward pass when `self.remat` is set
+        (`set_remat`), except the `attention_layers`, which also return their float32
+        attention probabilities. `hidden_layers` picks residual streams to keep (see
+        `CausalLM.intermediates`).
+        """
+        hidden = {0: x} if 0 in hidden_layers else {}
+        attention = {}
+        for i, layer in enumerate(self.layers):
+            if i in attention_layers:
+                x, attention[i] = layer.with_attention(x, positions, masks)
+            elif self.remat:
+                x = nnx.remat(DecoderLayer.__call__)(layer, x, positions, masks)
+            else:
+                x = layer(x, positions, masks)
+            if i + 1 in hidden_layers:
+                hidden[i + 1] = x
+        return Intermediates(self.norm(x), hidden, attention)
+
+
+def set_remat(model: nnx.Module, remat: bool) -> None:
+    """Turns layer rematerialisation on or off in every decoder stack of `model` (a causal
+    LM, a reward model, an actor-critic with its critic, a distiller's student...): the one
+    switch the trainer flips for whatever model it trains."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Decoder):
+            module.remat = remat
 
 
 def _positions_and_masks(
@@ -289,7 +328,15 @@ class CausalLM(nnx.Module):
                 rngs=rngs,
             )
         self.dtype = dtype
-        self.remat = False  # recompute each layer in the backward pass (saves activation memory)
+
+    @property
+    def remat(self) -> bool:
+        """Whether the decoder's layers are recomputed in the backward pass (`set_remat`)."""
+        return self.model.remat
+
+    @remat.setter
+    def remat(self, value: bool) -> None:
+        self.model.remat = value
 
     @exact_float32
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -333,14 +380,7 @@ class CausalLM(nnx.Module):
             segment_ids=segment_ids,
             branch_ids=branch_ids,
         )
-        x = self.model.embed(tokens)
-        for layer in self.model.layers:
-            x = (
-                nnx.remat(DecoderLayer.__call__)(layer, x, positions, masks)
-                if self.remat
-                else layer(x, positions, masks)
-            )
-        return self.model.norm(x)
+        return self.model.run_layers(self.model.embed(tokens), positions, masks).hidden
 
     @exact_float32
     def intermediates(
@@ -374,19 +414,13 @@ class CausalLM(nnx.Module):
                     f"model of {count} layers"
                 )
         positions, masks = _positions_and_masks(self, tokens, **kwargs)
-        x = self.model.embed(tokens)
-        hidden = {0: x} if 0 in hidden_layers else {}
-        attention = {}
-        for i, layer in enumerate(self.model.layers):
-            if i in attention_layers:
-                x, attention[i] = layer.with_attention(x, positions, masks)
-            elif self.remat:
-                x = nnx.remat(DecoderLayer.__call__)(layer, x, positions, masks)
-            else:
-                x = layer(x, positions, masks)
-            if i + 1 in hidden_layers:
-                hidden[i + 1] = x
-        return Intermediates(self.model.norm(x), hidden, attention)
+        return self.model.run_layers(
+            self.model.embed(tokens),
+            positions,
+            masks,
+            hidden_layers=hidden_layers,
+            attention_layers=attention_layers,
+        )
 
     def __call__(self, tokens: jax.Array, **kwargs) -> jax.Array:
         return self.logits(self.hidden_states(tokens, **kwargs))

@@ -19,6 +19,7 @@ from typing import Any
 from postax.configs import load_config, to_dict
 from postax.models import ModelConfig, build_model, load_model, preset, save_model
 from postax.models.lora import merge_lora, save_adapter
+from postax.models.quant import MODES
 from postax.tokenizer import copy_tokenizer_files, load_tokenizer
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, training_flops_per_token
@@ -43,6 +44,20 @@ class ModelSource:
             raise ConfigError(
                 f"model: set exactly one of path, preset, config (got {given or 'none'})"
             )
+
+
+def check_model_options(cfg) -> None:
+    """The checks every recipe config with `quantize`, `lora`, `tokenizer` and `model` shares:
+    quantisation is one of `quant.MODES` and needs LoRA (a quantised base is frozen), and a
+    model that is not loaded from a path needs a tokenizer."""
+    if cfg.quantize is not None and cfg.quantize not in MODES:
+        raise ConfigError(f"quantize={cfg.quantize!r} is invalid: null or one of {MODES}")
+    if cfg.quantize and cfg.lora is None:
+        raise ConfigError(
+            "quantize is set but lora is not: a quantised base is frozen, so QLoRA needs lora"
+        )
+    if cfg.tokenizer is None and cfg.model.path is None:
+        raise ConfigError("tokenizer: required when the model is not loaded from a path")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

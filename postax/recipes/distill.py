@@ -371,7 +371,6 @@ class DistillAlgorithm:
 def build_distiller(cfg: DistillConfig, student, teacher) -> teachers.Distiller:
     """The trained module: the student, the teacher unless its logits are cached, and a
     projection for each feature layer pair of different widths."""
-    student.remat = cfg.trainer.remat
     return teachers.Distiller(
         student,
         None if cfg.teacher_logits == "cache" else teacher,

@@ -40,6 +40,7 @@ from postax.recipes.common import (
     MetricsSettings,
     ModelSource,
     build_causal_lm,
+    check_model_options,
     check_vocab,
     export,
     load_data,
@@ -110,14 +111,7 @@ class PreferenceConfig:
             raise ConfigError(
                 f"reference_batch_size={self.reference_batch_size!r} is invalid: an int >= 1"
             )
-        if self.quantize not in (None, "int8", "nf4"):
-            raise ConfigError(f"quantize={self.quantize!r} is invalid: null, 'int8' or 'nf4'")
-        if self.quantize and self.lora is None:
-            raise ConfigError(
-                "quantize is set but lora is not: a quantised base is frozen, so QLoRA needs lora"
-            )
-        if self.tokenizer is None and self.model.path is None:
-            raise ConfigError("tokenizer: required when the model is not loaded from a path")
+        check_model_options(self)
 
     @property
     def needs_reference(self) -> bool:

@@ -21,6 +21,7 @@ from postax.recipes.common import (
     MetricsSettings,
     ModelSource,
     build_causal_lm,
+    check_model_options,
     check_vocab,
     export,
     load_data,
@@ -50,14 +51,7 @@ class SFTConfig:
     export: bool = True
 
     def __post_init__(self) -> None:
-        if self.quantize not in (None, "int8", "nf4"):
-            raise ValueError(f"quantize={self.quantize!r} is invalid: null, 'int8' or 'nf4'")
-        if self.quantize and self.lora is None:
-            raise ValueError(
-                "quantize is set but lora is not: a quantised base is frozen, so QLoRA needs lora"
-            )
-        if self.tokenizer is None and self.model.path is None:
-            raise ValueError("tokenizer: required when the model is not loaded from a path")
+        check_model_options(self)
 
 
 @dataclasses.dataclass(frozen=True)

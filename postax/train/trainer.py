@@ -7,8 +7,17 @@ An algorithm is injected (DESIGN.md principle 5). It supplies two pure pieces:
 
 The trainer splits the global batch into `micro_batches` slices, sums each
 slice's loss share and gradient (float32 accumulation, one `lax.scan`, one
-compile), clips, and applies the optimizer. Because every slice divides by the
-same global normalizer, loss and gradients do not depend on the split.
+compile) and applies the optimizer (which clips the gradient norm when
+configured: `postax.train.optim`). Because every slice divides by the same
+global normalizer, loss and gradients do not depend on the split.
+
+Inside the step the model is rebuilt from the split variables as fresh
+copies (`nnx.merge(..., copy=True)`), so every Variable belongs to the
+gradient's trace: nnx transforms in the forward pass (layer remat, chunked
+logits) and LoRA dropout's RNG counters may update them, whatever is trained
+and whatever stays frozen. `config.remat` reaches every decoder stack of the
+model (`set_remat`): causal LMs, reward models, actor-critics and their
+critics alike.
 
 Metrics are summed over the slices like the loss, so an algorithm reports
 either totals, named `*_sum`, `*_tokens` or `*_count`, or per-example means
@@ -44,8 +53,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from postax.models.transformer import CausalLM
+from postax.models.transformer import set_remat
 from postax.parallel import MeshConfig, batch_sharding, make_mesh, shard_model
+from postax.shapes import TraceCounter
 from postax.train.checkpoint import CheckpointConfig, CheckpointManager
 from postax.train.metrics import (
     MetricsConfig,
@@ -165,8 +175,7 @@ class Trainer:
         self.model = model
         self.wrt = wrt
         self.mesh = make_mesh(config.mesh)
-        if isinstance(model, CausalLM):
-            model.remat = config.remat
+        set_remat(model, config.remat)
         shard_model(model, self.mesh)
         self.graphdef, params, mutable, frozen = nnx.split(model, wrt, nnx.RngState, ...)
         # evaluation runs the same variables with dropout off, whatever the training mode
@@ -199,7 +208,7 @@ class Trainer:
             out_shardings=(dataclasses.replace(state_shardings, frozen=None), None),
         )
         self._eval_fn = jax.jit(self._eval)
-        self.compiles = 0
+        self.traces = TraceCounter()  # traces (hence compilations) of the jitted functions
         self.checkpoint_config = checkpoint
         self.checkpoints = CheckpointManager(checkpoint) if checkpoint else None
         self.metrics = MetricsLogger(metrics) if metrics else None
@@ -212,7 +221,7 @@ class Trainer:
         return dataclasses.replace(new_state, frozen=None), metrics
 
     def _step(self, state: TrainState, batch: Batch):
-        self.compiles += 1  # runs once per trace
+        self.traces.bump("step", *jax.tree.leaves(batch))  # runs once per trace
         count = self.config.micro_batches
         normalizer = self.algorithm.normalizer(batch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -220,7 +229,9 @@ class Trainer:
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
         def loss_fn(params, mutable, micro_batch, index):
-            model = nnx.merge(self.graphdef, params, mutable, state.frozen)
+            # copies: fresh Variables of this trace level, so that nnx transforms inside the
+            # loss (remat, chunked logits) and dropout may update them
+            model = nnx.merge(self.graphdef, params, mutable, state.frozen, copy=True)
             loss, metrics = self.algorithm.loss(
                 model, micro_batch, normalizer, jax.random.fold_in(rng, index)
             )
@@ -290,6 +301,7 @@ class Trainer:
         return new_state, out
 
     def _eval(self, state: TrainState, batch: Batch):
+        self.traces.bump("eval", *jax.tree.leaves(batch))  # runs once per trace
         normalizer = self.algorithm.normalizer(batch)
         model = nnx.merge(self.eval_graphdef, state.params, state.mutable, state.frozen)
         loss, metrics = self.algorithm.loss(
@@ -327,6 +339,11 @@ class Trainer:
         if weight == 0:
             raise ValueError("evaluation data is empty")
         return {k: v if _is_total(k) else v / weight for k, v in totals.items()}
+
+    @property
+    def compiles(self) -> int:
+        """How many times the training step has been traced (compiled) so far."""
+        return sum(n for key, n in self.traces.items() if key[0] == "step")
 
     @property
     def step(self) -> int:

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
+# One XLA compilation cache per test run, shared by both pytest workers and every subprocess
+# they start (JAX reads these variables at import): many tests compile the same tiny programs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="postax-test-xla-")
+    os.environ["POSTAX_TEST_XLA_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -26,3 +35,9 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(path)
         out[family] = (model, path)
     return out
+
+
+def pytest_unconfigure(config):
+    """The process that made the run's compilation cache removes it."""
+    if os.environ.get("POSTAX_TEST_XLA_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

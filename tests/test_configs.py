@@ -3,16 +3,13 @@ shipped config runs a step or two (an RL iteration) through its command with tin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import yaml
-from jax.experimental.compilation_cache import compilation_cache as compilation_cache_module
 
 from postax.cli import COMMANDS
 from postax.cli import main as postax_main
@@ -337,27 +334,9 @@ class ConfigRuns:
         return self.done[path]
 
 
-@contextlib.contextmanager
-def compilation_cache(directory: Path):
-    """A persistent XLA cache for the runs of this module only: runs of one model and shape
-    (sft/tiny and the RL demo's SFT step; the demo's GRPO and PPO runs, whose samplers
-    decode 16 rows each) compile some of the same programs, and a program found in the cache
-    (those that took over a second to compile) is not compiled again."""
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    compilation_cache_module.reset_cache()
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", previous)
-        compilation_cache_module.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def config_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("config_runs")
-    with compilation_cache(root / "xla_cache"):
-        yield ConfigRuns(root)
+    return ConfigRuns(tmp_path_factory.mktemp("config_runs"))
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:

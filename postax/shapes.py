@@ -49,14 +49,9 @@ class TraceCounter(collections.Counter):
     Call `bump` inside the function being jitted: Python code there runs once
     per trace, i.e. once per compilation. Keys that have a `.shape` (arrays,
     tracers) count by their shape, other keys (static arguments) as they are.
-    `total` is the number of traces of every function together.
+    `total()` (Counter's) is the number of traces of every function together.
     """
 
     def bump(self, name: str, *keys: object) -> None:
         """Records one trace of `name` for the shapes and static values `keys`."""
         self[(name, *(tuple(k.shape) if hasattr(k, "shape") else k for k in keys))] += 1
-
-    @property
-    def total(self) -> int:  # type: ignore[override]  # a count, not Counter.total()
-        """Traces of every function together: the number of compilations."""
-        return sum(self.values())

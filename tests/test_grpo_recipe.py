@@ -30,10 +30,10 @@ from postax.configs import load_config
 from postax.losses.numerics import aggregation_normalizer
 from postax.losses.policy import PolicyLossConfig, policy_loss
 from postax.recipes import grpo
-from postax.recipes.common import CheckpointSettings, ModelSource
+from postax.recipes.common import CheckpointSettings, ModelSource, build_policy
 from postax.recipes.rl_common import reference
 from postax.recipes.rl_common.config import EvalConfig, RunSettings, UpdateConfig
-from postax.recipes.rl_common.loop import build_policy, make_rl_trainer, reward_runner
+from postax.recipes.rl_common.loop import make_rl_trainer, reward_runner
 from postax.rl.groups import (
     Groups,
     collect_groups,

@@ -349,7 +349,7 @@ def test_dpo_on_eight_devices_equals_one_device(tmp_path):
     def run(out, *args, devices):
         env = dict(
             os.environ,
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
             PYTHONPATH=str(Path(__file__).parents[1]),
         )
         done = subprocess.run(
@@ -477,7 +477,7 @@ def test_dpo_recipe_on_eight_devices_equals_one_device(files, tmp_path):
         )
         env = dict(
             os.environ,
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
             PYTHONPATH=str(Path(__file__).parents[1]),
         )
         command = [sys.executable, "-m", "postax.cli", "preference"]

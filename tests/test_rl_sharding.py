@@ -46,7 +46,7 @@ def grpo_run(tmp_path: Path, name: str, devices: int, *overrides: str) -> list[d
     )
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
         PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}",
     )
     done = subprocess.run(

@@ -463,10 +463,10 @@ def test_completion_logprobs_compiles_once_per_bucket(llama):
     short = llama.generate(PROMPTS, max_new_tokens=2, temperature=0, stop_token_ids=[])
     longer = llama.generate(PROMPTS, max_new_tokens=4, temperature=0, stop_token_ids=[])
     completion_logprobs(llama.model, short)
-    count = scoring.traces.total
+    count = scoring.traces.total()
     assert ("token_logprobs", (4, 16)) in scoring.traces  # 3 rows of <= 15 tokens
     completion_logprobs(llama.model, longer)  # other lengths, same (4, 16) bucket
-    assert scoring.traces.total == count
+    assert scoring.traces.total() == count
 
 
 def test_sampler_reads_live_weights_without_recompiling(llama):

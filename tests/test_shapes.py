@@ -43,6 +43,6 @@ def test_trace_counter_counts_each_trace_by_shape_and_static_value():
     for x, scale in [(np.zeros(3), 2), (np.ones(3), 2), (np.zeros(4), 2), (np.zeros(3), 3)]:
         scaled(x, scale=scale)
     assert traces == {("scaled", (3,), 2): 1, ("scaled", (4,), 2): 1, ("scaled", (3,), 3): 1}
-    assert traces.total == 3
+    assert traces.total() == 3
     traces.bump("other")
-    assert traces[("other",)] == 1 and traces.total == 4
+    assert traces[("other",)] == 1 and traces.total() == 4

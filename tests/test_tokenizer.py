@@ -584,6 +584,13 @@ def test_template_files_replace_config_entry(tokenizer_dir: Path) -> None:
     assert sorted(tokenizer.chat_templates) == ["default", "short"]
 
 
+def test_named_templates_outside_transformers_folder_are_an_error(tokenizer_dir: Path) -> None:
+    (tokenizer_dir / "chat_templates").mkdir()
+    (tokenizer_dir / "chat_templates" / "short.jinja").write_text("S", encoding="utf-8")
+    with pytest.raises(ChatTemplateError, match=r"chat_templates: .*additional_chat_templates"):
+        load_tokenizer(tokenizer_dir, pad_token="<pad>")
+
+
 def test_template_file_layout_matches_transformers(tmp_path: Path) -> None:
     path = make_tokenizer_dir(tmp_path, GEMMA_TEMPLATE, tokens=GEMMA, template_file=True)
     assert "chat_template" not in json.loads((path / "tokenizer_config.json").read_text())

@@ -151,7 +151,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def run_script(out: Path, *args: str, devices: int = 1, wait: bool = True) -> subprocess.Popen:
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
         PYTHONPATH=str(Path(__file__).parents[1]),
     )
     proc = subprocess.Popen(
@@ -331,7 +331,8 @@ def run_iterations(trainer: Trainer, position: Position, *, stop_after: int = 0)
     """The outer loop of an RL recipe, on synthetic batches chosen by the data position;
     `stop_after` k > 0 stops after iteration k as a killed run would."""
     done = []
-    for iteration in trainer.iterations(3, 2, position):
+    iterations, _ = trainer.start_iterations(3, 2, position)
+    for iteration in iterations:
         batches = [synthetic_batch(seed=10 * position.index + k) for k in range(2)]
         position.index += 1
         metrics = jax.device_get(trainer.run_steps(batches))
@@ -346,13 +347,14 @@ def run_iterations(trainer: Trainer, position: Position, *, stop_after: int = 0)
 
 
 def test_outer_iterations_resume_log_and_save_like_fit(tmp_path, capsys):
-    """`iterations` resumes once (data position included), `run_steps` runs one step per batch,
+    """`start_iterations` resumes once (data position included), `run_steps` runs one step per batch,
     `end_iteration` logs under the iteration and saves when due; interrupted after iteration 2
     and resumed equals the straight run, bitwise."""
     straight = iteration_trainer(tmp_path / "straight")
     assert run_iterations(straight, Position()) == [1, 2, 3]
     assert straight.checkpoints.all_steps() == [4, 6]  # iteration 2 (due), then the last
-    assert "step 3/3" in capsys.readouterr().err  # the progress line counts iterations
+    err = capsys.readouterr().err  # the progress line counts iterations, one line each
+    assert all(f"iteration {i}/3" in err for i in (1, 2, 3)), err
 
     first = iteration_trainer(tmp_path / "cut")
     assert run_iterations(first, Position(), stop_after=2) == [1, 2]

@@ -343,7 +343,7 @@ class RewardScorer:
     @property
     def compile_count(self) -> int:
         """How many times the forward pass has been traced (compiled) so far."""
-        return self.traces.total
+        return self.traces.total()
 
     def token_ids(self, prompt: Prompt, completion: str) -> list[int]:
         """The ids that are scored for one pair."""

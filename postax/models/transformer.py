@@ -329,15 +329,6 @@ class CausalLM(nnx.Module):
             )
         self.dtype = dtype
 
-    @property
-    def remat(self) -> bool:
-        """Whether the decoder's layers are recomputed in the backward pass (`set_remat`)."""
-        return self.model.remat
-
-    @remat.setter
-    def remat(self, value: bool) -> None:
-        self.model.remat = value
-
     @exact_float32
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits of final hidden states (soft-capped for Gemma 2)."""

@@ -16,14 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
 from postax.configs import load_config, to_dict
 from postax.models import ModelConfig, build_model, load_model, preset, save_model
-from postax.models.lora import merge_lora, save_adapter
-from postax.models.quant import MODES
+from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from postax.models.quant import MODES, quantize
 from postax.tokenizer import copy_tokenizer_files, load_tokenizer
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, training_flops_per_token
-from postax.train.trainer import Trainer
+from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
 
@@ -81,6 +83,19 @@ def build_causal_lm(source: ModelSource):
     return build_model(cfg, dtype=source.dtype, param_dtype=source.param_dtype, seed=source.seed)
 
 
+def build_policy(source: ModelSource, lora: LoRAConfig | None, quantize_to: str | None):
+    """The trained causal LM: loaded or built, then quantised and LoRA-wrapped as configured;
+    with adapter dropout the model is put in training mode (`eval()` before export)."""
+    model = build_causal_lm(source)
+    if quantize_to:
+        quantize(model, quantize_to)
+    if lora:
+        apply_lora(model, lora, rngs=nnx.Rngs(source.seed))
+        if lora.dropout:
+            model.train()
+    return model
+
+
 def start_run(cfg) -> Path:
     """Creates `cfg.output_dir` and writes the resolved config to its config.json."""
     out = Path(cfg.output_dir)
@@ -111,21 +126,36 @@ def check_vocab(model_config, tokenizer, tokenizer_dir: Path) -> None:
         )
 
 
-def make_trainer(cfg, model, algorithm, *, wrt, out: Path, data_stats: dict | None = None):
-    """A Trainer with the run's optimizer, checkpoints under out/checkpoints and metrics in out."""
+def make_trainer(
+    cfg,
+    model,
+    algorithm,
+    *,
+    wrt,
+    out: Path,
+    config: TrainerConfig | None = None,
+    steps_per_save_unit: int = 1,
+    data_stats: dict | None = None,
+) -> Trainer:
+    """A Trainer with the run's optimizer, checkpoints under out/checkpoints and metrics in out.
+
+    config: the trainer settings (default `cfg.trainer`; RL recipes derive theirs).
+    steps_per_save_unit: optimizer steps per unit of `cfg.checkpoint.save_every` (RL: the
+      steps of one iteration, so that `save_every` counts iterations).
+    """
+    settings = dataclasses.asdict(cfg.checkpoint)
+    settings["save_every"] *= steps_per_save_unit
     trainer = Trainer(
         model,
         algorithm,
-        config=cfg.trainer,
+        config=cfg.trainer if config is None else config,
         optimizer=cfg.optimizer,
         wrt=wrt,
-        checkpoint=CheckpointConfig(
-            directory=str((out / "checkpoints").resolve()), **dataclasses.asdict(cfg.checkpoint)
-        ),
+        checkpoint=CheckpointConfig(directory=str((out / "checkpoints").resolve()), **settings),
         metrics=MetricsConfig(directory=str(out), **dataclasses.asdict(cfg.metrics)),
     )
-    if trainer.metrics and data_stats:
-        trainer.metrics.log(0, {f"data_{k}": v for k, v in data_stats.items()})
+    if data_stats:
+        trainer.log(0, {f"data_{k}": v for k, v in data_stats.items()})
     return trainer
 
 
@@ -140,7 +170,7 @@ def train_and_summarise(
     export: Callable[[Any], object] | None = None,
     **extra: Any,
 ) -> dict:
-    """Fits, evaluates, exports (`export(trained_model)`), closes; writes out/summary.json."""
+    """Fits, evaluates, then `finish_run` (export, close, out/summary.json)."""
     flops = training_flops_per_token(trainer.model.config, seq_len)
     rows = trainer.fit(iterator, flops_per_token=flops, eval_fn=eval_fn)
     trainer.model.eval()
@@ -152,8 +182,18 @@ def train_and_summarise(
     }
     if eval_fn is not None:
         summary["eval"] = eval_fn()
-    if export is not None:
-        export(trainer.model)
+    return finish_run(trainer, out, summary, export)
+
+
+def finish_run(
+    trainer: Trainer, out: Path, summary: dict, export: Callable[[Any], object] | None
+) -> dict:
+    """The end of every run: dropout off, the export (`export(trained_model)`, its result in
+    `summary["export"]`), the trainer closed, out/summary.json written; returns `summary`."""
+    trainer.model.eval()
+    exported = None if export is None else export(trainer.model)
+    if exported is not None:
+        summary["export"] = str(exported)
     trainer.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -287,24 +287,12 @@ class DistillAlgorithm:
         length = student_hidden.shape[1]
         if self.chunk_size <= 0 or self.chunk_size >= length:
             return terms(model.student, model.teacher, *inputs)
-        # The models enter the recomputed chunks as arrays: the teacher's frozen variables
-        # come from an outer trace and must not be written back from the inner one.
-        student_graph, student_state = nnx.split(model.student)
-        teacher_graph, teacher_state = (
-            (None, None) if model.teacher is None else nnx.split(model.teacher)
-        )
-
-        @jax.checkpoint
-        def chunk(student_state, teacher_state, *chunk_inputs):
-            student = nnx.merge(student_graph, student_state)
-            teacher = None if teacher_graph is None else nnx.merge(teacher_graph, teacher_state)
-            return terms(student, teacher, *chunk_inputs)
-
+        chunk = nnx.remat(terms)  # logits of one chunk at a time, recomputed for the gradient
         step = self.chunk_size
         parts = [
             chunk(
-                student_state,
-                teacher_state,
+                model.student,
+                model.teacher,
                 *(x if x is None else x[:, i : i + step] for x in inputs),
             )
             for i in range(0, length, step)

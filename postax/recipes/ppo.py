@@ -50,6 +50,7 @@ from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
     ModelSource,
+    build_policy,
     check_vocab,
     recipe_main,
     start_run,
@@ -64,7 +65,6 @@ from postax.recipes.rl_common.config import (
 )
 from postax.recipes.rl_common.loop import (
     Timer,
-    build_policy,
     load_run_data,
     make_rl_trainer,
     start_loop,
@@ -315,9 +315,7 @@ def run(cfg: PPOConfig) -> dict:
         with timer("score"):
             device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
             kl = loop.reference.reward_kl(rows, device_rows, temperature)
-            ref_logp = loop.reference.loss_logprobs(device_rows, temperature)
-            if ref_logp is not None:
-                rows["ref_logp"] = ref_logp
+            rows.update(loop.reference.loss_columns(device_rows, temperature))
             recompute = cfg.update.old_logprobs == RECOMPUTED_LOGPROBS
             values, old_logp = _values_and_logprobs(
                 trainer.model, device_rows, temperature, recompute, cfg.rollout.max_new_tokens

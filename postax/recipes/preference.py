@@ -33,13 +33,12 @@ from postax.losses.dpo import DPOConfig, dpo_loss
 from postax.losses.kto import KTOConfig, kto_loss, kto_reference_point
 from postax.losses.orpo import ORPOConfig, orpo_loss
 from postax.losses.simpo import SimPOConfig, simpo_loss
-from postax.models.lora import LoRAConfig, apply_lora, lora_disabled
-from postax.models.quant import quantize
+from postax.models.lora import LoRAConfig, lora_disabled
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
     ModelSource,
-    build_causal_lm,
+    build_policy,
     check_model_options,
     check_vocab,
     export,
@@ -179,16 +178,6 @@ def loss_settings(cfg: PreferenceConfig):
     return getattr(cfg, cfg.loss)
 
 
-def build_model(cfg: PreferenceConfig):
-    """The policy: loaded or built, then quantised and LoRA-wrapped as configured."""
-    model = build_causal_lm(cfg.model)
-    if cfg.quantize:
-        quantize(model, cfg.quantize)
-    if cfg.lora:
-        apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.model.seed))
-    return model
-
-
 def reference_in_loss(cfg: PreferenceConfig, model) -> bool:
     """Whether the loss computes the reference itself: LoRA on the fly (adapters off)."""
     on_the_fly = cfg.reference == "on_the_fly" or cfg.loss == "kto"
@@ -230,11 +219,9 @@ def run(cfg: PreferenceConfig) -> dict:
     out = start_run(cfg)
     tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, PreferenceDataset)
 
-    model = build_model(cfg)
+    model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     check_vocab(model.config, tokenizer, tokenizer_dir)
-    in_loss = reference_in_loss(cfg, model)
-    if cfg.lora and cfg.lora.dropout:
-        model.train()  # adapter dropout on while training (the reference skips adapters)
+    in_loss = reference_in_loss(cfg, model)  # with adapter dropout, the reference skips adapters
     algorithm = PreferenceAlgorithm(
         cfg.loss,
         loss_settings(cfg),

@@ -14,13 +14,12 @@ from flax import nnx
 
 from postax.data import DataConfig, SFTDataset
 from postax.losses.sft import sft_loss, sft_normalizer
-from postax.models.lora import LoRAConfig, apply_lora
-from postax.models.quant import quantize
+from postax.models.lora import LoRAConfig
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
     ModelSource,
-    build_causal_lm,
+    build_policy,
     check_model_options,
     check_vocab,
     export,
@@ -80,22 +79,13 @@ def run(cfg: SFTConfig) -> dict:
     out = start_run(cfg)
     tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, SFTDataset)
 
-    model = build_causal_lm(cfg.model)
+    model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     check_vocab(model.config, tokenizer, tokenizer_dir)
-    wrt = nnx.Param
-    if cfg.quantize:
-        quantize(model, cfg.quantize)
-    if cfg.lora:
-        apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.model.seed))
-        wrt = nnx.LoRAParam
-        if cfg.lora.dropout:
-            model.train()  # adapter dropout on while training; eval() at the end
-
     trainer = make_trainer(
         cfg,
         model,
         SFTAlgorithm(cfg.logits_chunk_size),
-        wrt=wrt,
+        wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
         out=out,
         data_stats=train_data.stats.as_dict(),
     )

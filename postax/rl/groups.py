@@ -20,7 +20,7 @@ import numpy as np
 from postax.rl.prompts import PromptRecord, prompt_texts, reward_fields
 from postax.rl.rewards import RewardRunner
 from postax.rl.rollout import RolloutRows, informative_groups, layout_rows
-from postax.sampling.sampler import FINISH_LENGTH, Completion
+from postax.sampling.config import FINISH_LENGTH, Completion
 
 
 @dataclasses.dataclass

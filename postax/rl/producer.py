@@ -8,9 +8,10 @@ caller's thread, so each batch is sampled from the policy as updated by all
 earlier iterations (on-policy).
 
 The RL loop asks only `produce(iteration, timer) -> Groups` of it, plus
-`state()`/`restore(state)` for the position checkpoints save: an
-asynchronous producer (sampling the batch of iteration i + 1 while i trains)
-replaces it there without touching the loop.
+`state()`/`restore(state)` for the position checkpoints save. That is the
+seam for asynchronous rollouts (sampling the batch of iteration i + 1 while i
+trains, not built yet): a producer with the same three methods can replace
+this one without touching the loop.
 
 Reproducibility: draw `round` of iteration `iteration` samples with a seed
 derived from (run seed, iteration, round) by `numpy.random.SeedSequence`, so
@@ -30,7 +31,8 @@ import numpy as np
 
 from postax.rl.groups import Groups, collect_groups, score_completions
 from postax.rl.rewards import RewardRunner
-from postax.sampling.sampler import Sampler, SamplingConfig
+from postax.sampling.config import SamplingConfig
+from postax.sampling.sampler import Sampler
 from postax.validation import ConfigError, is_int, is_number, require
 
 PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
@@ -90,8 +92,8 @@ def _untimed(phase: str) -> contextlib.AbstractContextManager:
 @dataclasses.dataclass
 class RolloutProducer:
     """Scored rollout groups from the live policy, one batch per iteration, in the caller's
-    thread (see the module docstring; an asynchronous producer with the same `produce`,
-    `state` and `restore` can take its place in the loop).
+    thread (see the module docstring: any producer with the same `produce`, `state` and
+    `restore` can take its place in the loop).
 
     prompts: the prompt iterator (`PromptDataset.iterator()`), whose position
     `state()`/`restore()` hand to checkpoints. prompts_per_batch: the groups

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from postax.shapes import pow2_bucket
+
 
 def width_bucket(length: int, minimum: int = 16) -> int:
     """The row width for `length` columns: a quarter-octave bucket >= max(length, minimum).
@@ -36,7 +38,7 @@ def width_bucket(length: int, minimum: int = 16) -> int:
     pad 191 columns to 256, a third more work in every update).
     """
     n = max(int(length), minimum)
-    step = max((1 << (n - 1).bit_length()) // 8, 1)
+    step = max(pow2_bucket(n) // 8, 1)
     return -(-n // step) * step
 
 

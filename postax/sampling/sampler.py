@@ -152,7 +152,7 @@ class Sampler:
     @property
     def compile_count(self) -> int:
         """Number of distinct traced (hence compiled) shapes so far, all functions together."""
-        return self.traces.total
+        return self.traces.total()
 
     def encode_prompt(self, prompt: PromptLike, *, where: str = "prompt") -> list[int]:
         """Token ids of a string, chat message list or id list; errors name `where`."""

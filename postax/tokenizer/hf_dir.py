@@ -226,6 +226,12 @@ def resolve_pad(
 
 def template_sources(directory: Path, config: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     """Template name -> (source, origin). Template files replace the config entry."""
+    misplaced = directory / "chat_templates"
+    if misplaced.is_dir() and any(misplaced.glob("*.jinja")):
+        raise ChatTemplateError(
+            f"{misplaced}: named chat templates belong in {directory / TEMPLATE_DIR} "
+            "(the folder transformers reads and writes); move the .jinja files there"
+        )
     sources = {}
     single = directory / TEMPLATE_FILE
     if single.is_file():

@@ -223,7 +223,8 @@ def _format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """One status line: step/total, loss, chosen metrics, tokens/s, elapsed time and ETA.
+    """One status line: step/total (or another `unit`), loss, chosen metrics, tokens/s,
+    elapsed time and ETA.
 
     The ETA is `(total - step) * seconds per step`, the seconds per step being
     averaged over the last `window` updates (the first update of a run, which
@@ -243,10 +244,12 @@ class ProgressBar:
         interval_s: float | None = None,
         window: int = 20,
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "step",
     ):
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r} is invalid: an integer >= 1")
         self.total_steps = total_steps
+        self.unit = unit
         self.stream = sys.stderr if stream is None else stream
         try:
             self._tty = bool(self.stream.isatty())
@@ -279,7 +282,7 @@ class ProgressBar:
         if self._last is not None and step > self._last[0]:
             self._intervals.append((now - self._last[1], step - self._last[0]))
         self._last = (step, now)
-        parts = [f"step {step}/{self.total_steps}"]
+        parts = [f"{self.unit} {step}/{self.total_steps}"]
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
         for name, value in (extra or {}).items():

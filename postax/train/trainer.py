@@ -393,8 +393,14 @@ class Trainer:
         if self.metrics:
             self.metrics.log(step, row)
 
-    def _start_progress(self, total: int) -> None:
-        self._progress = ProgressBar(total) if self.config.progress else None
+    def _start_progress(self, total: int, unit: str = "step") -> None:
+        """The progress line of a loop of `total` units; an iteration (minutes of sampling
+        and updates) gets a line of its own even when the output is not a terminal."""
+        if not self.config.progress:
+            self._progress = None
+            return
+        interval = 0.0 if unit == "iteration" else None
+        self._progress = ProgressBar(total, unit=unit, interval_s=interval)
 
     def _show_progress(self, step: int, row: Mapping[str, float], **throughput: float) -> None:
         """The progress line at `step`: the loss, `config.progress_metrics`, throughput."""
@@ -418,19 +424,18 @@ class Trainer:
 
     # ------------------------------------------------- outer iterations (RL recipes)
 
-    def iterations(
+    def start_iterations(
         self, total: int, steps_per_iteration: int, data_iterator: Resumable | None = None
-    ) -> range:
-        """The numbers (from 1) of the iterations still to run in a loop of `total` iterations
-        of `steps_per_iteration` optimizer steps each (RL: one rollout batch each).
-
-        Resumes first from the latest checkpoint if one exists (the range then
-        starts after 1), restoring `data_iterator`'s position, and starts the
-        progress line, counted in iterations.
+    ) -> tuple[range, bool]:
+        """Starts a loop of `total` iterations of `steps_per_iteration` optimizer steps each
+        (RL: one rollout batch each): resumes from the latest checkpoint if one exists
+        (restoring `data_iterator`'s position) and starts the progress line, counted in
+        iterations. Returns (the numbers, from 1, of the iterations still to run, whether
+        it resumed).
         """
-        self.restore(data_iterator)
-        self._start_progress(total)
-        return range(self.step // steps_per_iteration + 1, total + 1)
+        resumed = self.restore(data_iterator)
+        self._start_progress(total, unit="iteration")
+        return range(self.step // steps_per_iteration + 1, total + 1), resumed
 
     def run_steps(self, batches: Iterable[Batch]) -> list[dict[str, jax.Array]]:
         """One optimizer step per batch, in order; each step's device metrics (no host sync)."""

@@ -11,8 +11,8 @@ import dataclasses
 
 import jax
 
-from postax.models.quant import MODES
 from postax.parallel import MeshConfig
+from postax.recipes.common import check_model_options
 from postax.validation import ConfigError, is_int, require
 
 SAMPLER_LOGPROBS = "sampler"  # the log-probs recorded while sampling
@@ -107,16 +107,14 @@ def check_settings(cfg) -> None:
             "policy.importance_cap needs update.old_logprobs: recompute (the weights are "
             "trainer old log-probs over sampler log-probs)"
         )
-    require(
-        cfg.quantize is None or cfg.quantize in MODES,
-        "quantize",
-        cfg.quantize,
-        f"null or one of {MODES}",
-    )
-    if cfg.quantize and cfg.lora is None:
-        raise ConfigError("quantize is set but lora is not: a quantised base needs lora")
-    if cfg.tokenizer is None and cfg.model.path is None:
-        raise ConfigError("tokenizer: required when the model is not loaded from a path")
+    check_model_options(cfg)
+    if cfg.lora is not None and cfg.lora.dropout:
+        raise ConfigError(
+            f"lora.dropout={cfg.lora.dropout!r} is invalid for RL: 0. The sampler draws from "
+            "the trainer's own module without dropout, so with dropout in the update the "
+            "trainer's log-probs would differ from the sampler's and the on-policy ratio "
+            "would not be 1"
+        )
 
 
 def check_rows(cfg, rows: int) -> None:

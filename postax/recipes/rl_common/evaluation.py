@@ -11,7 +11,8 @@ import numpy as np
 from postax.rl.groups import score_completions
 from postax.rl.prompts import PromptRecord
 from postax.rl.rewards import RewardRunner
-from postax.sampling.sampler import Sampler, SamplingConfig
+from postax.sampling.config import SamplingConfig
+from postax.sampling.sampler import Sampler
 
 
 @dataclasses.dataclass

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
-from postax.models.lora import LoRAConfig, apply_lora
-from postax.models.quant import quantize
-from postax.recipes.common import ModelSource, build_causal_lm, export
+from postax.recipes.common import export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator
 from postax.recipes.rl_common.reference import Reference
@@ -27,9 +22,6 @@ from postax.rl.producer import RolloutProducer
 from postax.rl.prompts import PromptDataset, PromptRecord
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
 from postax.sampling.sampler import Sampler
-from postax.tokenizer import load_tokenizer
-from postax.train.checkpoint import CheckpointConfig
-from postax.train.metrics import MetricsConfig
 from postax.train.plot import plot_metrics
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
@@ -71,10 +63,7 @@ def load_run_data(cfg, num_rows: int) -> RunData:
     """Tokenizer (cfg.tokenizer, else the model's directory), prompt sets and reward
     functions; every data and config error comes before any model is built."""
     check_rows(cfg, num_rows)
-    tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    prompts = PromptDataset(cfg.data, tokenizer)
-    eval_records = PromptDataset(cfg.eval_data, tokenizer).records if cfg.eval_data else None
+    tokenizer_dir, tokenizer, prompts, eval_prompts = load_data(cfg, PromptDataset)
     runner = reward_runner(cfg.rewards)
     names = [spec.name for spec in runner.specs]
     if cfg.eval.metric is not None and cfg.eval.metric not in names:
@@ -82,45 +71,26 @@ def load_run_data(cfg, num_rows: int) -> RunData:
         raise ConfigError(
             f"eval.metric={cfg.eval.metric!r} is not a reward function: one of {names}"
         )
+    eval_records = eval_prompts.records if eval_prompts else None
     return RunData(tokenizer_dir, tokenizer, prompts, eval_records, runner)
 
 
-def build_policy(source: ModelSource, lora: LoRAConfig | None, quantize_to: str | None):
-    """The policy: loaded or built, then quantised and LoRA-wrapped as configured."""
-    model = build_causal_lm(source)
-    if quantize_to:
-        quantize(model, quantize_to)
-    if lora:
-        apply_lora(model, lora, rngs=nnx.Rngs(source.seed))
-    return model
-
-
 def make_rl_trainer(cfg, model, algorithm, *, out: Path, wrt, shown: Sequence[str] = ()):
-    """A Trainer for `cfg.iterations` rollout batches of `update.steps_per_iteration` optimizer
-    steps each: a checkpoint (under out/checkpoints) every `checkpoint.save_every`
-    iterations, metrics in `out`, the `shown` metrics on the progress line."""
+    """The recipes' `make_trainer` for `cfg.iterations` rollout batches of
+    `update.steps_per_iteration` optimizer steps each: `checkpoint.save_every` counts
+    iterations, the `shown` metrics go on the progress line."""
     steps = cfg.update.steps_per_iteration
-    return Trainer(
-        model,
-        algorithm,
-        config=TrainerConfig(
-            steps=cfg.iterations * steps,
-            micro_batches=cfg.update.micro_batches,
-            seed=cfg.run.seed,
-            remat=cfg.run.remat,
-            mesh=cfg.run.mesh,
-            progress=cfg.run.progress,
-            progress_metrics=tuple(shown),
-        ),
-        optimizer=cfg.optimizer,
-        wrt=wrt,
-        checkpoint=CheckpointConfig(
-            directory=str((out / "checkpoints").resolve()),
-            save_every=cfg.checkpoint.save_every * steps,
-            keep_last=cfg.checkpoint.keep_last,
-            async_save=cfg.checkpoint.async_save,
-        ),
-        metrics=MetricsConfig(directory=str(out), **dataclasses.asdict(cfg.metrics)),
+    config = TrainerConfig(
+        steps=cfg.iterations * steps,
+        micro_batches=cfg.update.micro_batches,
+        seed=cfg.run.seed,
+        remat=cfg.run.remat,
+        mesh=cfg.run.mesh,
+        progress=cfg.run.progress,
+        progress_metrics=tuple(shown),
+    )
+    return make_trainer(
+        cfg, model, algorithm, wrt=wrt, out=out, config=config, steps_per_save_unit=steps
     )
 
 
@@ -141,9 +111,9 @@ class Loop:
 
     iterations: the iteration numbers still to run (on a resume, those after
       the checkpoint's).
-    producer: rollout production, one scored batch per iteration; an
-      asynchronous producer (`postax.rl.producer`) takes its place here.
-    reference: the KL reference (`loss_logprobs`, `reward_kl`).
+    producer: rollout production, one scored batch per iteration (the seam for
+      asynchronous rollouts: see `postax.rl.producer`).
+    reference: the KL reference (`loss_columns`, `reward_kl`).
     evaluate: held-out evaluation, None without `eval_data`.
     summary: the run summary, begun with the held-out results before training.
     """
@@ -175,10 +145,6 @@ class Loop:
             trainer.log(cfg.iterations, _prefixed("eval_", summary["eval_after"]))
             print(f"eval after: {summary['eval_after']}", file=sys.stderr)
         summary["iterations"] = cfg.iterations
-        trainer.model.eval()
-        if cfg.export:
-            summary["export"] = str(export(self.policy, cfg, self.data.tokenizer_dir, out))
-        trainer.close()
         self.data.runner.close()
         summary["plot"] = str(
             plot_metrics(
@@ -188,8 +154,13 @@ class Loop:
                 xlabel="iteration",
             )
         )
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        policy, tokenizer_dir = self.policy, self.data.tokenizer_dir
+        return finish_run(
+            trainer,
+            out,
+            summary,
+            (lambda _: export(policy, cfg, tokenizer_dir, out)) if cfg.export else None,
+        )
 
 
 def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
@@ -198,7 +169,7 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
     resume, and the held-out results before training (not on a resume)."""
     reference = Reference(cfg, policy)
     sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
-    # steps 1-3 of every iteration; an asynchronous producer is built here instead
+    # steps 1-3 of every iteration (another producer with the same interface plugs in here)
     producer = RolloutProducer(
         sampler,
         data.runner,
@@ -208,7 +179,9 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
         cfg.data.batch_size,
         cfg.run.seed,
     )
-    iterations = trainer.iterations(cfg.iterations, cfg.update.steps_per_iteration, producer)
+    iterations, resumed = trainer.start_iterations(
+        cfg.iterations, cfg.update.steps_per_iteration, producer
+    )
     evaluate = None
     if data.eval_records:
         evaluate = Evaluator(
@@ -221,7 +194,7 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
             cfg.eval.every,
             cfg.rollout.stop_token_ids,
         )
-    summary: dict = {"resumed": iterations.start > 1}  # a checkpoint holds >= 1 iteration
+    summary: dict = {"resumed": resumed}
     if evaluate and not summary["resumed"]:
         summary["eval_before"] = evaluate()
         trainer.log(0, _prefixed("eval_", summary["eval_before"]))

@@ -45,12 +45,12 @@ class Reference:
         self.lora = self.coef > 0 and has_lora(policy)
         self.copy = frozen_copy(policy) if self.coef > 0 and not self.lora else None
 
-    def loss_logprobs(self, device_rows: dict, temperature: float) -> np.ndarray | None:
-        """The reference log-probs [rows, width] the loss's KL term reads (`ref_logp`), or None
-        when the KL is not in the loss."""
+    def loss_columns(self, device_rows: dict, temperature: float) -> dict[str, np.ndarray]:
+        """The rollout columns the loss's KL term reads: {"ref_logp": reference log-probs
+        [rows, width]}, or {} when the KL is not in the loss."""
         if self.coef <= 0 or self.placement != KL_IN_LOSS:
-            return None
-        return self._logprobs(device_rows, temperature)
+            return {}
+        return {"ref_logp": self._logprobs(device_rows, temperature)}
 
     def reward_kl(self, rows: dict, device_rows: dict, temperature: float) -> np.ndarray | None:
         """The per-token KL estimate [rows, width] of the sampled tokens (0 off the loss mask)

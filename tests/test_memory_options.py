@@ -264,7 +264,10 @@ def test_chunked_logprobs_equal_full_ones_under_lora_dropout_in_a_jitted_gradien
     def loss_and_grad(model, chunk):
         def loss(model):
             logp = model.token_logprobs(
-                batch["tokens"], batch["targets"], segment_ids=batch["segment_ids"], chunk_size=chunk
+                batch["tokens"],
+                batch["targets"],
+                segment_ids=batch["segment_ids"],
+                chunk_size=chunk,
             )
             return -jnp.sum(logp * batch["loss_mask"])
 

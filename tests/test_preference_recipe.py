@@ -25,7 +25,7 @@ import postax
 from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.models.lora import LoRAConfig
 from postax.recipes import preference, reward_model
-from postax.recipes.common import ModelSource
+from postax.recipes.common import ModelSource, build_policy
 from postax.tokenizer import build_tokenizer
 from postax.train.reference import sequence_logps
 from postax.train.trainer import Trainer, TrainerConfig
@@ -200,7 +200,7 @@ def first_step_loss(files, cfg) -> tuple[float, int]:
     """(loss of one step, embedding-shaped arrays the reference set-up added)."""
     tokenizer = postax.load_tokenizer(files["tokenizer"])
     dataset = PreferenceDataset(cfg.data, tokenizer)
-    model = preference.build_model(cfg)
+    model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     before = count_arrays(EMBEDDING)
     in_loss = preference.reference_in_loss(cfg, model)
     iterator, _ = preference.attach_reference(cfg, model, dataset, dataset.iterator())
@@ -290,7 +290,7 @@ def test_micro_batching_changes_neither_loss_nor_update(files, loss, shared):
             trainer=TrainerConfig(steps=1, micro_batches=micro_batches, progress=False),
         )
         dataset = PreferenceDataset(cfg.data, tokenizer)
-        model = preference.build_model(cfg)
+        model = build_policy(cfg.model, cfg.lora, cfg.quantize)
         iterator, _ = preference.attach_reference(cfg, model, dataset, dataset.iterator())
         algorithm = preference.PreferenceAlgorithm(
             loss, preference.loss_settings(cfg), needs_reference=cfg.needs_reference

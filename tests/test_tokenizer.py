@@ -602,7 +602,9 @@ def test_template_file_layout_matches_transformers(tmp_path: Path) -> None:
 
 def test_no_chat_template_says_where_it_looked(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(make_tokenizer_dir(tmp_path, None, tokens=CHATML))
-    expected = r"no chat template: looked for chat_template\.jinja, additional_chat_templates/\*\.jinja"
+    expected = (
+        r"no chat template: looked for chat_template\.jinja, additional_chat_templates/\*\.jinja"
+    )
     with pytest.raises(ChatTemplateError, match=expected):
         tokenizer.apply_chat_template(CONVERSATIONS["single_user"])
 

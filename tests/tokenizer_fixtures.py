@@ -352,5 +352,7 @@ def make_tokenizer_dir(
         (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     for name, source in (named_templates or {}).items():
         (directory / "additional_chat_templates").mkdir(exist_ok=True)
-        (directory / "additional_chat_templates" / f"{name}.jinja").write_text(source, encoding="utf-8")
+        (directory / "additional_chat_templates" / f"{name}.jinja").write_text(
+            source, encoding="utf-8"
+        )
     return directory

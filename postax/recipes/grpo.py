@@ -30,7 +30,6 @@ reward; GSPO `policy.ratio: sequence`; RLOO `advantage: rloo`; REINFORCE++
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +66,7 @@ from postax.recipes.rl_common.loop import (
 from postax.recipes.rl_common.reference import loss_policy_config
 from postax.recipes.rl_common.updates import minibatches, summarise_updates
 from postax.rl import advantages as adv
-from postax.rl.groups import pad_rows, rollout_metrics, rollout_rows
+from postax.rl.groups import pad_rows, rollout_metrics
 from postax.rl.logprobs import rollout_logprobs, score_rollout
 from postax.rl.producer import RolloutConfig
 from postax.rl.prompts import PromptDataConfig
@@ -208,16 +207,10 @@ def run(cfg: GRPOConfig) -> dict:
 
     for iteration in loop.iterations:
         timer = Timer()
-        began = time.perf_counter()
 
         # 1-3. prompts -> rollouts -> rewards (dynamic sampling draws more prompts)
         groups = loop.producer.produce(iteration, timer)
-        rows = rollout_rows(
-            groups,
-            num_rows=num_rows,
-            pad_id=data.tokenizer.pad_token_id,
-            overlong_filter=cfg.rollout.overlong_filter,
-        ).as_dict()
+        rows = loop.rollout_rows(groups)
         sampled = len(groups.completions)
 
         # 4. reference log-probs (or the KL for the reward) and old log-probs, no gradient
@@ -257,9 +250,7 @@ def run(cfg: GRPOConfig) -> dict:
         row.update(summarise_updates(step_metrics))
         if kl is not None:  # KL in the reward: the mean per-token estimate it subtracted
             row["kl"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
-        row.update({f"time_{k}": v for k, v in timer.seconds.items()})
-        row["time_iteration"] = time.perf_counter() - began
-        loop.end_iteration(iteration, row)
+        loop.end_iteration(iteration, row, timer)
 
     return loop.finish(out)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +71,7 @@ from postax.recipes.rl_common.loop import (
 from postax.recipes.rl_common.reference import loss_policy_config
 from postax.recipes.rl_common.updates import minibatches, summarise_updates
 from postax.rl import advantages as adv
-from postax.rl.groups import pad_rows, rollout_metrics, rollout_rows
+from postax.rl.groups import pad_rows, rollout_metrics
 from postax.rl.logprobs import (
     gather_window,
     logprobs_from_logits,
@@ -299,16 +298,10 @@ def run(cfg: PPOConfig) -> dict:
 
     for iteration in loop.iterations:
         timer = Timer()
-        began = time.perf_counter()
 
         # 1-2. prompts -> rollouts -> rewards
         groups = loop.producer.produce(iteration, timer)
-        rows = rollout_rows(
-            groups,
-            num_rows=num_rows,
-            pad_id=data.tokenizer.pad_token_id,
-            overlong_filter=cfg.rollout.overlong_filter,
-        ).as_dict()
+        rows = loop.rollout_rows(groups)
         sampled = len(groups.completions)
 
         # 3. reference (or the KL for the reward), values and old log-probs, no gradient
@@ -343,9 +336,7 @@ def run(cfg: PPOConfig) -> dict:
         row.update(summarise_updates(step_metrics))
         if kl is not None:  # the mean per-token KL estimate taken from the rewards
             row["kl_reward"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
-        row.update({f"time_{k}": v for k, v in timer.seconds.items()})
-        row["time_iteration"] = time.perf_counter() - began
-        loop.end_iteration(iteration, row)
+        loop.end_iteration(iteration, row, timer)
 
     return loop.finish(out)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,6 +106,17 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer, location: str, field: str) ->
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptStats:
+    """Prompts kept, and prompts longer than `max_prompt_tokens` dropped (`truncate: drop`)."""
+
+    prompts: int
+    dropped_overlong: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
 class PromptDataset:
     """Prompt records of a file, encoded once; batches of `config.batch_size` records."""
 
@@ -154,12 +164,6 @@ class PromptDataset:
             self.records.append(PromptRecord(record.location, prompt, tuple(ids), extra))
             if config.limit and len(self.records) == config.limit:
                 break
-        if self.dropped:
-            print(
-                f"{config.path}: {self.dropped} prompt(s) longer than max_prompt_tokens="
-                f"{config.max_prompt_tokens} dropped",
-                file=sys.stderr,
-            )
         if len(self.records) < config.batch_size:
             raise DataError(
                 f"{config.path}: {len(self.records)} usable prompt(s), fewer than one batch "
@@ -170,6 +174,11 @@ class PromptDataset:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def stats(self) -> PromptStats:
+        """What reading the file kept and dropped (the recipes print and log it)."""
+        return PromptStats(prompts=len(self.records), dropped_overlong=self.dropped)
 
     def batch(self, epoch: int, step: int) -> PromptBatch:
         size = self.config.batch_size

@@ -39,7 +39,7 @@ from flax import nnx
 from postax.models.transformer import CausalLM, KVCache
 from postax.sampling.batching import RowResult, SampleRow, prompt_arrays, stop_id_bucket
 from postax.sampling.config import FINISH_LENGTH, FINISH_STOP, SamplingConfig
-from postax.shapes import TraceCounter, pow2_bucket
+from postax.shapes import pow2_bucket
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -197,32 +197,14 @@ def beam_search(
 
 
 def traced_beam_search(
-    graphdef,
-    model_state,
-    prompt_tokens: jax.Array,
-    prompt_mask: jax.Array,
-    *,
-    real_prompts: jax.Array,
-    max_new_tokens: jax.Array,
-    length_penalty: jax.Array,
-    stop_ids: jax.Array,
-    new_tokens: int,
-    num_beams: int,
-    traces: TraceCounter,
+    graphdef, model_state, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, traces, **kwargs
 ) -> BeamOutput:
-    """`beam_search` of the model split into (graphdef, state), counting its traces in `traces`."""
-    traces.bump("beam", prompt_tokens, stop_ids, new_tokens, num_beams)
-    return beam_search(
-        nnx.merge(graphdef, model_state),
-        prompt_tokens,
-        prompt_mask,
-        real_prompts=real_prompts,
-        max_new_tokens=max_new_tokens,
-        length_penalty=length_penalty,
-        stop_ids=stop_ids,
-        new_tokens=new_tokens,
-        num_beams=num_beams,
+    """`beam_search` of the model split into (graphdef, state), counting its traces in
+    `traces` (a `TraceCounter`); `kwargs` are `beam_search`'s."""
+    traces.bump(
+        "beam", prompt_tokens, kwargs["stop_ids"], kwargs["new_tokens"], kwargs["num_beams"]
     )
+    return beam_search(nnx.merge(graphdef, model_state), prompt_tokens, prompt_mask, **kwargs)
 
 
 def beam_batch_inputs(

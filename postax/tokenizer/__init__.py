@@ -2,8 +2,9 @@
 
 `load_tokenizer(path)` reads a tokenizer directory as `transformers` writes it and returns a
 `Tokenizer`: `tokenizer.json` (through the `tokenizers` library), `tokenizer_config.json`,
-`special_tokens_map.json`, the chat templates (`chat_template.jinja`, `additional_chat_templates/*.jinja`
-or the config's `chat_template` entry) and, for extra stop ids, `generation_config.json`.
+`special_tokens_map.json`, the chat templates (`chat_template.jinja`,
+`additional_chat_templates/*.jinja` or the config's `chat_template` entry) and, for extra stop
+ids, `generation_config.json`.
 Nothing in the directory is executed: `auto_map` (remote tokenizer code) is ignored and chat
 templates run in jinja2's immutable sandbox. `copy_tokenizer_files` copies exactly those files
 (for checkpoint exports); `build_tokenizer` trains a small byte-level BPE directory for models

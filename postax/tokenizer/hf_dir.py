@@ -1,8 +1,8 @@
 """A Hugging Face tokenizer directory: the files `load_tokenizer` reads, and how it reads them.
 
 `TOKENIZER_FILES` lists every file the loader reads (`additional_chat_templates/*.jinja`
-included), and
-`copy_tokenizer_files` copies exactly those, so an exported checkpoint loads the same tokenizer.
+included), and `copy_tokenizer_files` copies exactly those, so an exported checkpoint loads
+the same tokenizer.
 Nothing in the directory is executed: `auto_map` (remote tokenizer code) is ignored.
 
 Rules, as transformers 5 reads the directory:

@@ -14,10 +14,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from postax.recipes.common import export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator
 from postax.recipes.rl_common.reference import Reference
+from postax.rl.groups import Groups, rollout_rows
 from postax.rl.producer import RolloutProducer
 from postax.rl.prompts import PromptDataset, PromptRecord
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
@@ -31,6 +34,7 @@ class Timer:
     """Wall-clock seconds per named phase: `with timer("generate"): ...`."""
 
     def __init__(self) -> None:
+        self.began = time.perf_counter()
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -128,9 +132,23 @@ class Loop:
     evaluate: Evaluator | None
     summary: dict
 
-    def end_iteration(self, iteration: int, row: dict[str, float]) -> None:
-        """Held-out evaluation when due, then the trainer's iteration end: `row` in the
-        metrics, the progress line, a checkpoint when due."""
+    def rollout_rows(self, groups: Groups) -> dict[str, np.ndarray]:
+        """The training rows of an iteration's groups: `data.batch_size` x group size rows
+        (filler rows past the sampled ones), completions cut at the budget masked out of the
+        loss with `rollout.overlong_filter`."""
+        cfg = self.cfg
+        return rollout_rows(
+            groups,
+            num_rows=cfg.data.batch_size * cfg.rollout.samples_per_prompt,
+            pad_id=self.data.tokenizer.pad_token_id,
+            overlong_filter=cfg.rollout.overlong_filter,
+        ).as_dict()
+
+    def end_iteration(self, iteration: int, row: dict[str, float], timer: Timer) -> None:
+        """The phase times of `timer`, held-out evaluation when due, then the trainer's
+        iteration end: `row` in the metrics, the progress line, a checkpoint when due."""
+        row.update({f"time_{k}": v for k, v in timer.seconds.items()})
+        row["time_iteration"] = time.perf_counter() - timer.began
         if self.evaluate and self.evaluate.due(iteration):
             row.update(_prefixed("eval_", self.evaluate()))
         self.trainer.end_iteration(iteration, row, self.producer)

@@ -10,5 +10,24 @@ its own steps and imports these from their modules:
   starts, ends each iteration and finishes the run.
 
 Rollout production (prompts -> samples -> rewards) is `postax.rl.producer`;
-rollout groups, dynamic sampling and training rows are `postax.rl.groups`.
+rollout groups, dynamic sampling and training rows are `postax.rl.groups`. The settings
+types of an RL config are importable from here too.
 """
+
+from postax.recipes.rl_common.config import (
+    KL_PLACEMENTS,
+    OLD_LOGPROBS,
+    EvalConfig,
+    RunSettings,
+    UpdateConfig,
+)
+from postax.rl.producer import RolloutConfig
+
+__all__ = [
+    "KL_PLACEMENTS",
+    "OLD_LOGPROBS",
+    "EvalConfig",
+    "RolloutConfig",
+    "RunSettings",
+    "UpdateConfig",
+]

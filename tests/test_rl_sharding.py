@@ -38,10 +38,10 @@ def grpo_run(tmp_path: Path, name: str, devices: int, *overrides: str) -> list[d
         "iterations: 3\n"
         "rollout: {samples_per_prompt: 2, max_new_tokens: 8}\n"
         "policy: {kl_coef: 0.05, kl_estimator: k3}\n"
-        # Adam's first steps move each parameter by about lr * sign(gradient); eps 1e-6 (not
-        # 1e-8) keeps entries that are float noise around 0, whose sign follows the
-        # reduction order of 1 or 8 devices, from moving by lr
-        "optimizer: {learning_rate: 1.0e-2, schedule: constant, eps: 1.0e-6}\n"
+        # SGD: an update proportional to the gradient, so the float noise of 1 or 8 devices'
+        # reduction orders stays noise (Adam's first steps move every entry by about
+        # lr * sign(gradient), and the sign of an entry that is noise around 0 is arbitrary)
+        "optimizer: {name: sgd, beta1: 0.0, learning_rate: 0.5, schedule: constant}\n"
         "run: {progress: false}\ncheckpoint: {save_every: 0}\nexport: false\n"
     )
     env = dict(

@@ -173,7 +173,6 @@ def train_and_summarise(
     """Fits, evaluates, then `finish_run` (export, close, out/summary.json)."""
     flops = training_flops_per_token(trainer.model.config, seq_len)
     rows = trainer.fit(iterator, flops_per_token=flops, eval_fn=eval_fn)
-    trainer.model.eval()
     summary = {
         "steps": trainer.step,
         "final_loss": rows[-1]["loss"] if rows else None,

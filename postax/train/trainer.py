@@ -34,7 +34,7 @@ the parameters and optimizer state untouched; the next flush raises
 `fit` runs a batch iterator to `config.steps`. A loop whose iterations make
 their own batches (the RL recipes: a rollout batch, then minibatch updates)
 goes through the same restore, save, metrics and progress paths:
-`iterations` (resumes once, returns the iterations left), `run_steps`,
+`start_iterations` (resumes once, returns the iterations left), `run_steps`,
 `end_iteration` (metrics, progress, checkpoint when due) and `end_training`.
 """
 
@@ -209,6 +209,7 @@ class Trainer:
         )
         self._eval_fn = jax.jit(self._eval)
         self.traces = TraceCounter()  # traces (hence compilations) of the jitted functions
+        self._progress: ProgressBar | None = None  # the running loop's progress line
         self.checkpoint_config = checkpoint
         self.checkpoints = CheckpointManager(checkpoint) if checkpoint else None
         self.metrics = MetricsLogger(metrics) if metrics else None
@@ -385,8 +386,6 @@ class Trainer:
         return self.checkpoints.save(self.step, self.checkpoint_state(), extra, force=force)
 
     # ---------------------------------------------- what `fit` and outer loops share
-
-    _progress: ProgressBar | None = None  # the running loop's progress line
 
     def log(self, step: int, row: Mapping[str, float]) -> None:
         """Appends `row` to the metrics (JSON lines, TensorBoard, W&B) under `step`."""

@@ -1,13 +1,31 @@
-"""The `postax` command: `postax <command> [arguments]`.
+"""The `postax` command: `postax <command> [arguments] [--debug]`.
 
 Each command lives in its own module and is imported only when it runs, so
 `postax generate` never imports the trainer and vice versa.
+
+Errors are handled here, once, for every command. A user's mistake (a config
+key or value, a YAML file, a data file or record, a checkpoint or tokenizer
+directory, a path: the `USER_ERRORS` classes and file-system errors) prints
+one line, `postax <command>: <message>`, to stderr and exits 2; the message
+names the file, line or field and what is allowed. Anything else is a bug of
+postax: its traceback is printed and the exit status is 1. `--debug`,
+anywhere on the command line, prints the traceback for user errors as well
+(the exit status stays the same). Command modules raise; they do not print
+their own errors. argparse's own errors (a usage line, exit 2) pass through.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import traceback
+
+from postax.configs import ConfigFileError
+from postax.data.sources import DataError
+from postax.models.safetensors_io import CheckpointError
+from postax.sampling.config import SamplingError
+from postax.tokenizer.jinja_env import ChatTemplateError
+from postax.validation import ConfigError
 
 COMMANDS = {
     "generate": ("postax.sampling.cli", "Generate text from a Hugging Face checkpoint directory."),
@@ -29,17 +47,90 @@ COMMANDS = {
         "postax.recipes.distill",
         "Knowledge distillation (logits, attention, features, GKD).",
     ),
+    "convert": (
+        "postax.models.gguf_convert_cli",
+        "Convert a GGUF file to a Hugging Face checkpoint directory.",
+    ),
+    "export-gguf": (
+        "postax.models.gguf_export_cli",
+        "Write a checkpoint as a GGUF file (f32, f16, bf16, q8_0) for llama.cpp.",
+    ),
 }
 
 
 def usage() -> str:
-    lines = ["usage: postax <command> [arguments]", "", "commands:"]
+    lines = ["usage: postax <command> [arguments] [--debug]", "", "commands:"]
     lines += [f"  {name:<14}{help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", f"{DEBUG_FLAG}: print the traceback of any error (for bug reports)"]
     return "\n".join(lines)
 
 
+# Errors a user's input causes; each message names the file/line/field and what is allowed.
+# (RecordError and PreferenceRecordError are DataErrors.)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    ConfigFileError,
+    CheckpointError,
+    DataError,
+    ChatTemplateError,
+    SamplingError,
+    # a path the user gave that is missing, a directory (or not one), or not readable/writable
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+# Optional packages (pyproject extras) a command may need -> the extra that installs them.
+# A command that needs a missing one is the user's to install, not a bug.
+OPTIONAL_PACKAGES = {
+    "matplotlib": "postax[plot]",
+    "tensorboardX": "postax[tensorboard]",
+    "wandb": "wandb",
+    "gguf": "postax[gguf]",
+}
+DEBUG_FLAG = "--debug"
+
+
+def missing_optional_package(error: BaseException) -> str | None:
+    """The optional package whose absence an ImportError (or the error it was raised from)
+    reports, else None."""
+    for cause in (error, error.__cause__):
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            package = cause.name.partition(".")[0]
+            if package in OPTIONAL_PACKAGES:
+                return package
+    return None
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one-line message of a user's mistake, or None for an internal error."""
+    if isinstance(error, USER_ERRORS):
+        return one_line(error)
+    package = missing_optional_package(error)
+    if package is None:
+        return None
+    message = one_line(error)
+    if "pip install" not in message:
+        message += f"; install it: pip install '{OPTIONAL_PACKAGES[package]}'"
+    return message
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line: its lines, stripped, joined by a space. A file-system
+    error reads `<path>: <reason>`; an error without a message is named by its class."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -47,8 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"postax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        return int(module.main(rest) or 0)
+    except Exception as error:
+        message = user_message(error)
+        if message is not None and not debug:
+            print(f"postax {command}: {message}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        if message is None:  # a bug of postax, not of the input
+            print(f"postax {command}: internal error (traceback above)", file=sys.stderr)
+            return 1
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -45,6 +46,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        present = [option for option in options if option is not type(None)]
+        if len(present) == 1:  # an optional field: the one type's own error names the problem
+            return _coerce(value, present[0], where)
         errors = []
         for option in options:
             if option is type(None):
@@ -125,9 +129,18 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
             ) from e
         raise ConfigFileError(f"{prefix or cls.__name__}: {e}") from e
     except ValueError as e:
-        raise ConfigFileError(
-            f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)
-        ) from e
+        raise ConfigFileError(_in_section(str(e), prefix, fields)) from e
+
+
+def _in_section(message: str, prefix: str, fields: Sequence[str]) -> str:
+    """`message` of a nested dataclass's check, located: one that starts with a field name gets
+    the dotted prefix (`trainer.steps=0 is invalid`), any other the section's name (`model: ...`)."""
+    if not prefix or message.startswith(prefix):
+        return message
+    head = re.match(r"[A-Za-z_]\w*", message)
+    if head and head.group() in fields:
+        return f"{prefix}{message}"
+    return f"{prefix[:-1]}: {message}"
 
 
 def to_dict(instance: Any) -> Any:
@@ -155,8 +168,22 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigFileError(f"override {override!r}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigFileError(f"override {override!r}: {_yaml_problem(e)}") from e
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line from PyYAML's multi-line error: where (1-based line and column) and what."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return f"not valid YAML ({' '.join(str(error).split())})"
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(error, "context", None)
+    return f"not valid YAML: {where}{problem}" + (f" ({context})" if context else "")
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
@@ -165,11 +192,15 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError as e:
             raise ConfigFileError(f"{path}: config file not found") from e
+        except OSError as e:  # a directory, no permission
+            raise ConfigFileError(f"{path}: cannot read the config file ({e.strerror})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigFileError(f"{path}: not a UTF-8 text file ({e.reason})") from e
         except yaml.YAMLError as e:
-            raise ConfigFileError(f"{path}: not valid YAML ({e})") from e
+            raise ConfigFileError(f"{path}: {_yaml_problem(e)}") from e
         if not isinstance(data, dict):
             raise ConfigFileError(f"{path}: expected a mapping at the top level")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from postax.configs import load_config, to_dict
 from postax.models import ModelConfig, build_model, load_model, preset, save_model
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from postax.models.quant import MODES, quantize
-from postax.tokenizer import copy_tokenizer_files, load_tokenizer
+from postax.sampling.cli import load_checked_tokenizer
+from postax.tokenizer import copy_tokenizer_files
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, training_flops_per_token
 from postax.train.trainer import Trainer, TrainerConfig
@@ -43,9 +45,7 @@ class ModelSource:
     def __post_init__(self) -> None:
         given = [name for name in ("path", "preset", "config") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ConfigError(
-                f"model: set exactly one of path, preset, config (got {given or 'none'})"
-            )
+            raise ConfigError(f"set exactly one of path, preset, config (got {given or 'none'})")
 
 
 def check_model_options(cfg) -> None:
@@ -96,10 +96,40 @@ def build_policy(source: ModelSource, lora: LoRAConfig | None, quantize_to: str 
     return model
 
 
+def installed(module: str) -> bool:
+    """Whether top-level `module` can be imported, without importing it (a module set to None
+    in sys.modules counts as absent, as `import` treats it)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def check_optional_packages(metrics: MetricsSettings) -> None:
+    """A start-up error (before any model is loaded) for an optional package the user asked for
+    that is not installed: `metrics.tensorboard: true` needs tensorboardX, `metrics.wandb_project`
+    needs wandb. Asked for explicitly, they are not skipped: the user expects the event files."""
+    wanted = []
+    if metrics.tensorboard:
+        wanted.append(("tensorboardX", "metrics.tensorboard=true", "'postax[tensorboard]'"))
+    if metrics.wandb_project is not None:
+        wanted.append(("wandb", f"metrics.wandb_project={metrics.wandb_project!r}", "wandb"))
+    for module, setting, install in wanted:
+        if not installed(module):
+            raise ConfigError(
+                f"{setting} needs the optional package {module}, which is not installed: "
+                f"pip install {install}, or turn the setting off"
+            )
+
+
 def start_run(cfg) -> Path:
-    """Creates `cfg.output_dir` and writes the resolved config to its config.json."""
+    """Checks the optional packages the config asks for, creates `cfg.output_dir` and writes
+    the resolved config to its config.json."""
+    check_optional_packages(cfg.metrics)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only file system
+        raise ConfigError(f"output_dir={str(out)!r} cannot be created: {e.strerror}") from e
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return out
 
@@ -111,7 +141,7 @@ def load_data(cfg, dataset_class):
     read and tokenised now, so every data error comes before any compile.
     """
     tokenizer_dir = Path(cfg.tokenizer or cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_checked_tokenizer(tokenizer_dir)
     train_data = dataset_class(cfg.data, tokenizer)
     eval_data = dataset_class(cfg.eval_data, tokenizer) if cfg.eval_data else None
     print(f"data: {train_data.stats.as_dict()}", file=sys.stderr)
@@ -120,9 +150,10 @@ def load_data(cfg, dataset_class):
 
 def check_vocab(model_config, tokenizer, tokenizer_dir: Path) -> None:
     if model_config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model vocab_size={model_config.vocab_size} is smaller than the "
-            f"tokenizer's {tokenizer.vocab_size} tokens ({tokenizer_dir})"
+            f"tokenizer's {tokenizer.vocab_size} tokens ({tokenizer_dir}): use the model's "
+            "tokenizer or a model with a larger vocabulary"
         )
 
 
@@ -185,15 +216,23 @@ def train_and_summarise(
 
 
 def finish_run(
-    trainer: Trainer, out: Path, summary: dict, export: Callable[[Any], object] | None
+    trainer: Trainer,
+    out: Path,
+    summary: dict,
+    export: Callable[[Any], object] | None,
+    plot: Callable[[], Path] | None = None,
 ) -> dict:
     """The end of every run: dropout off, the export (`export(trained_model)`, its result in
-    `summary["export"]`), the trainer closed, out/summary.json written; returns `summary`."""
+    `summary["export"]`), the trainer closed (metrics flushed), the plot (`plot()`, its path in
+    `summary["plot"]`), out/summary.json written; returns `summary`. The plot comes after
+    everything else is written."""
     trainer.model.eval()
     exported = None if export is None else export(trainer.model)
     if exported is not None:
         summary["export"] = str(exported)
     trainer.close()
+    if plot is not None:
+        summary["plot"] = str(plot())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

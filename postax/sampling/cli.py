@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from postax.sampling.sampler import Completion, Sampler, SamplingConfig, SamplingError
+from postax.sampling.sampler import Completion, Sampler, SamplingConfig
+from postax.validation import ConfigError
 
 CONFIG_FIELDS = tuple(f for f in SamplingConfig.__dataclass_fields__)
 REQUEST_FIELDS = ("prompt", "messages", "id", *CONFIG_FIELDS)
@@ -175,28 +176,37 @@ def _safe_id(text: str) -> Any:
     return request.get("id") if isinstance(request, dict) else None
 
 
+def load_checked_tokenizer(directory: str | Path):
+    """`load_tokenizer(directory)`, its ValueErrors (a file that does not parse, a named token
+    not in the vocabulary) raised as the user's `ConfigError` naming the directory."""
+    from postax.tokenizer import ChatTemplateError, load_tokenizer
+
+    try:
+        return load_tokenizer(directory)
+    except ChatTemplateError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"tokenizer {directory}: {error}") from error
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs the command; a user's mistake raises (`postax.cli.main` prints it on one line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output is not None and not args.output.parent.is_dir():
+        parser.error(f"--output: directory {args.output.parent} does not exist")
+    # Every check on the arguments and the input file comes before the model is loaded.
+    SamplingConfig(**_defaults(args))
+    lines = None if args.input is None else args.input.read_text(encoding="utf-8").splitlines()
     # Imported here so that `postax generate --help` stays fast.
     from postax.models import load_model
-    from postax.tokenizer import load_tokenizer
 
-    try:
-        defaults = _defaults(args)
-        SamplingConfig(**defaults)
-    except SamplingError as e:
-        print(f"postax generate: {e}", file=sys.stderr)
-        return 2
-    try:
-        model = load_model(args.model, dtype=args.dtype)
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except (OSError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
-        print(f"postax generate: cannot load {args.model}: {e}", file=sys.stderr)
-        return 2
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_checked_tokenizer(args.tokenizer or args.model)
     sampler = Sampler(model, tokenizer, max_batch_size=args.max_batch_size)
+    defaults = _defaults(args)
 
-    if args.input is not None:
-        lines = args.input.read_text(encoding="utf-8").splitlines()
+    if lines is not None:
         results, failed = run_batch(sampler, lines, defaults)
         out = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
         if args.output is None:
@@ -208,20 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failed else 0
 
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
-    try:
-        completions = sampler.generate(prompts, SamplingConfig(**defaults))
-    except SamplingError as e:
-        print(f"postax generate: {e}", file=sys.stderr)
-        return 2
-    lines = []
+    completions = sampler.generate(prompts, SamplingConfig(**defaults))
+    texts = []
     for c in completions:
         if args.json:
-            lines.append(json.dumps(c.to_json(), ensure_ascii=False))
+            texts.append(json.dumps(c.to_json(), ensure_ascii=False))
         elif len(completions) == 1:
-            lines.append(c.text)
+            texts.append(c.text)
         else:
-            lines.append(f"--- prompt {c.prompt_index} sample {c.sample_index} ---\n{c.text}")
-    text = "\n".join(lines) + "\n"
+            texts.append(f"--- prompt {c.prompt_index} sample {c.sample_index} ---\n{c.text}")
+    text = "\n".join(texts) + "\n"
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -1,6 +1,9 @@
 """A PNG of chosen metrics over steps, read from a run's metrics.jsonl.
 
-Needs matplotlib (`pip install 'postax[plot]'`); it is imported only here.
+Needs matplotlib (`pip install 'postax[plot]'`); it is imported only here. A run
+that plots asks `plot_skipped_because()` at start-up: without matplotlib it
+warns once and skips the plot, and everything else is still written (an optional
+extra never fails a finished run).
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ def read_series(
     return {name: sorted(points.items()) for name, points in series.items()}
 
 
+PLOT_INSTALL = "pip install 'postax[plot]'"
+
+
+def plot_skipped_because() -> str | None:
+    """None when matplotlib imports; otherwise why a plot cannot be written, on one line."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return f"matplotlib cannot be imported ({error}); {PLOT_INSTALL} to get the plot"
+    return None
+
+
 def plot_metrics(
     metrics_path: str | Path,
     png_path: str | Path,
@@ -44,9 +59,7 @@ def plot_metrics(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ImportError(
-            "plotting metrics needs matplotlib: pip install 'postax[plot]'"
-        ) from error
+        raise ImportError(f"plotting metrics needs matplotlib: {PLOT_INSTALL}") from error
     series = read_series(metrics_path, names)
     shown = [n for n in names if series[n]]
     fig, axes = plt.subplots(

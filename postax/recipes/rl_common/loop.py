@@ -25,9 +25,12 @@ from postax.rl.producer import RolloutProducer
 from postax.rl.prompts import PromptDataset, PromptRecord
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
 from postax.sampling.sampler import Sampler
-from postax.train.plot import plot_metrics
+from postax.train.plot import plot_metrics, plot_skipped_because
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
+
+PLOT_FILE = "rewards.png"
+PLOTTED = ("reward", "eval_accuracy")  # metrics.jsonl columns drawn over iterations
 
 
 class Timer:
@@ -48,13 +51,15 @@ class Timer:
 
 @dataclasses.dataclass
 class RunData:
-    """What a run reads before any model is built: tokenizer, prompts, reward functions."""
+    """What a run reads before any model is built: tokenizer, prompts, reward functions, and
+    whether the reward plot can be drawn (matplotlib is an optional extra)."""
 
     tokenizer_dir: Path
     tokenizer: Any
     prompts: PromptDataset
     eval_records: list[PromptRecord] | None
     runner: RewardRunner
+    plot: bool
 
 
 def reward_runner(entries: Sequence[RewardConfig]) -> RewardRunner:
@@ -76,7 +81,10 @@ def load_run_data(cfg, num_rows: int) -> RunData:
             f"eval.metric={cfg.eval.metric!r} is not a reward function: one of {names}"
         )
     eval_records = eval_prompts.records if eval_prompts else None
-    return RunData(tokenizer_dir, tokenizer, prompts, eval_records, runner)
+    skipped = plot_skipped_because()
+    if skipped is not None:
+        print(f"warning: {PLOT_FILE} will not be written: {skipped}", file=sys.stderr)
+    return RunData(tokenizer_dir, tokenizer, prompts, eval_records, runner, skipped is None)
 
 
 def make_rl_trainer(cfg, model, algorithm, *, out: Path, wrt, shown: Sequence[str] = ()):
@@ -154,8 +162,9 @@ class Loop:
         self.trainer.end_iteration(iteration, row, self.producer)
 
     def finish(self, out: Path) -> dict:
-        """Last checkpoint, held-out results after training, export (`out/final`), plot,
-        out/summary.json; returns the summary."""
+        """Last checkpoint, held-out results after training, export (`out/final`), the plot
+        (`out/rewards.png`; None in the summary without matplotlib), out/summary.json;
+        returns the summary."""
         cfg, trainer, summary = self.cfg, self.trainer, self.summary
         trainer.end_training(self.producer)
         if self.evaluate:
@@ -164,20 +173,18 @@ class Loop:
             print(f"eval after: {summary['eval_after']}", file=sys.stderr)
         summary["iterations"] = cfg.iterations
         self.data.runner.close()
-        summary["plot"] = str(
-            plot_metrics(
-                out / "metrics.jsonl",
-                out / "rewards.png",
-                ("reward", "eval_accuracy"),
-                xlabel="iteration",
-            )
-        )
+        summary["plot"] = None
+
+        def plot() -> Path:
+            return plot_metrics(out / "metrics.jsonl", out / PLOT_FILE, PLOTTED, xlabel="iteration")
+
         policy, tokenizer_dir = self.policy, self.data.tokenizer_dir
         return finish_run(
             trainer,
             out,
             summary,
             (lambda _: export(policy, cfg, tokenizer_dir, out)) if cfg.export else None,
+            plot if self.data.plot else None,
         )
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from postax.configs import load_config, to_dict
 from postax.models import ModelConfig, build_model, load_model, preset, save_model
+from postax.models.hf import read_hf_config
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from postax.models.quant import MODES, quantize
 from postax.sampling.cli import load_checked_tokenizer
@@ -121,10 +122,21 @@ def check_optional_packages(metrics: MetricsSettings) -> None:
             )
 
 
+def check_model_paths(cfg) -> None:
+    """Every model the config loads from a path (`model`, distillation's `teacher`) has a
+    readable config.json: a missing or corrupt checkpoint directory fails at start-up, not
+    after the data has been read. (Its tensors are checked when the model is loaded.)"""
+    for field in dataclasses.fields(cfg):
+        source = getattr(cfg, field.name)
+        if isinstance(source, ModelSource) and source.path is not None:
+            read_hf_config(source.path)
+
+
 def start_run(cfg) -> Path:
-    """Checks the optional packages the config asks for, creates `cfg.output_dir` and writes
-    the resolved config to its config.json."""
+    """Checks the optional packages the config asks for and the model directories it names,
+    creates `cfg.output_dir` and writes the resolved config to its config.json."""
     check_optional_packages(cfg.metrics)
+    check_model_paths(cfg)
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -369,15 +369,18 @@ def test_sampled_episodes_keep_exact_ids_and_trainer_logprobs_equal_the_samplers
     end = chatml.token_to_id("<|im_end|>")
     config = EpisodeConfig(
         episodes_per_example=2,
-        max_turns=3,
-        max_tokens=192,
+        max_turns=4,
+        max_tokens=256,  # the 138-token prompt, 46-token observations: three turns fit
         max_turn_tokens=6,
         temperature=TEMPERATURE,
+        stop_token_ids=(end, *range(100, 140)),  # stops that are not the template's, too
     )
     runner = EpisodeRunner(sampler, "guess_number", config)
     episodes = runner.run([{"secret": 37}, {"secret": 80}], seed=11)
     assert [(e.example_index, e.sample_index) for e in episodes] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert sum(e.num_turns for e in episodes) >= 8
+    assert sum(e.num_turns for e in episodes) >= 8 and {e.cut for e in episodes} == {"max_tokens"}
+    assert {t.finish_reason for e in episodes for t in e.turns} == {FINISH_STOP, FINISH_LENGTH}
+    assert sampler.compile_count <= 4
     for episode in episodes:
         env = GuessNumberEnv()
         secret = 37 if episode.example_index == 0 else 80

@@ -29,11 +29,13 @@ from postax.rl.tools import (
     ToolCall,
     ToolError,
     ToolRunner,
+    ToolSpec,
     calculator_tool,
     check_arguments,
     evaluate,
     format_sandbox_result,
     function_schema,
+    make_tools,
     parse_hermes,
     parse_llama3_json,
     python_tool,
@@ -558,6 +560,61 @@ def test_runner_keeps_call_ids_and_survives_a_failing_parser() -> None:
         ToolRunner([calc, calculator_tool()])
     with pytest.raises(ConfigError, match="timeout_s=0 is invalid"):
         ToolRunner([calc], timeout_s=0)
+
+
+def _exits(code: int) -> str:
+    """Calls sys.exit.
+
+    Args:
+        code: The exit code.
+    """
+    raise SystemExit(code)
+
+
+def test_a_tool_calling_exit_is_an_exception_outcome() -> None:
+    result = ToolRunner([Tool.from_function(_exits)]).run_turn(_call("_exits", code=3))
+    assert result.messages[0]["content"] == "error: '_exits' raised SystemExit: 3"
+    assert result.counts["exception"] == 1
+
+
+def make_weather(description: str = "Weather.") -> Tool:
+    """A factory (annotated -> Tool): configs call it with kwargs."""
+    return Tool.from_function(get_weather, name="weather", description=description)
+
+
+WEATHER_TOOL = Tool.from_function(get_weather, name="forecast")
+
+
+def test_make_tools_from_config_entries() -> None:
+    tools = make_tools(
+        [
+            "calculator",
+            {"name": "python", "kwargs": {"timeout_s": 3.0, "memory_mb": 128}},
+            "test_tools:get_weather",
+            {"name": "test_tools:make_weather", "kwargs": {"description": "Forecast."}},
+            "test_tools:WEATHER_TOOL",
+        ]
+    )
+    assert [t.name for t in tools] == ["calculator", "python", "get_weather", "weather", "forecast"]
+    assert tools[2].schema == WEATHER_SCHEMA
+    assert tools[3].description == "Forecast."
+    assert tools[4] is WEATHER_TOOL
+    assert ToolSpec.parse("calculator") == ToolSpec(name="calculator")
+    bad = [
+        ("calc", "tools.name='calc' is invalid: a built-in tool (calculator, python)"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("test_tools:missing", "module 'test_tools' has no attribute 'missing'"),
+        ("test_tools:_no_hint", "parameter 'x': has no type hint"),
+        ({"name": "python", "kwargs": {"timeout_s": -1}}, "python_tool: timeout_s=-1"),
+        ({"name": "python", "kwargs": {"seconds": 1}}, "unexpected keyword argument 'seconds'"),
+        ({"name": "test_tools:get_weather", "kwargs": {"x": 1}}, "not a factory"),
+        (["calculator"], "tools entry ['calculator'] is invalid"),
+    ]
+    for spec, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make_tools([spec])
+    with pytest.raises(ConfigError, match=re.escape("repeated: ['calculator']")):
+        make_tools(["calculator", "calculator"])
 
 
 # -- the calculator ---------------------------------------------------------------------------

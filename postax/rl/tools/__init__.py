@@ -14,7 +14,8 @@ calls into tool messages, and the built-in calculator and python tools.
 Modules: `schema` (`Tool`, schemas from typed functions, argument checks), `parsers`
 (`PARSERS`: "hermes" for Hermes/Qwen2.5/Qwen3, "llama3_json" for Llama 3.1+), `runner`
 (`ToolRunner`, outcomes and metrics), `render` (the template's tools section or a system
-message), `calculator` (safe arithmetic on Python's `ast`), `builtin` (`BUILTIN_TOOLS`).
+message), `calculator` (safe arithmetic on Python's `ast`), `builtin` (`BUILTIN_TOOLS`),
+`registry` (`make_tools` for a config's `tools:` list: built-in names or `module:attribute`).
 """
 
 from postax.rl.tools.builtin import (
@@ -33,6 +34,7 @@ from postax.rl.tools.parsers import (
     parse_hermes,
     parse_llama3_json,
 )
+from postax.rl.tools.registry import ToolSpec, make_tool, make_tools
 from postax.rl.tools.render import (
     CALL_FORMATS,
     template_renders_tools,
@@ -67,6 +69,7 @@ __all__ = [
     "ToolCall",
     "ToolError",
     "ToolRunner",
+    "ToolSpec",
     "TurnResult",
     "calculator",
     "calculator_tool",
@@ -74,6 +77,8 @@ __all__ = [
     "evaluate",
     "format_sandbox_result",
     "function_schema",
+    "make_tool",
+    "make_tools",
     "parse_hermes",
     "parse_llama3_json",
     "python_tool",

@@ -8,7 +8,8 @@ Nothing a model writes crashes the runner. Each attempted call ends as exactly o
                    not an object, unclosed tag)
     unknown_tool   no tool of that name:  error: unknown tool 'calc'; available: ...
     bad_arguments  arguments fail the tool's schema (missing, unknown, wrong type)
-    exception      the tool raised (a `ToolError` is the tool's own message to the model)
+    exception      the tool raised (a `ToolError` is the tool's own message to the model;
+                   SystemExit too; only KeyboardInterrupt propagates)
     timeout        the tool did not return within `timeout_s`
     over_limit     the turn had more than `max_calls_per_turn` calls; this one was not run
 
@@ -24,6 +25,9 @@ user turn, Llama 3.1 renders it in an `ipython` turn; neither reads `name` or
 Content: a string return value as is, anything else as JSON (`str()` when not
 serialisable). A tool's value and an exception's text are cut to `max_result_chars`, with a
 note of how much was cut.
+
+A runner may serve several threads at once (an asynchronous rollout producer): calls run
+in the caller's thread (or their own), and the metric counts are updated under a lock.
 
 Timeouts: each call runs in a fresh daemon thread and the runner waits `timeout_s` for it.
 Python cannot kill a thread, so a call that times out is abandoned and keeps its CPU until
@@ -207,6 +211,7 @@ class ToolRunner:
         self.max_calls_per_turn = max_calls_per_turn
         self.max_result_chars = max_result_chars
         self._metrics: collections.Counter[str] = collections.Counter(dict.fromkeys(METRIC_KEYS, 0))
+        self._lock = threading.Lock()
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
@@ -216,12 +221,14 @@ class ToolRunner:
     @property
     def metrics(self) -> dict[str, int]:
         """`METRIC_KEYS` -> count over every turn run so far."""
-        return {key: self._metrics[key] for key in METRIC_KEYS}
+        with self._lock:
+            return {key: self._metrics[key] for key in METRIC_KEYS}
 
     def reset_metrics(self) -> dict[str, int]:
         """Return the counts so far and start again from zero."""
-        counts = self.metrics
-        self._metrics = collections.Counter(dict.fromkeys(METRIC_KEYS, 0))
+        with self._lock:
+            counts = {key: self._metrics[key] for key in METRIC_KEYS}
+            self._metrics = collections.Counter(dict.fromkeys(METRIC_KEYS, 0))
         return counts
 
     def parse(self, text: str) -> ParsedTurn:
@@ -250,7 +257,8 @@ class ToolRunner:
                 outcome = self.run_call(attempt)
             outcomes.append(outcome)
         result = TurnResult(parsed=parsed, outcomes=tuple(outcomes))
-        self._metrics.update(result.counts)
+        with self._lock:
+            self._metrics.update(result.counts)
         return result
 
     def _over_limit(self, attempt: ToolCall | ParseError) -> CallOutcome:
@@ -306,7 +314,7 @@ class ToolRunner:
         if isinstance(error, ToolError):
             return done("exception", f"error: {call.name}: {error}", arguments, seconds)
         if error is not None:
-            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: not the model's
+            if isinstance(error, KeyboardInterrupt):  # the user's, not the model's
                 raise error
             text = f"error: {call.name!r} raised {type(error).__name__}: {error}"
             return done("exception", text, arguments, seconds)

@@ -24,6 +24,7 @@ from postax.rl.envs import (
     EnvSpec,
     EpisodeConfig,
     EpisodeError,
+    EpisodeProducer,
     EpisodeRunner,
     GuessNumberEnv,
     SingleTurnEnv,
@@ -38,6 +39,8 @@ from postax.rl.envs import (
     turn_seed,
 )
 from postax.rl.logprobs import score_rollout
+from postax.rl.producer import rollout_seed
+from postax.rl.prompts import PromptBatch, PromptRecord
 from postax.rl.rollout import layout_rows
 from postax.sampling.config import FINISH_LENGTH, FINISH_STOP, Completion, SamplingConfig
 from postax.tokenizer import load_tokenizer
@@ -554,3 +557,49 @@ def test_turn_text_carries_the_turn_and_configs_validate():
         EpisodeConfig(max_turns=0)
     with pytest.raises(ConfigError, match=r"episode.temperature=-1 is invalid"):
         EpisodeConfig(temperature=-1)
+
+
+class Prompts:
+    """A prompt iterator with a position, as `PromptDataset.iterator()` hands out."""
+
+    def __init__(self, batches):
+        self.batches, self.position = batches, 0
+
+    def __next__(self):
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def state(self):
+        return {"position": self.position}
+
+    def restore(self, state):
+        self.position = state["position"]
+
+
+def test_episode_producer_plays_a_prompt_batch_per_iteration(chatml):
+    """The loop's producer surface: groups of episodes per record, returns as rewards, rows
+    with filler, cut episodes masked with train_cut=False, seeds from (seed, iteration)."""
+    end = chatml.token_to_id("<|im_end|>")
+    records = [
+        PromptRecord("a.jsonl:1", "unused", (1, 2), {"secret": 37}),
+        PromptRecord("a.jsonl:2", "unused", (1, 2), {"secret": 5}),
+    ]
+    scripts = {0: ["37"], 1: ["50", "37"], 2: ["1", "9", "4"], 3: ["5"]}
+    scripted, runner = guess_runner(chatml, scripts, end, episodes_per_example=2, max_turns=3)
+    prompts = Prompts([PromptBatch(records)])
+    producer = EpisodeProducer(runner, prompts, seed=7)
+    groups = producer.produce(4)
+    assert groups.records == records and producer.state() == {"position": 1}
+    np.testing.assert_allclose(groups.rewards, [1.0, 1.0, -1.0, 1.0])
+    assert [e.cut for e in groups.episodes] == [None, None, "max_turns", None]
+    assert {r[2].seed for r in scripted.requests if r[0] == 2} == {
+        turn_seed(rollout_seed(7, 4, 0), t) for t in range(3)
+    }
+    rows = groups.rows(num_rows=6, pad_id=chatml.pad_token_id)
+    assert rows.num_rows == 6 and rows.loss_mask[2].sum() == groups.episodes[2].sampled_tokens
+    masked = groups.rows(num_rows=6, pad_id=chatml.pad_token_id, train_cut=False)
+    assert masked.loss_mask[2].sum() == 0 and masked.loss_mask[3].sum() == 2
+    metrics = groups.metrics()
+    assert metrics["zero_variance_groups"] == 1.0 and metrics["cut_max_turns"] == 0.25
+    producer.restore({"position": 0})
+    assert prompts.position == 0

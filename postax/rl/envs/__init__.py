@@ -11,6 +11,8 @@
   turns on the shared Sampler, budgets, cuts recorded).
 - `pack`: episodes as `RolloutRows` for the existing policy loss, returns,
   advantages, metrics.
+- `producer`: `EpisodeProducer` (`produce`/`state`/`restore`, as the RL
+  loop's `RolloutProducer`) and the `EpisodeGroups` it returns.
 """
 
 from postax.rl.envs.builtin import GuessNumberEnv, SingleTurnEnv
@@ -22,6 +24,7 @@ from postax.rl.envs.pack import (
     episode_returns,
     pack_episodes,
 )
+from postax.rl.envs.producer import EpisodeGroups, EpisodeProducer, record_example
 from postax.rl.envs.protocol import (
     CUT_MAX_TOKENS,
     CUT_MAX_TURNS,
@@ -45,6 +48,8 @@ __all__ = [
     "Episode",
     "EpisodeConfig",
     "EpisodeError",
+    "EpisodeGroups",
+    "EpisodeProducer",
     "EpisodeRunner",
     "GuessNumberEnv",
     "SingleTurnEnv",
@@ -57,5 +62,6 @@ __all__ = [
     "episode_returns",
     "make_env",
     "pack_episodes",
+    "record_example",
     "turn_seed",
 ]

@@ -65,7 +65,7 @@ from postax.validation import ConfigError, is_int, is_number, require
 PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
 
 
-def _untimed(phase: str) -> contextlib.AbstractContextManager:
+def untimed(phase: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -248,7 +248,7 @@ class EpisodeRunner:
         self.stop_ids = tuple(sampler.default_stop_ids() if stop_ids is None else stop_ids)
 
     def run(
-        self, examples: Sequence[Mapping[str, Any]], *, seed: int, timer: PhaseTimer = _untimed
+        self, examples: Sequence[Mapping[str, Any]], *, seed: int, timer: PhaseTimer = untimed
     ) -> list[Episode]:
         """`episodes_per_example` episodes of each example, example-major; `timer("generate")`
         and `timer("environment")` time sampling and environment steps."""

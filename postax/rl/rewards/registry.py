@@ -7,6 +7,7 @@ A config lists its rewards as mappings onto `RewardConfig`:
       - {name: math, weight: 1.0, kwargs: {mode: hash}}
       - {name: format, weight: 0.2, kwargs: {pattern: "<think>.*</think>.*"}}
       - {name: overlong, kwargs: {max_tokens: 1024, cache_tokens: 256}}
+      - {name: code_tests, timeout: 120, kwargs: {mode: fraction, timeout_s: 5}}
       - {name: "mypkg.rewards:my_fn", weight: 0.5, timeout: null}
 
 A built-in name calls its factory with `kwargs`. An import path names the
@@ -27,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from postax.configs import from_dict
+from postax.rl.rewards.code import code_tests_reward
 from postax.rl.rewards.format import format_reward
 from postax.rl.rewards.length import length_reward, overlong_reward
 from postax.rl.rewards.math import exact_match_reward, math_reward
@@ -41,6 +43,7 @@ REWARDS = {
     "length": length_reward,
     "overlong": overlong_reward,
     "reward_model": reward_model_from_checkpoint,
+    "code_tests": code_tests_reward,
 }
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 

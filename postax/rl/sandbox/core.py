@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import fcntl
 import json
+import marshal
 import math
 import os
 import selectors
@@ -217,7 +219,7 @@ def _parse_status(text: str) -> tuple[dict, str | None, int | None, float]:
     for line in text.splitlines():
         head, _, rest = line.partition(" ")
         if head == "isolation":
-            iso = json.loads(rest)
+            iso = ast.literal_eval(rest)
         elif head in ("exit", "signal"):
             value, cpu_text = rest.split()
             kind, code, cpu = head, int(value), float(cpu_text)
@@ -419,7 +421,7 @@ def run_python(
         }
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", LAUNCHER, json.dumps(config)],
+                [sys.executable, "-I", "-S", "-B", LAUNCHER, marshal.dumps(config).hex()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -9,7 +9,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from transformers import AutoTokenizer
@@ -110,6 +110,43 @@ def test_schema_from_a_typed_function_is_the_golden_dict_and_matches_transformer
     assert renamed["function"]["description"] == "Forecast."
     tool.schema["function"]["parameters"]["properties"].clear()  # a copy: the tool keeps its own
     assert tool.schema == WEATHER_SCHEMA
+
+
+def _mixed(
+    anything: Any,
+    weights: dict[str, float],
+    key: int | str,
+    scale: float | None = None,
+    rows: list[list[int]] | None = None,
+    mode: Literal[1, "two"] = 1,
+):
+    """Every kind of hint.
+
+    Args:
+        anything: No constraint.
+        weights: Name to weight.
+        key: An index or a name.
+        scale: Optional scale.
+        rows: A matrix.
+        mode: A mixed enum.
+    """
+
+
+def test_schema_parity_with_transformers_on_mixed_hints() -> None:
+    schema = function_schema(_mixed)
+    assert schema == get_json_schema(_mixed)
+    properties = schema["function"]["parameters"]["properties"]
+    assert properties["anything"] == {"description": "No constraint."}
+    assert properties["key"]["type"] == ["integer", "string"]
+    assert properties["mode"] == {
+        "type": ["integer", "string"],
+        "enum": [1, "two"],
+        "description": "A mixed enum.",
+    }
+    tool = Tool.from_function(_mixed)
+    args = {"anything": [1, {"a": None}], "weights": {"a": 1}, "key": "k", "mode": "two"}
+    assert tool.check(args) == (args, [])
+    assert tool.check({**args, "mode": 2})[1] == ["argument 'mode': 2 is not one of [1, 'two']"]
 
 
 def test_builtin_tool_schemas() -> None:
@@ -317,7 +354,7 @@ def test_hermes_parser_on_malformed_calls() -> None:
         ),
         (
             "bad_arguments",
-            "\"arguments\" of 'calculator' must be a JSON object, got a list",
+            "\"arguments\" of 'calculator' must be a JSON object, got an array",
             blocks[3],
             starts[3],
         ),
@@ -371,7 +408,7 @@ def test_llama3_json_parser_on_malformed_calls() -> None:
         ("missing_name", 'a tool call needs a "name" string, got {"parameters": {}}')
     ]
     assert kinds('{"name": "f", "parameters": 5}') == [
-        ("bad_arguments", "\"parameters\" of 'f' must be a JSON object, got a int")
+        ("bad_arguments", "\"parameters\" of 'f' must be a JSON object, got an integer")
     ]
     assert kinds("<|python_tag|>print(1)") == [
         ("invalid_json", "invalid JSON (Expecting value at line 1 column 1)")

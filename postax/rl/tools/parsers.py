@@ -37,6 +37,14 @@ LLAMA_PYTHON_TAG = "<|python_tag|>"
 LLAMA_END_MARKERS = ("<|eom_id|>", "<|eot_id|>")
 _HERMES_BLOCK = re.compile(re.escape(HERMES_OPEN) + r"(.*?)" + re.escape(HERMES_CLOSE), re.DOTALL)
 _SNIPPET_CHARS = 200
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,8 +139,8 @@ def decode_call(
                 "bad_arguments", f'"{key}" of {name!r}: a string that is {_json_problem(e)}'
             )
     if not isinstance(arguments, dict):
-        kind = type(arguments).__name__
-        return error("bad_arguments", f'"{key}" of {name!r} must be a JSON object, got a {kind}')
+        kind = _JSON_KINDS.get(type(arguments), type(arguments).__name__)
+        return error("bad_arguments", f'"{key}" of {name!r} must be a JSON object, got {kind}')
     call_id = obj.get("id")
     return ToolCall(
         name=name,

@@ -11,10 +11,12 @@ from their `tools` variable:
 before `Args:` is the description; each `name: text` line under `Args:` describes a
 parameter, continuation lines indented deeper). Type hints map as in transformers'
 `get_json_schema` (tests pin the parity): int -> integer, float -> number, str -> string,
-bool -> boolean, None -> null, list[X] -> array with items, dict[str, X] -> object with
-additionalProperties, Literal[...] -> enum, X | None -> X with `"nullable": true`, a union of
-plain types -> a list of type names, other unions -> anyOf. Parameters with a default are
-optional. Defaults are not written into the schema (transformers does not either).
+bool -> boolean, None -> null, Any -> {} (no constraint), list[X] -> array with items,
+dict[str, X] -> object with additionalProperties, Literal[...] -> enum, X | None -> X with
+`"nullable": true`, a union of plain types -> a list of type names, other unions -> anyOf.
+Parameters with a default are optional. Defaults are not written into the schema
+(transformers does not either), nor is the return type (transformers adds a "return" entry
+that templates ignore). Enums, tuples and classes are refused: pass an explicit schema.
 
 `check_arguments(parameters, arguments)` checks a call's arguments against the `parameters`
 schema before the function runs: required names present, no unknown names (the function
@@ -59,6 +61,8 @@ class SchemaError(TypeError):
 
 def _hint_schema(hint: Any, where: str) -> dict[str, Any]:
     """The JSON schema of one type hint; `where` names the parameter in errors."""
+    if hint is Any:
+        return {}
     if hint in _PLAIN_HINTS:
         return {"type": _PLAIN_HINTS[hint]}
     origin, args = typing.get_origin(hint), typing.get_args(hint)

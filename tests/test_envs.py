@@ -491,6 +491,7 @@ class NoStep:
 @dataclasses.dataclass
 class BadStep:
     returns: object = None
+    closed: int = 0
 
     def reset(self, example):
         return [{"role": "user", "content": "hi"}]
@@ -499,6 +500,9 @@ class BadStep:
         if self.returns == "raise":
             raise KeyError("boom")
         return self.returns
+
+    def close(self):
+        self.closed += 1
 
 
 def test_make_env_builds_specs_and_names_them_in_errors():
@@ -540,10 +544,14 @@ def test_make_env_builds_specs_and_names_them_in_errors():
 def test_misbehaving_environments_raise_errors_naming_the_episode(chatml, returns, message):
     end = chatml.token_to_id("<|im_end|>")
     scripted = ScriptedSampler(chatml, {0: ["hello"]}, end)
-    runner = EpisodeRunner(scripted, lambda: BadStep(returns), EpisodeConfig())
+    envs = []
+    runner = EpisodeRunner(
+        scripted, lambda: envs.append(BadStep(returns)) or envs[-1], EpisodeConfig()
+    )
     with pytest.raises(EpisodeError, match=message) as error:
         runner.run([{}], seed=0)
     assert "episode 0 (example 0, sample 0) of BadStep, turn 0: " in str(error.value)
+    assert [env.closed for env in envs] == [1]  # closed once, though the run failed
 
 
 def test_turn_text_carries_the_turn_and_configs_validate():

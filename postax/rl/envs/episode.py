@@ -263,6 +263,20 @@ class EpisodeRunner:
                         done[state.number] = self._finish(state, CUT_MAX_TOKENS, seed)
                     else:
                         live.append(state)
+        try:
+            self._play(live, done, seed, timer)
+        except BaseException:
+            for state in live:  # the episodes still open when something failed
+                if state.number not in done:
+                    _close(state.env)
+            raise
+        return [done[k] for k in sorted(done)]
+
+    def _play(
+        self, live: list[_Live], done: dict[int, Episode], seed: int, timer: PhaseTimer
+    ) -> None:
+        """Turns until every episode has ended; `live` shrinks in place as episodes end."""
+        cfg = self.config
         turn = 0
         while live:
             requests = [
@@ -289,9 +303,8 @@ class EpisodeRunner:
                         done[state.number] = self._finish(state, cut, seed)
                     else:
                         still.append(state)
-            live = still
+            live[:] = still
             turn += 1
-        return [done[k] for k in sorted(done)]
 
     # -- one episode ------------------------------------------------------------------------
 
@@ -368,9 +381,7 @@ class EpisodeRunner:
                 raise EpisodeError(
                     f"{state.where()}: final_reward() returned {final!r}: expected a finite number"
                 )
-        close = getattr(env, "close", None)
-        if close is not None:
-            close()
+        _close(env)
         return Episode(
             example_index=state.example_index,
             sample_index=state.sample_index,
@@ -380,3 +391,9 @@ class EpisodeRunner:
             cut=cut,
             seed=seed,
         )
+
+
+def _close(env) -> None:
+    close = getattr(env, "close", None)
+    if close is not None:
+        close()

@@ -52,6 +52,7 @@ from tokenizer_fixtures import (
     GEMMA_TEMPLATE,
     LLAMA3,
     LLAMA3_TEMPLATE,
+    QWEN3_TEMPLATE,
     make_tokenizer_dir,
 )
 
@@ -59,6 +60,7 @@ FORMATS = {
     "chatml": (CHATML_TEMPLATE, CHATML, "<|im_end|>"),
     "llama3": (LLAMA3_TEMPLATE, LLAMA3, "<|eot_id|>"),
     "gemma": (GEMMA_TEMPLATE, GEMMA, "<end_of_turn>"),  # Gemma's turns stop at end_of_turn
+    "qwen3": (QWEN3_TEMPLATE, CHATML, "<|im_end|>"),  # rewrites past turns' reasoning
 }
 MODEL = dict(
     family="llama",
@@ -205,6 +207,18 @@ def test_observation_after_a_cut_turn_closes_it_with_the_templates_end_of_turn(c
     )
     assert renderer.observation_ids([], [*turn, end], stops) == chatml.encode(
         "\n<|im_start|>assistant\n", add_special_tokens=False
+    )
+    # an environment's tools go into the prompt's tools section; observations are unchanged
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {}}}]
+    with_tools = ChatRenderer(chatml, tools=tools)
+    prompt = [{"role": "user", "content": "2+2?"}]
+    ids = with_tools.prompt_ids(prompt)
+    assert ids == chatml.encode_chat(prompt, add_generation_prompt=True, tools=tools)
+    assert "<tools>" in chatml.decode(ids) and "<tools>" not in chatml.decode(
+        renderer.prompt_ids(prompt)
+    )
+    assert with_tools.observation_ids(tool, [*turn, end], stops) == renderer.observation_ids(
+        tool, [*turn, end], stops
     )
 
 

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from transformers.models.llama4.processing_llama4 import chat_template as LLAMA4_TEMPLATE
 from transformers.utils import get_json_schema
 
+from postax.configs import ConfigFileError, from_dict
 from postax.rl.sandbox import SandboxResult
 from postax.rl.tools import (
     BUILTIN_TOOLS,
@@ -29,6 +30,7 @@ from postax.rl.tools import (
     ToolCall,
     ToolError,
     ToolRunner,
+    ToolsConfig,
     ToolSpec,
     calculator_tool,
     check_arguments,
@@ -652,6 +654,29 @@ def test_make_tools_from_config_entries() -> None:
             make_tools([spec])
     with pytest.raises(ConfigError, match=re.escape("repeated: ['calculator']")):
         make_tools(["calculator", "calculator"])
+
+
+def test_tools_config_from_a_config_mapping_builds_the_runner() -> None:
+    data = {
+        "tools": ["calculator", {"name": "python", "kwargs": {"timeout_s": 2}}],
+        "parser": "llama3_json",
+        "timeout_s": 5,
+        "max_calls_per_turn": 2,
+    }
+    config = from_dict(ToolsConfig, data)
+    assert config.tools == ("calculator", ToolSpec(name="python", kwargs={"timeout_s": 2}))
+    runner = config.runner()
+    assert sorted(runner.tools) == ["calculator", "python"]
+    assert (runner.timeout_s, runner.max_calls_per_turn) == (5.0, 2)
+    assert runner.messages('{"name": "calculator", "parameters": {"expression": "6*7"}}') == [
+        {"role": "tool", "name": "calculator", "content": "42"}
+    ]
+    with pytest.raises(ConfigFileError, match="parser='xml' is invalid"):
+        from_dict(ToolsConfig, {"parser": "xml"})
+    with pytest.raises(ConfigFileError, match=re.escape("tools.name='calc' is invalid")):
+        from_dict(ToolsConfig, {"tools": ["calc"]})
+    with pytest.raises(ConfigFileError, match="max_calls_per_turn=0 is invalid"):
+        from_dict(ToolsConfig, {"max_calls_per_turn": 0})
 
 
 # -- the calculator ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from postax.rl.tools.parsers import (
     parse_hermes,
     parse_llama3_json,
 )
-from postax.rl.tools.registry import ToolSpec, make_tool, make_tools
+from postax.rl.tools.registry import ToolsConfig, ToolSpec, make_tool, make_tools
 from postax.rl.tools.render import (
     CALL_FORMATS,
     template_renders_tools,
@@ -70,6 +70,7 @@ __all__ = [
     "ToolError",
     "ToolRunner",
     "ToolSpec",
+    "ToolsConfig",
     "TurnResult",
     "calculator",
     "calculator_tool",

@@ -13,20 +13,33 @@ Google-style docstring (made into a tool with `Tool.from_function`; no kwargs). 
 failure is a `ConfigError` naming the spec: an unknown name, a module that does not
 import, a missing attribute, kwargs the factory rejects, a function without hints or
 docstring, two tools of one name.
+
+`ToolsConfig` is the typed section a recipe config can hold (`postax.configs.from_dict`
+reads it): the list above plus the `ToolRunner` settings; `ToolsConfig.runner()` builds it.
+
+    tools:
+      tools: [calculator, {name: python, kwargs: {timeout_s: 5}}]
+      parser: hermes          # or llama3_json: the format the model's template asks for
+      timeout_s: 10           # per call; above the python tool's own limit
+      max_calls_per_turn: 8
+      max_result_chars: 4096
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from postax.rl.tools.builtin import BUILTIN_TOOLS
+from postax.rl.tools.parsers import PARSERS
+from postax.rl.tools.runner import ToolRunner
 from postax.rl.tools.schema import SchemaError, Tool
-from postax.validation import ConfigError, require
+from postax.validation import ConfigError, is_int, is_number, require
 
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
@@ -146,3 +159,46 @@ def make_tools(specs: Sequence[ToolSpec | str | Mapping[str, Any]]) -> list[Tool
     duplicates = sorted({n for n in names if names.count(n) > 1})
     require(not duplicates, "tools", specs, f"tools with distinct names (repeated: {duplicates})")
     return tools
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToolsConfig:
+    """A config's tools section: which tools, the call format and the runner's limits (see the
+    module docstring and `ToolRunner`)."""
+
+    tools: tuple[str | ToolSpec, ...] = ()
+    parser: str = "hermes"
+    timeout_s: float | None = 10.0
+    max_calls_per_turn: int = 8
+    max_result_chars: int = 4096
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.tools, tuple),
+            "tools",
+            self.tools,
+            "a list of tool names or {name, kwargs} mappings",
+        )
+        for entry in self.tools:
+            ToolSpec.parse(entry)
+        require(self.parser in PARSERS, "parser", self.parser, f"one of {sorted(PARSERS)}")
+        require(
+            self.timeout_s is None
+            or (is_number(self.timeout_s) and math.isfinite(self.timeout_s) and self.timeout_s > 0),
+            "timeout_s",
+            self.timeout_s,
+            "null or a number of seconds > 0",
+        )
+        for field in ("max_calls_per_turn", "max_result_chars"):
+            value = getattr(self, field)
+            require(is_int(value) and value > 0, field, value, "an integer > 0")
+
+    def runner(self) -> ToolRunner:
+        """A `ToolRunner` over the listed tools with these settings."""
+        return ToolRunner(
+            make_tools(self.tools),
+            parser=self.parser,
+            timeout_s=self.timeout_s,
+            max_calls_per_turn=self.max_calls_per_turn,
+            max_result_chars=self.max_result_chars,
+        )

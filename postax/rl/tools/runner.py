@@ -19,8 +19,10 @@ Nothing a model writes crashes the runner. Each attempted call ends as exactly o
 Tool messages are `{"role": "tool", "name": <tool>, "content": <text>}`, plus `tool_call_id`
 when the call carried an id; a malformed call has no name. This is the shape Hugging Face
 chat templates read: Qwen2.5/Qwen3 and Hermes wrap `content` in `<tool_response>` inside a
-user turn, Llama 3.1 renders it in an `ipython` turn; neither reads `name` or
-`tool_call_id` (Mistral's templates need a `tool_call_id`, which its call format carries).
+user turn; Llama 3.1 and 4 render it in an `ipython` turn, passing a string through
+`tojson` (the model sees it quoted, as it was trained). None of them reads `name` or
+`tool_call_id`; Mistral's templates require a 9-character `tool_call_id`, and there is no
+Mistral parser here yet.
 
 Content: a string return value as is, anything else as JSON (`str()` when not
 serialisable). A tool's value and an exception's text are cut to `max_result_chars`, with a

@@ -14,6 +14,7 @@ from postax.rl.sandbox import (
     SandboxLimits,
     SandboxPool,
     SandboxResult,
+    core,
     run_python,
 )
 from postax.validation import ConfigError
@@ -253,3 +254,32 @@ def test_limits_are_validated():
         run_python("pass", files={"/etc/x": "no"})
     limits = SandboxLimits(timeout_s=2.0, memory_mb=128)
     assert run_python("print(1)", **dataclasses.asdict(limits)).stdout == "1\n"
+
+
+def test_fallback_without_namespaces_keeps_limits_and_cleans_up(monkeypatch):
+    """Where unshare is refused: rlimits, a subreaper and the working directory remain."""
+    monkeypatch.setattr(core, "_USE_NAMESPACES", False)
+    monkeypatch.setattr(core, "_warned", set())
+    name = _marker()
+    source = NAME_SELF.format(name=name) + (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"  # leaves the process group: only the subreaper finds it
+        "    time.sleep(60)\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(60)\n"
+        "open('inside.txt', 'w').write('x')\n"
+        "print(os.getcwd())\n"
+    )
+    with pytest.warns(RuntimeWarning, match="without namespaces"):
+        result = run_python(source, timeout_s=30.0)
+    assert result.status == "ok" and result.seconds < 5, result
+    assert _named(name) == 0
+    assert not os.path.exists(result.stdout.strip())
+    hung = run_python(
+        source.replace("open('inside.txt'", "time.sleep(60)\nopen('x'"), timeout_s=1.0
+    )
+    assert hung.status == "timeout" and hung.seconds < 4
+    assert _named(name) == 0
+    assert run_python("x = bytearray(8 << 30)", memory_mb=256).status == "memory"
+    assert run_python("while True:\n    pass", timeout_s=1.0).status == "timeout"

@@ -6,7 +6,6 @@ import ast
 import contextlib
 import dataclasses
 import fcntl
-import json
 import marshal
 import math
 import os
@@ -40,6 +39,7 @@ BASE_ENV = {
 }
 _GRACE_S = 1.0  # after the launcher ends or is told to stop: drain output, then force
 _CHUNK = 1 << 16
+_USE_NAMESPACES = True  # False: the fallback, as where unshare is refused (tests)
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
@@ -195,10 +195,16 @@ def _rmtree(path: str) -> None:
 
 
 def _warn_isolation(iso: dict) -> None:
-    key = json.dumps(iso, sort_keys=True)
-    missing = [] if iso.get("ns") else ["namespaces (network, PID, mount)"]
-    if iso.get("ns") and not iso.get("fs"):
+    """Warn once per kind of shortfall when a run got less isolation than designed."""
+    missing = []
+    if not iso.get("ns"):
+        missing.append("namespaces (network, PID and mount isolation)")
+    elif not iso.get("fs"):
         missing.append(f"a read-only file system ({iso.get('fs_error', 'unknown error')})")
+    if iso.get("uid") == 0:
+        missing.append("an unprivileged uid (RLIMIT_NPROC does not bind root: fork bombs")
+        missing[-1] += " are bounded only by the wall clock)"
+    key = "; ".join(missing)
     if not missing:
         return
     with _warn_lock:
@@ -206,8 +212,7 @@ def _warn_isolation(iso: dict) -> None:
             return
         _warned.add(key)
     warnings.warn(
-        f"postax sandbox runs without {' and '.join(missing)}: only resource limits, "
-        "a process group and a private working directory apply (see postax.rl.sandbox)",
+        f"postax sandbox runs without {' and without '.join(missing)}; see postax.rl.sandbox",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -415,6 +420,8 @@ def run_python(
             "max_file_bytes": int(limits.max_file_mb * (1 << 20)),
             "nice": limits.nice,
             "uid_base": UID_BASE,
+            "namespaces": _USE_NAMESPACES,
+            "parent_pid": os.getpid(),
             "reveal": _needed_dirs(),
             "sys_path": [p for p in sys.path if p and os.path.isabs(p)],
             "env": {**BASE_ENV, "HOME": work, "TMPDIR": work},

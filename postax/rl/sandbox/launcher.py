@@ -85,7 +85,8 @@ class _MountAttr(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_child = 0  # I's pid, in L
+_child = 0  # in L: I's pid; in I without a PID namespace: U's pid
+_stop_signal = signal.SIGKILL  # what _stop sends _child
 
 
 def _check(result: int, what: str) -> None:
@@ -162,7 +163,7 @@ def _isolate(cfg: dict, root: bool) -> dict:
     uid, gid = os.getuid(), os.getgid()
     if not root:
         flags |= CLONE_NEWUSER
-    if _libc.unshare(ctypes.c_int(flags)) != 0:
+    if not cfg["namespaces"] or _libc.unshare(ctypes.c_int(flags)) != 0:
         return iso
     iso["ns"] = 1
     if not root:
@@ -218,7 +219,7 @@ def _user(cfg: dict, iso: dict, root: bool, sandbox_uid: int) -> None:
             resource.setrlimit(kind, value)
         os.nice(cfg["nice"])
         os.chdir(cfg["work"])
-        if root:
+        if root and sandbox_uid != 0:
             os.setgroups([])
             os.setresgid(sandbox_uid, sandbox_uid, sandbox_uid)
             os.setresuid(sandbox_uid, sandbox_uid, sandbox_uid)
@@ -259,12 +260,14 @@ def _reap_leftovers() -> None:
 
 def _init(cfg: dict, iso: dict, root: bool, sandbox_uid: int) -> None:
     """I: fork U, wait, report its status. Never returns."""
+    global _child, _stop_signal
+    _child, _stop_signal = 0, signal.SIGKILL
     status = cfg["status_fd"]
     try:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if iso["ns"]:
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
             try:
                 flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
                 _mount("proc", "/proc", "proc", flags)
@@ -275,6 +278,7 @@ def _init(cfg: dict, iso: dict, root: bool, sandbox_uid: int) -> None:
         pid = os.fork()
         if pid == 0:
             _user(cfg, iso, root, sandbox_uid)
+        _child = pid
         os.close(cfg["runner_fd"])
         _, wait_status, usage = os.wait4(pid, 0)
         cpu = usage.ru_utime + usage.ru_stime
@@ -291,22 +295,38 @@ def _init(cfg: dict, iso: dict, root: bool, sandbox_uid: int) -> None:
 
 
 def _stop(signum, frame) -> None:
-    """SIGUSR1 from the parent: end the run now (I reaped by the main loop)."""
+    """SIGUSR1: end the run now.
+
+    In L (from the parent at the wall-clock limit): SIGKILL I, whose death ends
+    its PID namespace, or without one pass the stop on to I (SIGUSR1), which
+    SIGKILLs U and then kills and reaps what U left. The main loops reap.
+    """
     if _child:
-        os.kill(_child, signal.SIGKILL)
+        os.kill(_child, _stop_signal)
     else:
         os._exit(1)
 
 
 def main() -> None:
-    global _child
+    global _child, _stop_signal
     signal.signal(signal.SIGUSR1, _stop)
     cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
+    # The caller's death (its spawning thread's, strictly) ends the run too.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != cfg["parent_pid"]:
+        os._exit(1)
     status = cfg["status_fd"]
     root = os.geteuid() == 0
     sandbox_uid = cfg["uid_base"] + os.getpid() if root else os.getuid()
     try:
         iso = _isolate(cfg, root)
+        if root and not iso["fs"]:
+            # No mount namespace to reveal the interpreter in: a uid that cannot
+            # reach it could not start the program, so the run stays root.
+            needed = [os.path.realpath(p) for p in cfg["reveal"] if os.path.isdir(p)]
+            if any(_blocked_ancestor(p) for p in needed):
+                sandbox_uid = 0
+        iso["uid"] = sandbox_uid
         if root:
             for top, _dirs, names in os.walk(cfg["work"]):
                 for name in [top, *(os.path.join(top, n) for n in names)]:
@@ -315,6 +335,7 @@ def main() -> None:
         os.write(status, f"failed setup: {e}\n".encode())
         os._exit(1)
     os.write(status, ("isolation " + repr(iso) + "\n").encode())
+    _stop_signal = signal.SIGKILL if iso["ns"] else signal.SIGUSR1
     pid = os.fork()
     if pid == 0:
         _init(cfg, iso, root, sandbox_uid)

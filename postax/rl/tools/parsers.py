@@ -151,6 +151,13 @@ def decode_call(
     )
 
 
+def _add(found: ToolCall | ParseError, calls: list[ToolCall], errors: list[ParseError]) -> None:
+    if isinstance(found, ToolCall):
+        calls.append(found)
+    else:
+        errors.append(found)
+
+
 def _loads(body: str, *, text: str, start: int) -> tuple[Any, ParseError | None]:
     try:
         return json.loads(body), None
@@ -174,7 +181,7 @@ def parse_hermes(text: str) -> ParsedTurn:
         obj, problem = _loads(body, text=raw, start=start)
         if problem is None:
             found = decode_call(obj, text=raw, start=start, argument_keys=("arguments",), body=body)
-            (calls if isinstance(found, ToolCall) else errors).append(found)  # type: ignore[arg-type]
+            _add(found, calls, errors)
         else:
             errors.append(problem)
     rest = text[position:]
@@ -225,7 +232,7 @@ def parse_llama3_json(text: str) -> ParsedTurn:
             break
         raw = body[position:end]
         found = decode_call(obj, text=raw, start=start, argument_keys=("parameters", "arguments"))
-        (calls if isinstance(found, ToolCall) else errors).append(found)  # type: ignore[arg-type]
+        _add(found, calls, errors)
         position = end
     if not calls and not errors:  # "<|python_tag|>" and nothing after it
         errors.append(

@@ -313,6 +313,14 @@ def test_scripted_episode_ids_masks_rewards_and_advantages(chatml):
     np.testing.assert_allclose(advantages[0][rows.loss_mask[0] > 0], golden, rtol=1e-5)
     np.testing.assert_allclose(advantages[1][rows.loss_mask[1] > 0], -golden, rtol=1e-5)
     assert np.all(advantages[rows.loss_mask == 0] == 0)
+    # REINFORCE++ (gamma 1): every sampled token's return-to-go is its episode's return,
+    # whitened over all sampled tokens of the batch
+    tokens = episode_advantages([solved, cut], rows.loss_mask, "reinforce_pp", 2)
+    counts = np.array([solved.sampled_tokens, cut.sampled_tokens], np.float64)
+    values = np.repeat([0.9, -1.0], counts.astype(int))
+    whitened = (np.array([0.9, -1.0]) - values.mean()) / (values.std() + 1e-6)
+    for i in range(2):
+        np.testing.assert_allclose(tokens[i][rows.loss_mask[i] > 0], whitened[i], rtol=1e-5)
     metrics = episode_metrics([solved, cut])
     assert metrics["turns"] == 5.0 and metrics["done"] == 0.5 and metrics["cut_max_turns"] == 0.5
     assert metrics["reward"] == pytest.approx(-0.05)

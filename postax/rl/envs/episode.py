@@ -35,9 +35,10 @@ sequence-level reward per episode: the advantage estimators of
 
 PRNG: turn t of a run seeded `seed` samples with `turn_seed(seed, t)` and
 episode k (example-major number) as its sample id, so an episode's draws do
-not depend on which other episodes are still running; one turn with one
-episode per example reproduces `Sampler.generate_many` of the single-turn
-rollout exactly (tested).
+not depend on which other episodes are still running, and a single-turn run
+(`SingleTurnEnv`, G episodes per example) samples exactly the tokens of the
+single-turn rollout (`generate_many` with num_samples G, seed
+`turn_seed(seed, 0)`; tested).
 """
 
 from __future__ import annotations

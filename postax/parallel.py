@@ -24,6 +24,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from postax.validation import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
@@ -47,17 +49,17 @@ class MeshConfig:
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh={sizes!r} is invalid: positive sizes, at most one -1")
+            raise ConfigError(f"mesh={sizes!r} is invalid: positive sizes, at most one -1")
 
     def shape(self, device_count: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if device_count % known:
-                raise ValueError(f"mesh {sizes} does not divide {device_count} devices")
+                raise ConfigError(f"mesh {sizes} does not divide {device_count} devices")
             sizes[sizes.index(-1)] = device_count // known
         if math.prod(sizes) != device_count:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
                 f"{math.prod(sizes)} devices, found {device_count}"
             )

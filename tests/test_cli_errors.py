@@ -193,7 +193,7 @@ def recipe_case(command: str, case: str, inputs: dict[str, Path]) -> tuple[list[
         ),
         "missing checkpoint": (
             [*run, *paths, *model_off, f"{recipe.model_key}={inputs['missing_dir']}"],
-            [f"{inputs['missing_dir'] / 'config.json'}: not found"],
+            [f"{recipe.model_key}='{inputs['missing_dir']}': no such checkpoint directory or file"],
         ),
         "corrupt checkpoint": (
             [*run, *paths, *model_off, f"{recipe.model_key}={inputs['corrupt']}"],
@@ -350,6 +350,61 @@ def test_tensors_that_do_not_fit_the_config_are_one_line(inputs, capsys, monkeyp
         lines[1].startswith("postax sft: ")
         and "has shape (320, 32), expected (320, 48)" in lines[1]
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.config.family=gpt9", "model.config.family='gpt9' is invalid: one of llama"),
+        ("trainer.mesh.fsdp=7", "mesh data=1 x fsdp=7 x tensor=1 needs 7 devices, found "),
+        ("lora={rank: 4, targets: [qq_proj]}", "targets contains 'qq_proj'"),
+    ],
+    ids=["family", "mesh", "lora-targets"],
+)
+def test_mistakes_found_after_the_data_are_one_line(override, message, inputs, capsys, monkeypatch):
+    """Found when the model or the trainer is built: after the data summary, before compiling."""
+    monkeypatch.chdir(ROOT)
+    small = ["model.config.num_layers=1", "model.config.hidden_size=32", "model.config.head_dim=8"]
+    argv = [*recipe_case("sft", "typo", inputs)[0][:-1], "eval_data=null", *small, override]
+    code, err = run(argv, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if not line.startswith("data: ")]
+    assert len(lines) == 1 and lines[0].startswith("postax sft: ") and message in lines[0], err
+
+
+def test_resuming_with_changed_settings_is_one_line(tmp_path, capsys, monkeypatch):
+    """A finished run's output_dir reused with another model or other batching: the checkpoint
+    or the data position does not fit, and the message says how to start afresh."""
+    monkeypatch.chdir(ROOT)
+    argv = [
+        "sft",
+        "--config",
+        "configs/sft/tiny.yaml",
+        f"output_dir={tmp_path / 'run'}",
+        "model.config.num_layers=1",
+        "model.config.hidden_size=32",
+        "model.config.head_dim=8",
+        "model.config.intermediate_size=32",
+        "data.path=examples/sft_tiny/eval.jsonl",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "eval_data=null",
+        "trainer.steps=1",
+        "trainer.progress=false",
+        "checkpoint.async_save=false",
+        "export=false",
+    ]
+    assert postax_main(argv) == 0
+    capsys.readouterr()
+    for change, message in (
+        ("model.config.hidden_size=64", "the checkpoint does not fit this run's state"),
+        ("data.batch_size=4", "data iterator state does not match this dataset"),
+    ):
+        code, err = run([*argv, "trainer.steps=2", change], capsys)
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if not line.startswith("data: ")]
+        assert len(lines) == 1 and lines[0].startswith("postax sft: "), err
+        assert message in lines[0] and "new" in lines[0]
 
 
 def test_an_unknown_reward_function_is_one_line(inputs, capsys, monkeypatch):

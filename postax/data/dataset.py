@@ -48,6 +48,10 @@ from postax.data.sources import BadRecord, DataError, Record, iter_records
 from postax.tokenizer import Tokenizer
 
 _MAX_SKIP_MESSAGES = 5
+RESUME_HINT = (
+    " (resuming a run from the checkpoints in its output_dir: restore the old settings, "
+    "or start afresh in a new output_dir)"
+)
 _CHUNK = 1024  # records tokenised together
 BatchT = TypeVar("BatchT", covariant=True)
 
@@ -405,7 +409,8 @@ class DataIterator(Generic[BatchT]):
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; raises ValueError if it belongs to other data or settings."""
+        """Continue from `state`; raises DataError if it belongs to other data or settings (a
+        run resumed with changed data settings), ValueError if it is malformed."""
         if not isinstance(state, dict) or set(state) != {"epoch", "step", "seed", "fingerprint"}:
             raise ValueError(
                 "data iterator state must be a dict with keys epoch, step, seed and "
@@ -415,19 +420,19 @@ class DataIterator(Generic[BatchT]):
         if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0):
             raise ValueError(f"data iterator state has invalid epoch/step: {state!r:.200}")
         if not 0 <= step < self.dataset.steps_per_epoch:
-            raise ValueError(
+            raise DataError(
                 f"data iterator state step={step} is out of range: an epoch has "
-                f"{self.dataset.steps_per_epoch} steps"
+                f"{self.dataset.steps_per_epoch} steps{RESUME_HINT}"
             )
         if state["seed"] != self.dataset.config.seed:
-            raise ValueError(
+            raise DataError(
                 f"data iterator state was saved with seed={state['seed']!r}, but data.seed="
-                f"{self.dataset.config.seed}"
+                f"{self.dataset.config.seed}{RESUME_HINT}"
             )
         if state["fingerprint"] != self.dataset.fingerprint():
             settings = ", ".join(self.dataset.batching_settings)
-            raise ValueError(
+            raise DataError(
                 "data iterator state does not match this dataset: the data, the tokenizer or "
-                f"the batching settings ({settings}) changed since it was saved"
+                f"the batching settings ({settings}) changed since it was saved{RESUME_HINT}"
             )
         self.epoch, self.step = epoch, step

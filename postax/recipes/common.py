@@ -21,9 +21,10 @@ from flax import nnx
 
 from postax.configs import load_config, to_dict
 from postax.models import ModelConfig, build_model, load_model, preset, save_model
-from postax.models.hf import read_hf_config
+from postax.models.hf import FAMILY_OF_CONFIG, read_hf_config
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from postax.models.quant import MODES, quantize
+from postax.models.safetensors_io import CheckpointError
 from postax.sampling.cli import load_checked_tokenizer
 from postax.tokenizer import copy_tokenizer_files
 from postax.train.checkpoint import CheckpointConfig
@@ -47,6 +48,11 @@ class ModelSource:
         given = [name for name in ("path", "preset", "config") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ConfigError(f"set exactly one of path, preset, config (got {given or 'none'})")
+        if self.config is not None and self.config.family not in FAMILY_OF_CONFIG:
+            raise ConfigError(
+                f"config.family={self.config.family!r} is invalid: one of "
+                f"{', '.join(FAMILY_OF_CONFIG)}"
+            )
 
 
 def check_model_options(cfg) -> None:
@@ -123,13 +129,20 @@ def check_optional_packages(metrics: MetricsSettings) -> None:
 
 
 def check_model_paths(cfg) -> None:
-    """Every model the config loads from a path (`model`, distillation's `teacher`) has a
-    readable config.json: a missing or corrupt checkpoint directory fails at start-up, not
-    after the data has been read. (Its tensors are checked when the model is loaded.)"""
+    """Every model the config loads from a path (`model`, distillation's `teacher`) exists, and
+    a checkpoint directory has a readable config.json: a missing or corrupt checkpoint fails at
+    start-up, not after the data has been read. (Its tensors are checked when it is loaded.)"""
     for field in dataclasses.fields(cfg):
         source = getattr(cfg, field.name)
-        if isinstance(source, ModelSource) and source.path is not None:
-            read_hf_config(source.path)
+        if not isinstance(source, ModelSource) or source.path is None:
+            continue
+        path = Path(source.path)
+        if path.is_dir():
+            read_hf_config(path)
+        elif not path.exists():
+            raise CheckpointError(
+                f"{field.name}.path={str(path)!r}: no such checkpoint directory or file"
+            )
 
 
 def start_run(cfg) -> Path:

@@ -87,6 +87,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from postax.models.safetensors_io import CheckpointError
 from postax.validation import is_int, require
 
 _ITEMS = ("state", "extra", "prng_impls")
@@ -263,14 +264,21 @@ class CheckpointManager:
                     data.shape, data.dtype, sharding=getattr(leaf, "sharding", None)
                 )
             targets.append(leaf)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree_util.tree_unflatten(treedef, targets)),
-                extra=ocp.args.JsonRestore(),
-                prng_impls=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(jax.tree_util.tree_unflatten(treedef, targets)),
+                    extra=ocp.args.JsonRestore(),
+                    prng_impls=ocp.args.JsonRestore(),
+                ),
+            )
+        except ValueError as e:  # Orbax: the saved tree or shapes differ from abstract_state
+            raise CheckpointError(
+                f"{self.directory}/{step}: the checkpoint does not fit this run's state (the "
+                "model, LoRA or optimizer settings changed since it was saved; restore them, or "
+                f"start afresh in a new directory): {str(e).splitlines()[0][:300]}"
+            ) from e
         impls = restored["prng_impls"] or {}
         out = treedef.flatten_up_to(restored["state"])
         for index, path in key_paths.items():

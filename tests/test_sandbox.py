@@ -144,6 +144,27 @@ def test_files_inside_only_and_the_directory_is_removed():
     assert not os.path.exists(lines[0])
 
 
+def test_dev_holds_only_harmless_devices():
+    source = (
+        "import os\n"
+        "print(' '.join(sorted(os.listdir('/dev'))))\n"
+        "open('/dev/null', 'w').write('x')\n"
+        "open('/dev/shm/segment', 'w').write('private')\n"
+        "print(os.listdir('/dev/shm'), len(open('/dev/urandom', 'rb').read(4)))\n"
+        "import multiprocessing\n"
+        "with multiprocessing.Pool(2) as pool:\n"
+        "    print(pool.map(abs, [-1, -2]))\n"
+    )
+    result = run_python(source)
+    assert result.status == "ok", result
+    assert result.stdout.splitlines() == [
+        "fd full null random shm stderr stdin stdout urandom zero",
+        "['segment'] 4",
+        "[1, 2]",
+    ]
+    assert not os.path.exists("/dev/shm/segment")
+
+
 def test_file_size_and_open_file_limits():
     big = run_python("open('big', 'wb').write(b'x' * (3 << 20))", max_file_mb=1)
     assert big.status == "error" and "File too large" in big.stderr

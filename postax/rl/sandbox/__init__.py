@@ -41,7 +41,10 @@ What one run gets (Linux):
   process group.
 - Files: the whole file system is read-only (recursive `mount_setattr`)
   except a fresh temporary working directory, which holds the `files`
-  given and is removed afterwards; /proc shows only the run's processes.
+  given and is removed afterwards, and a private /dev/shm (a tmpfs of
+  max_file_mb, for multiprocessing). /dev holds only null, zero, full,
+  random and urandom: no GPU, accelerator, disk or terminal devices.
+  /proc shows only the run's processes.
 - No network: the new network namespace has only a loopback device that
   is down, so every connection (even to 127.0.0.1 on the host) fails.
 - An empty environment: only `BASE_ENV` plus HOME and TMPDIR (the

@@ -37,6 +37,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
+DEVICES = ("null", "zero", "full", "random", "urandom")
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (generic table)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 
@@ -156,6 +157,19 @@ def _reveal(paths: list[str]) -> None:
             os.close(fd)
 
 
+def _private_dev() -> None:
+    """A /dev with only the harmless devices (no GPUs, accelerators, disks or ttys)."""
+    fds = {n: os.open(f"/dev/{n}", os.O_PATH) for n in DEVICES if os.path.exists(f"/dev/{n}")}
+    _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for name, fd in fds.items():
+        os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))  # mount point
+        _mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, MS_BIND)
+        os.close(fd)
+    for name, target in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
+        os.symlink("/proc/self/fd" + target, f"/dev/{name}")
+    os.mkdir("/dev/shm", 0o1777)
+
+
 def _isolate(cfg: dict, root: bool) -> dict:
     """Enter new namespaces and make the file system read-only but `work`."""
     iso = {"ns": 0, "fs": 0, "user": 0}
@@ -176,9 +190,12 @@ def _isolate(cfg: dict, root: bool) -> dict:
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         if root:
             _reveal(cfg["reveal"])
+        _private_dev()
         _mount(work, work, None, MS_BIND | MS_REC)
         _set_readonly("/", True, recursive=True)
         _set_readonly(work, False, recursive=False)
+        shm = f"mode=1777,size={cfg['max_file_bytes']}"
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, shm)
         iso["fs"] = 1
     except OSError as e:
         iso["fs_error"] = str(e)

@@ -39,8 +39,8 @@ What one run gets (Linux):
   daemons it left are killed by the kernel); at the wall-clock limit the
   parent tells the launcher to kill that init, then kills the launcher's
   process group.
-- Files: the whole file system is read-only (recursive `mount_setattr`)
-  except a fresh temporary working directory, which holds the `files`
+- Files: the whole file system is read-only (recursive `mount_setattr`;
+  on kernels before 5.12 each mount is remounted read-only) except a fresh temporary working directory, which holds the `files`
   given and is removed afterwards, and a private /dev/shm (a tmpfs of
   max_file_mb, for multiprocessing). /dev holds only null, zero, full,
   random and urandom: no GPU, accelerator, disk or terminal devices.

@@ -40,6 +40,7 @@ BASE_ENV = {
 _GRACE_S = 1.0  # after the launcher ends or is told to stop: drain output, then force
 _CHUNK = 1 << 16
 _USE_NAMESPACES = True  # False: the fallback, as where unshare is refused (tests)
+_USE_MOUNT_SETATTR = True  # False: remount mount by mount, as on kernels < 5.12 (tests)
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
@@ -421,6 +422,7 @@ def run_python(
             "nice": limits.nice,
             "uid_base": UID_BASE,
             "namespaces": _USE_NAMESPACES,
+            "mount_setattr": _USE_MOUNT_SETATTR,
             "parent_pid": os.getpid(),
             "reveal": _needed_dirs(),
             "sys_path": [p for p in sys.path if p and os.path.isabs(p)],

@@ -35,7 +35,16 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MOUNT_OPTIONS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+}
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
 DEVICES = ("null", "zero", "full", "random", "urandom")
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (generic table)
@@ -157,6 +166,34 @@ def _reveal(paths: list[str]) -> None:
             os.close(fd)
 
 
+def _mount_flags(options: str) -> int:
+    flags = 0
+    for option in options.split(","):
+        flags |= MOUNT_OPTIONS.get(option, 0)
+    return flags
+
+
+def _remount_all_readonly(work: str) -> None:
+    """Without mount_setattr: remount each mount read-only, one by one, then `work` writable.
+
+    A mount's own flags (nosuid, nodev, noexec, atime) are kept: in a user
+    namespace they are locked and a remount that drops them is refused.
+    """
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        target = fields[4].encode().decode("unicode_escape")  # octal escapes such as \040
+        if target == work:
+            continue
+        try:
+            _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _mount_flags(fields[5]))
+        except OSError as e:
+            if e.errno not in (2, 22):  # ENOENT, EINVAL: hidden under a later mount
+                raise
+    flags = [fields[5] for fields in mounts if fields[4] == work][-1]
+    _mount(None, work, None, MS_REMOUNT | MS_BIND | (_mount_flags(flags) & ~MS_RDONLY))
+
+
 def _private_dev() -> None:
     """A /dev with only the harmless devices (no GPUs, accelerators, disks or ttys)."""
     fds = {n: os.open(f"/dev/{n}", os.O_PATH) for n in DEVICES if os.path.exists(f"/dev/{n}")}
@@ -192,8 +229,16 @@ def _isolate(cfg: dict, root: bool) -> dict:
             _reveal(cfg["reveal"])
         _private_dev()
         _mount(work, work, None, MS_BIND | MS_REC)
-        _set_readonly("/", True, recursive=True)
-        _set_readonly(work, False, recursive=False)
+        if cfg["mount_setattr"]:
+            try:
+                _set_readonly("/", True, recursive=True)
+                _set_readonly(work, False, recursive=False)
+            except OSError as e:
+                if e.errno not in (38, 22):  # ENOSYS (kernel < 5.12), EINVAL
+                    raise
+                _remount_all_readonly(work)
+        else:
+            _remount_all_readonly(work)
         shm = f"mode=1777,size={cfg['max_file_bytes']}"
         _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, shm)
         iso["fs"] = 1

@@ -12,6 +12,7 @@ import pytest
 
 from postax.rl.sandbox import (
     BASE_ENV,
+    SandboxError,
     SandboxLimits,
     SandboxPool,
     SandboxResult,
@@ -310,3 +311,25 @@ def test_fallback_without_namespaces_keeps_limits_and_cleans_up(monkeypatch):
     assert _named(name) == 0
     assert run_python("x = bytearray(8 << 30)", memory_mb=256).status == "memory"
     assert run_python("while True:\n    pass", timeout_s=1.0).status == "timeout"
+
+
+def test_sandbox_failures_raise_sandbox_error(monkeypatch):
+    """The sandbox's own failures raise SandboxError; the program's never do."""
+    dumps = core.marshal.dumps
+
+    class BadInterpreter:  # the program's interpreter cannot be executed
+        @staticmethod
+        def dumps(config):
+            return dumps({**config, "python": "/nonexistent/python"})
+
+    monkeypatch.setattr(core, "marshal", BadInterpreter)
+    with pytest.raises(SandboxError, match=r"cannot start the program: .*No such file"):
+        run_python("print(1)")
+    monkeypatch.undo()
+
+    def no_processes(*args, **kwargs):
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(core.subprocess, "Popen", no_processes)
+    with pytest.raises(SandboxError, match="cannot start the sandbox launcher"):
+        run_python("print(1)")

@@ -141,7 +141,8 @@ class SandboxResult:
       parent stopped it at the wall-clock limit.
     stdout, stderr: the first `output_limit_bytes` bytes, decoded as UTF-8
       (invalid bytes replaced); *_truncated: more was written and dropped.
-    seconds: wall-clock seconds from start to cleanup.
+    seconds: wall-clock seconds from the call until the run ended and its
+      output was read.
     """
 
     status: str
@@ -428,7 +429,7 @@ def run_python(
             "sys_path": [p for p in sys.path if p and os.path.isabs(p)],
             "env": {**BASE_ENV, "HOME": work, "TMPDIR": work},
         }
-        try:
+        try:  # an OSError here (no processes or descriptors left) is the sandbox's failure
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-B", LAUNCHER, marshal.dumps(config).hex()],
                 stdin=subprocess.PIPE,
@@ -439,6 +440,8 @@ def run_python(
                 start_new_session=True,
                 pass_fds=(status_w, runner_w),
             )
+        except OSError as e:
+            raise SandboxError(f"cannot start the sandbox launcher: {e}") from e
         finally:
             os.close(status_w)
             os.close(runner_w)
@@ -464,8 +467,8 @@ def run_python(
             )
         elif kind == "exit":
             exit_code = code
-            if code == 127 and "postax sandbox: cannot start" in err.text():
-                raise SandboxError(err.text().strip())
+            if code == 127 and runner_text.startswith("cannot start"):
+                raise SandboxError(f"the sandbox {runner_text.strip()}")
             status = "ok" if code == 0 else ("memory" if "memory" in runner_text else "error")
         else:
             exit_code = -code

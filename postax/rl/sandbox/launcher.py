@@ -291,7 +291,12 @@ def _user(cfg: dict, iso: dict, root: bool, sandbox_uid: int) -> None:
         argv.append(os.pathsep.join(cfg["sys_path"]))
         os.execve(python, argv, cfg["env"])
     except BaseException as e:
-        os.write(2, f"postax sandbox: cannot start the program: {e}\n".encode())
+        message = f"cannot start the program: {e}\n".encode()
+        for fd in (cfg["runner_fd"], 2):
+            try:  # noqa: SIM105 (contextlib costs this launcher's start-up time)
+                os.write(fd, message)
+            except OSError:
+                pass
     os._exit(127)
 
 

@@ -30,8 +30,8 @@ What one run gets (Linux):
   each program under its own unprivileged uid (`UID_BASE` + the
   launcher's pid; no_new_privs set), which makes the limit count exactly
   that run's processes and threads; a non-root caller gets the same from
-  its per-run user namespace. Directories the interpreter needs behind a
-  closed directory (e.g. a pyenv under /root, mode 0700) are bind-mounted
+  its per-run user namespace. Directories the interpreter needs (and the
+  run's own temporary directory) behind a closed directory (e.g. a pyenv under /root, mode 0700) are bind-mounted
   into an otherwise empty tmpfs over that directory, in the run's mount
   namespace only.
 - No process survives: the program's PID namespace dies with its init,

@@ -425,7 +425,7 @@ def run_python(
             "namespaces": _USE_NAMESPACES,
             "mount_setattr": _USE_MOUNT_SETATTR,
             "parent_pid": os.getpid(),
-            "reveal": _needed_dirs(),
+            "reveal": [*_needed_dirs(), root],
             "sys_path": [p for p in sys.path if p and os.path.isabs(p)],
             "env": {**BASE_ENV, "HOME": work, "TMPDIR": work},
         }

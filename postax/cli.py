@@ -55,6 +55,14 @@ COMMANDS = {
         "postax.models.gguf_export_cli",
         "Write a checkpoint as a GGUF file (f32, f16, bf16, q8_0) for llama.cpp.",
     ),
+    "convert": (
+        "postax.models.gguf_convert_cli",
+        "Convert a GGUF file to a Hugging Face checkpoint directory.",
+    ),
+    "export-gguf": (
+        "postax.models.gguf_export_cli",
+        "Write a checkpoint as a GGUF file (f32, f16, bf16, q8_0) for llama.cpp.",
+    ),
 }
 
 

@@ -26,6 +26,24 @@ from postax.models.transformer import CausalLM, KVCache
 PRESETS: dict[str, ModelConfig] = {**llama.PRESETS, **qwen.PRESETS, **gemma.PRESETS}
 
 
+# GGUF support needs the optional `gguf` package (extra `postax[gguf]`): imported on first use.
+_GGUF_EXPORTS = {
+    "GGUFError": "postax.models.gguf",
+    "convert_gguf": "postax.models.gguf",
+    "load_gguf_model": "postax.models.gguf",
+    "load_gguf_tokenizer": "postax.models.gguf_tokenizer",
+    "export_gguf": "postax.models.gguf_export",
+}
+
+
+def __getattr__(name: str):
+    if name in _GGUF_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_GGUF_EXPORTS[name]), name)
+    raise AttributeError(f"module 'postax.models' has no attribute {name!r}")
+
+
 def preset(name: str) -> ModelConfig:
     """The config of a published model size, e.g. preset("Llama-3.2-1B")."""
     if name not in PRESETS:
@@ -38,6 +56,7 @@ __all__ = [
     "CausalLM",
     "CheckpointError",
     "ConfigError",
+    "GGUFError",
     "KVCache",
     "LoRAConfig",
     "ModelConfig",
@@ -47,7 +66,11 @@ __all__ = [
     "build_model",
     "config_from_hf",
     "config_to_hf",
+    "convert_gguf",
+    "export_gguf",
     "load_adapter",
+    "load_gguf_model",
+    "load_gguf_tokenizer",
     "load_model",
     "lora_disabled",
     "merge_lora",

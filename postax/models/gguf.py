@@ -166,6 +166,14 @@ def dequantize_tensor(tensor: Any, path: Path | str) -> np.ndarray:
     return np.array(out, dtype=np.float32, copy=True).reshape(shape)
 
 
+def _decimal(value: Any) -> Any:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not
+    9.99999974e-06): the value the writer most likely had."""
+    if isinstance(value, float | np.floating):
+        return float(str(np.float32(value)))
+    return value
+
+
 class GGUFFile:
     """An open GGUF file: metadata as Python values and tensors by name."""
 
@@ -188,7 +196,7 @@ class GGUFFile:
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return default if field is None else _decimal(field.contents())
 
     def require(self, key: str) -> Any:
         if key not in self.reader.fields:

@@ -130,7 +130,7 @@ def architecture_metadata(cfg: ModelConfig) -> dict[str, Any]:
     return meta
 
 
-def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+def add_metadata_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int | np.integer):
@@ -182,7 +182,7 @@ def export_gguf(
     writer.add_file_type(int(FILE_TYPES[type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in {**architecture_metadata(cfg), **metadata}.items():
-        _add_value(writer, key, value)
+        add_metadata_value(writer, key, value)
 
     params = {param_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     entries = []  # (gguf name, hf name or None, qtype, shape)

@@ -1,53 +1,63 @@
 """Generation throughput: postax's Sampler against transformers' `generate` on the same weights.
 
-The bench model (`common.bench_config`: Llama, vocab 8192, hidden 384, 6
-layers, GQA 6/2 heads, float32) with random weights is saved with
-`postax.save_model` and loaded by `transformers.LlamaForCausalLM`, so both
-sides run identical weights. Each mode (greedy; sampling at temperature 1.0
-with no top-k/top-p) generates exactly --new-tokens tokens for --batch
-prompts of --prompt-len random tokens: postax with no stop ids, transformers
-with `min_new_tokens = max_new_tokens`.
+The model is the bench model (`common.bench_config`: Llama, vocab 8192,
+hidden 384, 6 layers, GQA 6/2 heads) by default, random weights of a published
+shape with `--shape`, or a checkpoint directory with `--model`
+(`common.ModelChoice`), float32. Random weights are written once with
+`postax.save_model`; both sides load that directory (postax with
+`postax.load_model`, transformers with `AutoModelForCausalLM`), so both run
+identical weights. Each mode (greedy; sampling at temperature 1.0 with no
+top-k/top-p) generates exactly --new-tokens tokens for --batch prompts of
+--prompt-len random token ids (3 <= id < vocab, seed --seed): postax with no
+stop ids, transformers with `min_new_tokens = max_new_tokens`.
 
-postax: the first call compiles (its backend compile seconds are reported
-separately, from `jax.monitoring`); then --repeats timed calls of
-`Sampler.generate` (prefill, decode loop, copy of results to the host).
-transformers: eager PyTorch with its default attention, `torch.no_grad`,
-`torch.set_num_threads(<usable cores>)`, one untimed warm-up call, then
---torch-repeats timed calls. The two sides alternate, so load from other
-processes hits both alike. Tokens/s = batch * new_tokens / median seconds.
+Each side runs in its own process (`phases.run_phase`), so its peak RSS
+(imports, model, compile, every mode's calls) is its own; the transformers
+process does not import jax. postax: the first call of each mode compiles
+(its backend compile seconds, from `jax.monitoring`, and the whole first
+call are reported); then --repeats timed calls of `Sampler.generate`
+(prefill, decode loop, copy of results to the host). transformers: eager
+PyTorch with its default attention, `torch.no_grad`,
+`torch.set_num_threads(<usable cores>)`, one untimed 4-token warm-up call,
+then per mode a first call (reported) and --torch-repeats timed calls.
+Tokens/s = batch * new_tokens / median seconds. The two sides run one after
+the other, so compare them only on a quiet machine.
 
     python -m benchmarks.generate                       # both modes, table
     python -m benchmarks.generate --json out.json --modes greedy
+    python -m benchmarks.generate --shape smollm2-135m --batch 16 --new-tokens 256
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
-import postax
-from benchmarks import common
-from postax.sampling import Sampler, SamplingConfig
+try:
+    from benchmarks import phases
+except ImportError:  # run as a script from benchmarks/
+    import phases  # type: ignore[no-redef]
 
 MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0)}
+SIDES = ("postax", "transformers")
 COLUMNS = [
     "mode",
     "impl",
     "batch x prompt",
     "new tokens",
     "compile s",
+    "first call s",
     "median s",
     "tokens/s",
     "vs transformers",
+    "peak RSS MB",
 ]
 
 
@@ -61,31 +71,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-repeats", type=int, default=2, help="timed transformers calls per mode")
     p.add_argument("--no-torch", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0)
+    phases.add_model_arguments(p)
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-class CompileClock:
-    """Sums jax's backend-compile durations while active."""
+def prompt_ids(args, vocab: int) -> np.ndarray:
+    """The same [batch, prompt_len] random ids on both sides."""
+    return np.random.RandomState(args.seed).randint(3, vocab, (args.batch, args.prompt_len))
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
 
-    def _listen(self, event: str, duration: float, **_) -> None:
+def run_postax(args, modes: list[str]) -> dict:
+    import jax
+
+    import postax
+    from postax.sampling import Sampler, SamplingConfig
+
+    compiled = [0.0]
+
+    def listen(event: str, duration: float, **_) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
-            self.seconds += duration
+            compiled[0] += duration
 
-
-def torch_model(model: postax.CausalLM, threads: int):
-    import torch
-    import transformers
-
-    torch.set_num_threads(threads)
-    directory = tempfile.mkdtemp(prefix="postax_bench_")
-    postax.save_model(model, directory)
-    hf = transformers.LlamaForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
-    return hf.eval()
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    model = postax.load_model(args.checkpoint)
+    prompts = list(prompt_ids(args, model.config.vocab_size))
+    sampler = Sampler(model)
+    out = {}
+    for mode in modes:
+        config = SamplingConfig(
+            max_new_tokens=args.new_tokens, stop_token_ids=(), seed=args.seed, **MODES[mode]
+        )
+        before_compile, before_count = compiled[0], sampler.compile_count
+        start = time.perf_counter()
+        first = sampler.generate(prompts, config)
+        first_s = time.perf_counter() - start
+        assert sum(c.num_tokens for c in first) == args.batch * args.new_tokens
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            sampler.generate(prompts, config)
+            times.append(time.perf_counter() - start)
+        out[mode] = {
+            "compile_seconds": compiled[0] - before_compile,
+            "compiles": sampler.compile_count - before_count,
+            "first_seconds": first_s,
+            "times": times,
+        }
+    return {"modes": out, "peak_rss_mb": phases.peak_rss_mb(), "jax": jax.__version__}
 
 
 def torch_generate(hf, prompts: np.ndarray, new_tokens: int, mode: str) -> float:
@@ -110,84 +146,103 @@ def torch_generate(hf, prompts: np.ndarray, new_tokens: int, mode: str) -> float
     return elapsed
 
 
+def run_transformers(args, modes: list[str]) -> dict:
+    import torch
+    import transformers
+
+    hf = phases.torch_causal_lm(args.checkpoint).eval()
+    prompts = prompt_ids(args, hf.config.vocab_size)
+    torch_generate(hf, prompts, 4, "greedy")  # warm-up: allocator, kernels, caches
+    out = {}
+    for mode in modes:
+        first_s = torch_generate(hf, prompts, args.new_tokens, mode)
+        times = [
+            torch_generate(hf, prompts, args.new_tokens, mode) for _ in range(args.torch_repeats)
+        ]
+        out[mode] = {"first_seconds": first_s, "times": times}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return {"modes": out, "peak_rss_mb": phases.peak_rss_mb(), **versions}
+
+
+def table_rows(args, mode: str, results: dict[str, dict]) -> list[dict]:
+    """One row per side for `mode`; postax's row compares with transformers'."""
+    generated = args.batch * args.new_tokens
+    medians = {side: statistics.median(r["modes"][mode]["times"]) for side, r in results.items()}
+    rows = []
+    for side, result in results.items():
+        m = result["modes"][mode]
+        row = {
+            "mode": mode,
+            "impl": side,
+            "batch x prompt": f"{args.batch} x {args.prompt_len}",
+            "new tokens": args.new_tokens,
+            "compile s": f"{m['compile_seconds']:.2f}" if "compile_seconds" in m else "",
+            "first call s": f"{m['first_seconds']:.2f}",
+            "median s": f"{medians[side]:.3f}",
+            "tokens/s": f"{generated / medians[side]:,.0f}",
+            "peak RSS MB": f"{result['peak_rss_mb']:,.0f}",
+            "times": [round(t, 4) for t in m["times"]],
+        }
+        if "compiles" in m:
+            row["compiles"] = m["compiles"]
+        if side == "postax" and "transformers" in medians:
+            row["vs transformers"] = f"{medians['transformers'] / medians['postax']:.1f}x"
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
-    if unknown:
+    if unknown or not modes:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cfg = common.bench_config()
-    model = postax.build_model(cfg, seed=args.seed)
-    prompts = np.random.RandomState(args.seed).randint(
-        3, cfg.vocab_size, (args.batch, args.prompt_len)
+    if args.side:  # one side per process, so peak RSS is that side's own
+        run = run_postax if args.side == "postax" else run_transformers
+        args.result.write_text(json.dumps(run(args, modes)))
+        return 0
+
+    try:
+        from benchmarks import common
+    except ImportError:
+        import common  # type: ignore[no-redef]
+
+    choice = common.model_choice(args)
+    sides = SIDES[:1] if args.no_torch else SIDES
+    print(
+        f"Generation, {choice.describe()}, {args.batch} prompts x {args.prompt_len} tokens, "
+        f"+{args.new_tokens} new tokens, float32",
+        flush=True,
     )
-    hf = None if args.no_torch else torch_model(model, cores)
-    if hf is not None:  # warm-up: allocator, kernels, caches
-        torch_generate(hf, prompts, 4, "greedy")
-
-    clock = CompileClock()
-    sampler = Sampler(model)
-    generated = args.batch * args.new_tokens
-    rows = []
-    for mode in modes:
-        config = SamplingConfig(
-            max_new_tokens=args.new_tokens, stop_token_ids=(), seed=args.seed, **MODES[mode]
-        )
-        before_compile, before_count = clock.seconds, sampler.compile_count
-        start = time.perf_counter()
-        out = sampler.generate(list(prompts), config)
-        first = time.perf_counter() - start
-        assert sum(c.num_tokens for c in out) == generated
-        compile_s = clock.seconds - before_compile
-        postax_times, torch_times = [], []
-        for i in range(max(args.repeats, args.torch_repeats)):
-            if i < args.repeats:
-                start = time.perf_counter()
-                sampler.generate(list(prompts), config)
-                postax_times.append(time.perf_counter() - start)
-            if hf is not None and i < args.torch_repeats:
-                torch_times.append(torch_generate(hf, prompts, args.new_tokens, mode))
-        postax_s = statistics.median(postax_times)
-        row = {
-            "mode": mode,
-            "impl": "postax",
-            "batch x prompt": f"{args.batch} x {args.prompt_len}",
-            "new tokens": args.new_tokens,
-            "compile s": f"{compile_s:.2f}",
-            "first call s": round(first, 3),
-            "compiles": sampler.compile_count - before_count,
-            "median s": f"{postax_s:.3f}",
-            "tokens/s": f"{generated / postax_s:.0f}",
-            "times": [round(t, 4) for t in postax_times],
-        }
-        rows.append(row)
-        if hf is not None:
-            torch_s = statistics.median(torch_times)
-            row["vs transformers"] = f"{torch_s / postax_s:.1f}x"
-            rows.append(
-                {
-                    "mode": mode,
-                    "impl": "transformers",
-                    "batch x prompt": f"{args.batch} x {args.prompt_len}",
-                    "new tokens": args.new_tokens,
-                    "median s": f"{torch_s:.3f}",
-                    "tokens/s": f"{generated / torch_s:.0f}",
-                    "times": [round(t, 4) for t in torch_times],
-                }
-            )
-        print(common.format_table(rows[-2:] if hf is not None else rows[-1:], COLUMNS), flush=True)
-
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="postax_generate_bench_") as tmp:
+        directory = Path(tmp)
+        checkpoint = choice.checkpoint(directory)
+        for side in sides:
+            result_path = directory / f"{side}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), f"--side={side}"]
+            command += [f"--checkpoint={checkpoint}", f"--result={result_path}"]
+            command += [
+                f"--batch={args.batch}",
+                f"--prompt-len={args.prompt_len}",
+                f"--new-tokens={args.new_tokens}",
+                f"--modes={','.join(modes)}",
+                f"--repeats={args.repeats}",
+                f"--torch-repeats={args.torch_repeats}",
+                f"--seed={args.seed}",
+            ]
+            results[side] = phases.run_phase(command, result_path)
+            print(f"{side}: done, peak RSS {results[side]['peak_rss_mb']:,.0f} MB", flush=True)
+    rows = [row for mode in modes for row in table_rows(args, mode, results)]
     machine = common.machine_description()
-    print(f"\n{machine}; torch threads {cores}\n")
+    print(f"\n{machine}; torch threads {phases.cores()}\n")
     print(common.format_table(rows, COLUMNS))
     if args.json:
-        versions = {"jax": jax.__version__}
-        for name in ("torch", "transformers"):
-            if name in sys.modules:
-                versions[name] = sys.modules[name].__version__
+        versions = {k: v for r in results.values() for k, v in r.items() if k != "modes"}
+        versions.pop("peak_rss_mb", None)
         record = {
             "machine": machine,
+            "model": choice.describe(),
             "argv": sys.argv[1:] if argv is None else argv,
             "versions": versions,
             "rows": rows,

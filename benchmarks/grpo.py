@@ -1,4 +1,4 @@
-"""Seconds per GRPO iteration on the bench model, split into generation, rewards, scoring, update.
+"""Seconds per GRPO iteration, split into generation, rewards, scoring, update; postax vs TRL.
 
 One iteration: 4 prompts of 64 tokens (`--prompts`, `--prompt-len`), 4 samples
 each (`--samples`), 128 new tokens per sample (`--completion-len`) at
@@ -6,7 +6,11 @@ temperature 1, a reward for each of the 16 completions, then one optimizer
 step (AdamW, lr 1e-6 constant, gradient clipping at 1) on the 16 rows. Bench
 model (`common.bench_config()`: Llama, vocab 8192, hidden 384, MLP 1024,
 6 layers, 6 query / 2 KV heads of 64, untied), float32, random weights
-(seed 0), on the CPU.
+(seed 0), on the CPU. `--shape smollm2-135m` takes random weights of that
+shape instead, `--model DIR` a checkpoint's weights (`common.ModelChoice`):
+its config.json is copied without its bos/eos/pad ids and its safetensors
+linked, beside the word tokenizer below, so that every library sees the same
+prompt ids and no completion stops early whatever the weights.
 
 Every completion runs the full `--completion-len` tokens, so all libraries
 do the same work: postax runs with `rollout.stop_token_ids: []` (and its
@@ -35,6 +39,9 @@ adds rows with beta 0.04 (a frozen reference scores every rollout batch).
   not the metric logging that follows).
   Training rows are padded to the recipe's width bucket (prompt + completion
   - 1 = 191 -> 192 positions); the table's "width" column says so.
+  `--settings` runs postax under "default" (no remat, whole logits) and/or
+  "memory" (`run.remat`, `update.logits_chunk_size = --logits-chunk`);
+  `common.TrainSettings`. (`run.remat` has no policy setting: "full".)
 - TRL (`--trl`, trl's `GRPOTrainer`): the same weights loaded as
   `LlamaForCausalLM`, float32 (`bf16=False`; TRL's configs default to bf16
   autocast and gradient checkpointing, both off here), eager
@@ -42,7 +49,8 @@ adds rows with beta 0.04 (a frozen reference scores every rollout batch).
   16 completions per optimizer step (`per_device_train_batch_size` 16,
   `gradient_accumulation_steps` 1, `num_iterations` 1, hence no old-log-prob
   pass, as in postax), the same prompts and reward function,
-  `torch.set_num_threads(cores)`. Rows are 64 + 128 = 192 wide. An
+  `torch.set_num_threads(cores)`. Rows are 64 + 128 = 192 wide. TRL may run
+  under another interpreter (`--trl-python`, a venv with trl). An
   iteration is an optimizer step timed between the trainer's `on_step_begin`
   and `on_step_end` callbacks (generation, rewards and update all happen
   inside it). The split comes from a subclass timing TRL's own methods:
@@ -52,6 +60,7 @@ adds rows with beta 0.04 (a frozen reference scores every rollout batch).
   reference pass), `update` = step minus `_prepare_inputs`.
 - Tunix (`--tunix-python PATH`): runs `benchmarks/grpo_tunix.py` with that
   interpreter (Tunix needs its own virtual environment; see that script).
+  The bench model only.
 
 Each implementation runs in its own fresh subprocess, so that its peak RSS
 (VmHWM, see `common.peak_rss_bytes`) is its own: "peak RSS MB" covers the
@@ -62,15 +71,15 @@ from the medians; times are medians over `--iterations` iterations.
     python -m benchmarks.grpo                     # postax
     python -m benchmarks.grpo --trl --kl          # postax and TRL, beta 0 and 0.04
     python -m benchmarks.grpo --trl --tunix-python /tmp/tunix-venv/bin/python
+    python -m benchmarks.grpo --shape smollm2-135m --completion-len 256 \
+        --trl-python /tmp/trl-venv/bin/python      # default and memory settings
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,10 +88,15 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    from benchmarks import phases
+except ImportError:  # run as a script from benchmarks/
+    import phases  # type: ignore[no-redef]
+
 SCRIPT = Path(__file__).resolve()
-ROOT = SCRIPT.parent.parent
 COLUMNS = [
     "implementation",
+    "settings",
     "rows x (prompt + completion)",
     "width",
     "first iteration s",
@@ -106,51 +120,34 @@ def load_common():
     return common
 
 
-def peak_rss_bytes() -> int:
-    """VmHWM of this process (`common.peak_rss_bytes` without importing jax)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def pseudo_random_reward(prompts, completions, **kwargs) -> list[float]:
     """A reward in [0, 1) from a hash of each completion's text: cheap, varied within groups."""
     del prompts, kwargs
     return [(zlib.crc32(str(c).encode()) % 1000) / 1000.0 for c in completions]
 
 
-def word_vocabulary(vocab: int) -> dict[str, int]:
-    """One token per word: "w<id>" is token <id> for 3 <= id < vocab."""
-    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    words.update({f"w{i}": i for i in range(3, vocab)})
-    return words
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def word_tokenizer(vocab: int, *, eos: bool):
-    """A transformers fast tokenizer over `word_vocabulary`; with eos=False it names no eos token."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    backend = Tokenizer(models.WordLevel(word_vocabulary(vocab), unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<eos>" if eos else None,
-    )
-
-
-def prepare(directory: Path, args) -> None:
-    """Writes the bench model (postax.save_model), a word tokenizer without eos and the prompts."""
-    import postax
-
-    cfg = load_common().bench_config()
-    model = postax.build_model(cfg, seed=0)
-    postax.save_model(model, directory / "model")
-    word_tokenizer(cfg.vocab_size, eos=False).save_pretrained(str(directory / "model"))
+def prepare(directory: Path, args, choice) -> None:
+    """Writes the model (see the module docstring), a word tokenizer without eos and the prompts."""
+    cfg = choice.config()
+    target = directory / "model"
+    if choice.path is None:
+        choice.checkpoint(directory)  # random weights, saved in directory / "model"
+    else:  # the checkpoint's weights, without its token ids (the word tokenizer has its own)
+        source = Path(choice.path).resolve()
+        target.mkdir()
+        hf = json.loads((source / "config.json").read_text())
+        hf.update(dict.fromkeys(TOKEN_ID_KEYS))
+        (target / "config.json").write_text(json.dumps(hf, indent=2))
+        for name in (
+            "model.safetensors.index.json",
+            *(p.name for p in source.glob("*.safetensors")),
+        ):
+            if (source / name).exists():
+                (target / name).symlink_to(source / name)
+    phases.word_tokenizer(cfg.vocab_size, eos=False).save_pretrained(str(target))
     rs = np.random.RandomState(0)
     total = args.prompts * (args.iterations + 1)
     with open(directory / "prompts.jsonl", "w") as f:
@@ -162,7 +159,9 @@ def shape_label(args) -> str:
     return f"{args.prompts * args.samples} x ({args.prompt_len} + {args.completion_len})"
 
 
-def summarise(label: str, args, per_iteration: list[dict[str, float]], lengths, width) -> dict:
+def summarise(
+    label: str, settings: str, args, per_iteration: list[dict[str, float]], lengths, width
+) -> dict:
     """A table row: the first iteration apart, medians over the rest."""
 
     def median(key: str) -> str:
@@ -171,6 +170,7 @@ def summarise(label: str, args, per_iteration: list[dict[str, float]], lengths, 
 
     return {
         "implementation": label,
+        "settings": settings,
         "rows x (prompt + completion)": shape_label(args),
         "width": width,
         "first iteration s": f"{per_iteration[0]['iteration']:.2f}",
@@ -180,12 +180,13 @@ def summarise(label: str, args, per_iteration: list[dict[str, float]], lengths, 
         "score s": median("score"),
         "update s": median("update"),
         "completion length": f"{float(np.mean(lengths)):.1f}",
-        "peak RSS MB": f"{peak_rss_bytes() / 2**20:,.0f}",
+        "peak RSS MB": f"{phases.peak_rss_mb():,.0f}",
         "iterations": [{k: round(v, 4) for k, v in t.items()} for t in per_iteration],
     }
 
 
 def run_postax(directory: Path, args, kl: bool) -> dict:
+    common = load_common()
     from postax.losses.policy import PolicyLossConfig
     from postax.recipes import grpo
     from postax.recipes.common import CheckpointSettings, ModelSource
@@ -196,7 +197,8 @@ def run_postax(directory: Path, args, kl: bool) -> dict:
     from postax.rl.rollout import width_bucket
     from postax.train.optim import OptimizerConfig
 
-    out = directory / ("postax_kl" if kl else "postax")
+    (settings,) = common.train_settings(args, common.model_choice(args))
+    out = directory / f"postax{'_kl' * kl}_{settings.name}"
     reward = f"{pseudo_random_reward.__module__}:{pseudo_random_reward.__name__}"
     cfg = grpo.GRPOConfig(
         output_dir=str(out),
@@ -216,9 +218,9 @@ def run_postax(directory: Path, args, kl: bool) -> dict:
             stop_token_ids=(),
         ),
         policy=PolicyLossConfig(kl_coef=KL_COEF if kl else 0.0),
-        update=UpdateConfig(epochs=1, minibatches=1),
+        update=UpdateConfig(epochs=1, minibatches=1, logits_chunk_size=settings.logits_chunk_size),
         optimizer=OptimizerConfig(learning_rate=1e-6, schedule="constant", weight_decay=0.0),
-        run=RunSettings(progress=False),
+        run=RunSettings(progress=False, remat=settings.remat),
         checkpoint=CheckpointSettings(save_every=0),
         export=False,
     )
@@ -234,7 +236,7 @@ def run_postax(directory: Path, args, kl: bool) -> dict:
     lengths = [m["completion_length"] for m in metrics]
     width = width_bucket(args.prompt_len + args.completion_len - 1)
     label = f"postax, beta {KL_COEF}" if kl else "postax, beta 0"
-    return summarise(label, args, per_iteration, lengths, width)
+    return summarise(label, settings.describe(), args, per_iteration, lengths, width)
 
 
 def run_trl(directory: Path, args, kl: bool) -> dict:
@@ -243,11 +245,11 @@ def run_trl(directory: Path, args, kl: bool) -> dict:
     import transformers
     import trl
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(phases.cores())
     policy = transformers.LlamaForCausalLM.from_pretrained(
         str(directory / "model"), dtype=torch.float32
     )
-    tokenizer = word_tokenizer(policy.config.vocab_size, eos=True)
+    tokenizer = phases.word_tokenizer(policy.config.vocab_size, eos=True)
     prompts = [json.loads(line) for line in (directory / "prompts.jsonl").read_text().splitlines()]
     steps = args.iterations + 1
     timings: list[dict[str, float]] = []
@@ -339,15 +341,11 @@ def run_trl(directory: Path, args, kl: bool) -> dict:
             }
         )
     label = f"TRL GRPOTrainer, beta {KL_COEF}" if kl else "TRL GRPOTrainer, beta 0"
-    return summarise(label, args, per_iteration, lengths, args.prompt_len + args.completion_len)
+    width = args.prompt_len + args.completion_len
+    return summarise(label, "-", args, per_iteration, lengths, width)
 
 
-WORKERS = {
-    "postax": lambda d, a: run_postax(d, a, kl=False),
-    "postax_kl": lambda d, a: run_postax(d, a, kl=True),
-    "trl": lambda d, a: run_trl(d, a, kl=False),
-    "trl_kl": lambda d, a: run_trl(d, a, kl=True),
-}
+WORKERS = {"postax": run_postax, "trl": run_trl}
 
 
 def shape_args(args) -> list[str]:
@@ -360,16 +358,6 @@ def shape_args(args) -> list[str]:
     ]
 
 
-def run_subprocess(command: list[str], result: Path) -> dict:
-    """Runs one implementation in a fresh process; returns the row it wrote to `result`."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    done = subprocess.run(command, cwd=ROOT, env=env)
-    if done.returncode != 0 or not result.exists():
-        raise SystemExit(f"{' '.join(command)} failed with exit code {done.returncode}")
-    return json.loads(result.read_text())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
@@ -379,42 +367,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=5, help="timed iterations after the first")
     p.add_argument("--no-postax", action="store_true", help="skip postax (e.g. TRL alone)")
     p.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer")
+    p.add_argument("--trl-python", help="python of a venv with trl (implies --trl)")
     p.add_argument("--kl", action="store_true", help=f"also run with beta {KL_COEF}")
     p.add_argument("--tunix-python", help="python of a venv with Tunix: also run grpo_tunix.py")
+    phases.add_model_arguments(p)
+    phases.add_settings_arguments(p)
     p.add_argument("--json", type=Path)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--worker-kl", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        row = WORKERS[args.worker](args.dir, args)
+        row = WORKERS[args.worker](args.dir, args, kl=args.worker_kl)
         args.result.write_text(json.dumps(row))
         return 0
 
-    betas = ["", "_kl"] if args.kl else [""]
-    workers = [] if args.no_postax else [f"postax{b}" for b in betas]
-    workers += [f"trl{b}" for b in betas] if args.trl else []
-    workers += [f"tunix{b}" for b in betas] if args.tunix_python else []
     common = load_common()
+    args.trl = args.trl or args.trl_python is not None
+    choice = common.model_choice(args)
+    settings = [] if args.no_postax else common.train_settings(args, choice)
+    if any(s.remat and s.remat_policy != "full" for s in settings):
+        raise SystemExit(f"--remat-policy {args.remat_policy}: GRPO's run.remat is always full")
+    if args.tunix_python and not choice.is_bench:
+        raise SystemExit("--tunix-python: grpo_tunix.py runs the bench model only")
+    trl_python = phases.trl_python(args.trl_python) if args.trl else None
+    betas = [False, True] if args.kl else [False]
+    # (label, command) of each implementation's process, in order
+    workers: list[tuple[str, list[str]]] = []
+    for kl in betas:
+        for s in settings:
+            command = [sys.executable, str(SCRIPT), "--worker=postax", *choice.argv()]
+            command += [*common.settings_argv(s), *["--worker-kl"] * kl]
+            workers.append((f"postax{'_kl' * kl}_{s.name}", command))
+    for kl in betas if args.trl else []:
+        command = [trl_python, str(SCRIPT), "--worker=trl", *["--worker-kl"] * kl]
+        workers.append((f"trl{'_kl' * kl}", command))
+    for kl in betas if args.tunix_python else []:
+        command = [args.tunix_python, str(SCRIPT.parent / "grpo_tunix.py"), *["--kl"] * kl]
+        workers.append((f"tunix{'_kl' * kl}", command))
+    print(f"GRPO iteration, {choice.describe()}, {shape_label(args)}, float32", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="postax_grpo_bench_") as tmp:
         directory = Path(tmp)
-        prepare(directory, args)
-        for worker in workers:
-            result = directory / f"{worker}.json"
-            if worker.startswith("tunix"):
-                command = [args.tunix_python, str(SCRIPT.parent / "grpo_tunix.py")]
-                command += [f"--json={result}", *["--kl"] * worker.endswith("_kl")]
-            else:
-                command = [sys.executable, str(SCRIPT), f"--worker={worker}", f"--result={result}"]
-            command += [f"--dir={directory}", *shape_args(args)]
-            rows.append(run_subprocess(command, result))
+        prepare(directory, args, choice)
+        for name, command in workers:
+            result = directory / f"{name}.json"
+            output = f"--json={result}" if name.startswith("tunix") else f"--result={result}"
+            command = [*command, output, f"--dir={directory}", *shape_args(args)]
+            rows.append(phases.run_phase(command, result))
             print(common.format_table(rows[-1:], COLUMNS), flush=True)
     machine = common.machine_description()
-    print(f"\n{machine}\n")
+    print(f"\n{machine}; torch threads {phases.cores()}\n")
+    print(f"GRPO iteration, {choice.describe()}, {shape_label(args)}, float32")
     print(common.format_table(rows, COLUMNS))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+        record = {"machine": machine, "model": choice.describe(), "rows": rows}
+        args.json.write_text(json.dumps(record, indent=1))
     return 0
 
 

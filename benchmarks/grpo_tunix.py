@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = None if args.dir is None else args.dir / "model"
     actor = build_model(config, mesh, model_dir, seed=0)
     reference = build_model(config, mesh, model_dir, seed=0) if args.kl else None
-    tokenizer = bench.word_tokenizer(VOCAB, eos=True)
+    tokenizer = bench.phases.word_tokenizer(VOCAB, eos=True)
 
     timings: list[dict[str, float]] = []
     lengths: list[float] = []
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     version = getattr(tunix, "__version__", None) or _version("google-tunix")
     label = f"Tunix {version} GRPOLearner, beta {bench.KL_COEF if args.kl else 0}"
     row = bench.summarise(
-        label, args, per_iteration, lengths, args.prompt_len + args.completion_len
+        label, "-", args, per_iteration, lengths, args.prompt_len + args.completion_len
     )
     row["parameters"] = count_params(cluster.actor_trainer.model)
     row["weights"] = "postax checkpoint" if model_dir else "Tunix random init"

@@ -29,7 +29,6 @@ from flax import nnx
 
 import postax
 from postax.models.hf import read_config
-from postax.models.stack import REMAT_POLICIES
 from postax.train.metrics import forward_flops_per_token, matmul_peak_flops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -171,10 +170,6 @@ def train_settings(args: argparse.Namespace, choice: ModelChoice) -> list[TrainS
     unknown = [n for n in names if n not in SETTINGS]
     if unknown or not names:
         raise SystemExit(f"--settings {args.settings!r}: one or more of {', '.join(SETTINGS)}")
-    if args.remat_policy not in REMAT_POLICIES:
-        raise SystemExit(
-            f"--remat-policy {args.remat_policy!r}: one of {', '.join(REMAT_POLICIES)}"
-        )
     if args.logits_chunk < 1:
         raise SystemExit(f"--logits-chunk {args.logits_chunk}: a positive integer")
     memory = TrainSettings(

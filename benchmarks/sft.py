@@ -120,11 +120,11 @@ def run_postax(args, checkpoint: Path, lora: bool) -> dict:
         model,
         SFTAlgorithm(logits_chunk_size=settings.logits_chunk_size),
         wrt=wrt,
+        # the policy only with remat: TrainerConfig validates it (postax.models.stack)
         config=TrainerConfig(
             steps=args.steps + 1,
             progress=False,
-            remat=settings.remat,
-            remat_policy=settings.remat_policy,
+            **({"remat": True, "remat_policy": settings.remat_policy} if settings.remat else {}),
         ),
         optimizer=OptimizerConfig(learning_rate=1e-4, weight_decay=0.01, schedule="constant"),
     )

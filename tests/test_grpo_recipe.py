@@ -168,8 +168,10 @@ class Seams:
             self.copies += 1
             return copy(model)
 
-        def score_rollout(model, batch, *, temperature, adapters=True, window=None):
-            out = score(model, batch, temperature=temperature, adapters=adapters, window=window)
+        def score_rollout(model, batch, *, temperature, adapters=True, window=None, **options):
+            out = score(
+                model, batch, temperature=temperature, adapters=adapters, window=window, **options
+            )
             call = {"adapters": adapters, "logp": np.asarray(out)}
             if not adapters:  # the same rows under the live policy, adapters on
                 call["policy_logp"] = np.asarray(score(model, batch, temperature=temperature))

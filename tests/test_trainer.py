@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import postax
+from postax.models.stack import unstacked_copy
 from postax.recipes.sft import SFTAlgorithm
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, NonFiniteLossError
@@ -69,6 +70,8 @@ def sgd_trainer(micro_batches: int, steps: int = 2) -> Trainer:
 
 
 def flat_params(model) -> dict[str, np.ndarray]:
+    """Parameters by path, in the layer-list layout (a trainer stacks its model's layers)."""
+    model = unstacked_copy(model)
     return {str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -232,7 +235,9 @@ def test_lora_training_changes_only_adapters(quantized):
     after = flat_params(trainer.model)
     changed = [name for name in base if not np.array_equal(base[name], after[name])]
     assert changed and all("lora_" in name for name in changed), changed
-    for name, value in nnx.to_flat_state(nnx.state(trainer.model, nnx.Not(nnx.Param))):
+    for name, value in nnx.to_flat_state(
+        nnx.state(unstacked_copy(trainer.model), nnx.Not(nnx.Param))
+    ):
         np.testing.assert_array_equal(np.asarray(value[...]), frozen[str(name)])
 
 
@@ -249,7 +254,7 @@ def test_mixed_precision_keeps_float32_master_weights():
     losses = [float(trainer.train_step(batch)["loss"]) for _ in range(5)]
     assert losses[-1] < losses[0]
     assert {leaf.dtype for leaf in jax.tree.leaves(trainer.state.params)} == {jnp.dtype("float32")}
-    assert trainer.model.model.layers[0].self_attn.q_proj.dtype == jnp.bfloat16
+    assert trainer.model.model.layers.layer.self_attn.q_proj.dtype == jnp.bfloat16
 
 
 class MeanAndTotalMetrics:

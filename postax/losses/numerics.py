@@ -108,3 +108,35 @@ def masked_whiten(values: jax.Array, mask: jax.Array, *, epsilon: float = 1e-6) 
     centred = jnp.where(keep, values - mean, 0.0)
     std = jnp.sqrt(masked_mean(centred**2, keep))
     return jnp.where(keep, centred / (std + epsilon), 0.0)
+
+
+def map_sequence_chunks(fn, chunk_size: int, *arrays):
+    """`fn(*arrays)` computed `chunk_size` positions at a time: one chunk's intermediates
+    (e.g. [b, chunk, vocab] logits) live at once, in the forward and the backward pass.
+
+    arrays: [b, t, ...] each (None passes through); fn maps chunks [b, c, ...] to a pytree
+    of per-position outputs [b, c, ...]. The chunks run in one `lax.scan` whose body is
+    rematerialised (recomputed in the backward pass), so the program holds one chunk's
+    work however long the sequence; the last chunk is padded and the padding cut off.
+    With chunk_size <= 0 or >= t, fn runs once on the whole arrays.
+    """
+    length = next(a for a in arrays if a is not None).shape[1]
+    if chunk_size <= 0 or chunk_size >= length:
+        return fn(*arrays)
+    count = -(-length // chunk_size)
+    pad = count * chunk_size - length
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(x.shape[0], count, chunk_size, *x.shape[2:]), 0, 1)
+
+    def join(y):
+        y = jnp.swapaxes(y, 0, 1)
+        return y.reshape(y.shape[0], count * chunk_size, *y.shape[3:])[:, :length]
+
+    def body(carry, chunk):
+        return carry, fn(*chunk)
+
+    chunks = tuple(None if a is None else split(a) for a in arrays)
+    _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, chunks)
+    return jax.tree.map(join, out)

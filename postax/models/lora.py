@@ -93,6 +93,7 @@ from postax.models.quant import (
     projection_slots,
 )
 from postax.models.safetensors_io import CheckpointError, read_header, read_tensor, write_file
+from postax.models.stack import unstack_layers, unstacked_copy
 from postax.models.transformer import CausalLM
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -294,7 +295,7 @@ def merge_lora(model: CausalLM) -> CausalLM:
     The result shares the untouched arrays with `model` (no copy), and
     `save_model(merged, dir)` writes a checkpoint that transformers loads.
     """
-    merged = nnx.clone(model)
+    merged = unstack_layers(nnx.clone(model))
     for _, parent, name, child in projection_slots(merged):
         if isinstance(child, LoRALinear):
             setattr(parent, name, child.merged())
@@ -331,6 +332,7 @@ def save_adapter(
     model: nnx.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None
 ) -> Path:
     """Writes the adapters alone, PEFT layout: adapter_config.json + adapter_model.safetensors."""
+    model = unstacked_copy(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     modules, cfg = _adapter_config(model)

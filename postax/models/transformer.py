@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from postax.losses.numerics import token_logprobs
+from postax.losses.numerics import map_sequence_chunks, token_logprobs
 from postax.models.config import ModelConfig
 from postax.models.layers import (
     MLP,
@@ -36,6 +36,7 @@ from postax.models.layers import (
     make_attention_mask,
     matmul_transposed,
 )
+from postax.models.stack import REMAT_POLICIES, LayerStack
 
 
 @jax.tree_util.register_dataclass
@@ -44,7 +45,8 @@ class KVCache:
     """Preallocated keys and values for every layer.
 
     keys[i], values[i]: [batch, kv_heads, capacity, head_dim] (heads-major, so
-    attention reads them without a transpose);
+    attention reads them without a transpose), one per layer; a model whose layers
+    form a `LayerStack` has a single [layers, batch, kv_heads, capacity, head_dim] each;
     valid: [batch, capacity] bool, True where a slot holds a real token;
     length: int32 scalar, the number of slots written so far (the next write
     slot). Rows are left-padded, so every row writes at the same slot.
@@ -58,6 +60,20 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.valid.shape[1]
+
+    def take_rows(self, rows: jax.Array) -> KVCache:
+        """The cache of rows `rows` (an index array) of this one."""
+        stacked = self.keys[0].ndim == 5  # [layers, batch, ...] (a LayerStack's cache)
+
+        def take(x):
+            return jnp.take(x, rows, axis=1 if stacked else 0)
+
+        return KVCache(
+            keys=tuple(map(take, self.keys)),
+            values=tuple(map(take, self.values)),
+            valid=jnp.take(self.valid, rows, axis=0),
+            length=self.length,
+        )
 
 
 class Intermediates(NamedTuple):
@@ -167,26 +183,21 @@ class DecoderLayer(nnx.Module):
         x, probs = self._attention_out(x, positions, attend)
         return self._mlp_out(x), probs
 
-    def decode(self, x, positions, keys, values, write_at, valid):
-        """Writes this step's k/v into the cache at `write_at`, attends over the cache."""
+    def decode(self, x, positions, write_at, valid, store):
+        """Attends this step's tokens over the cache; `store(k, v)` writes their keys and
+        values ([b, kv_heads, t, head_dim], slot `write_at`) into the cache and returns
+        (this layer's keys, its values, the new cache)."""
         attn = self.self_attn
         query_index = write_at + jnp.arange(x.shape[1])
 
         def attend(q, k, v):
-            new_keys = jax.lax.dynamic_update_slice_in_dim(
-                keys, k.transpose(0, 2, 1, 3).astype(keys.dtype), write_at, axis=2
-            )
-            new_values = jax.lax.dynamic_update_slice_in_dim(
-                values, v.transpose(0, 2, 1, 3).astype(values.dtype), write_at, axis=2
-            )
+            keys, values, cache = store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
             mask = make_attention_mask(query_index, valid, window=attn.window)
-            return attn.attend(q, new_keys.astype(q.dtype), new_values.astype(q.dtype), mask), (
-                new_keys,
-                new_values,
-            )
+            out = attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+            return out, cache
 
-        x, (keys, values) = self._attention_out(x, positions, attend)
-        return self._mlp_out(x), keys, values
+        x, cache = self._attention_out(x, positions, attend)
+        return self._mlp_out(x), cache
 
 
 class Decoder(nnx.Module):
@@ -213,6 +224,7 @@ class Decoder(nnx.Module):
         self.embed_scale = cfg.hidden_size**0.5 if cfg.scale_embeddings else None
         self.dtype = dtype
         self.remat = False  # recompute each layer in the backward pass (saves activation memory)
+        self.remat_policy = "full"  # what a recomputed layer keeps (stack.REMAT_POLICIES)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = self.embed_tokens(tokens)
@@ -237,27 +249,115 @@ class Decoder(nnx.Module):
         attention probabilities. `hidden_layers` picks residual streams to keep (see
         `CausalLM.intermediates`).
         """
+        if isinstance(self.layers, LayerStack):
+            return self._run_stack(x, positions, masks, hidden_layers, attention_layers)
         hidden = {0: x} if 0 in hidden_layers else {}
         attention = {}
         for i, layer in enumerate(self.layers):
             if i in attention_layers:
                 x, attention[i] = layer.with_attention(x, positions, masks)
             elif self.remat:
-                x = nnx.remat(DecoderLayer.__call__)(layer, x, positions, masks)
+                x = nnx.remat(DecoderLayer.__call__, policy=REMAT_POLICIES[self.remat_policy])(
+                    layer, x, positions, masks
+                )
             else:
                 x = layer(x, positions, masks)
             if i + 1 in hidden_layers:
                 hidden[i + 1] = x
         return Intermediates(self.norm(x), hidden, attention)
 
+    def _run_stack(self, x, positions, masks, hidden_layers, attention_layers) -> Intermediates:
+        """`run_layers` over a LayerStack: one scan, or, when attention probabilities are
+        asked for, a scan between each chosen layer and the next."""
+        stack: LayerStack = self.layers
+        hidden = {0: x} if 0 in hidden_layers else {}
+        attention = {}
+        keep = bool(set(hidden_layers) - {0})
 
-def set_remat(model: nnx.Module, remat: bool) -> None:
+        def step(layer, x, _):
+            x = layer(x, positions, masks)
+            return x, (x if keep else None)
+
+        start = 0
+        for stop in [*sorted(attention_layers), len(stack)]:
+            if stop > start:
+                x, outputs = stack.scan(
+                    step,
+                    x,
+                    start=start,
+                    stop=stop,
+                    remat=self.remat,
+                    policy=self.remat_policy,
+                )
+                for k in hidden_layers:
+                    if start < k <= stop:
+                        hidden[k] = outputs[k - start - 1]
+            if stop < len(stack):
+                x, attention[stop] = stack.layer_at(stop).with_attention(x, positions, masks)
+                if stop + 1 in hidden_layers:
+                    hidden[stop + 1] = x
+                start = stop + 1
+        return Intermediates(self.norm(x), hidden, attention)
+
+    @property
+    def windows(self) -> set[int]:
+        """The attention windows of the layers (0: full attention)."""
+        if isinstance(self.layers, LayerStack):
+            return {self.layers.layer.self_attn.window or 0}
+        return {layer.self_attn.window or 0 for layer in self.layers}
+
+    def decode(self, x, positions, cache: KVCache, valid) -> tuple[jax.Array, list, list]:
+        """The layers of `CausalLM.decode`: (x, new keys, new values) per `cache` layout."""
+        write_at = cache.length
+        if isinstance(self.layers, LayerStack):
+
+            def step(layer, carry, index):
+                x, keys, values = carry
+
+                def store(k, v):
+                    at = (index, 0, 0, write_at, 0)
+                    new_keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), at)
+                    new_values = jax.lax.dynamic_update_slice(
+                        values, v[None].astype(values.dtype), at
+                    )
+                    return new_keys[index], new_values[index], (new_keys, new_values)
+
+                x, (keys, values) = layer.decode(x, positions, write_at, valid, store)
+                return (x, keys, values), None
+
+            (x, keys, values), _ = self.layers.scan(
+                step, (x, cache.keys[0], cache.values[0]), jnp.arange(len(self.layers))
+            )
+            return x, [keys], [values]
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+
+            def store(k, v, i=i):
+                new_keys = jax.lax.dynamic_update_slice_in_dim(
+                    cache.keys[i], k.astype(cache.keys[i].dtype), write_at, axis=2
+                )
+                new_values = jax.lax.dynamic_update_slice_in_dim(
+                    cache.values[i], v.astype(cache.values[i].dtype), write_at, axis=2
+                )
+                return new_keys, new_values, (new_keys, new_values)
+
+            x, (k, v) = layer.decode(x, positions, write_at, valid, store)
+            keys.append(k)
+            values.append(v)
+        return x, keys, values
+
+
+def set_remat(model: nnx.Module, remat: bool, policy: str = "full") -> None:
     """Turns layer rematerialisation on or off in every decoder stack of `model` (a causal
     LM, a reward model, an actor-critic with its critic, a distiller's student...): the one
-    switch the trainer flips for whatever model it trains."""
+    switch the trainer flips for whatever model it trains. `policy` names what each layer
+    keeps for the backward pass (`postax.models.stack.REMAT_POLICIES`)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} is unknown: one of {', '.join(REMAT_POLICIES)}")
     for _, module in nnx.iter_modules(model):
         if isinstance(module, Decoder):
             module.remat = remat
+            module.remat_policy = policy
 
 
 def _positions_and_masks(
@@ -275,7 +375,7 @@ def _positions_and_masks(
     if branch_ids is not None:
         if positions is None:
             raise ValueError("branch_ids need explicit positions")
-        if any(layer.self_attn.window for layer in model.model.layers):
+        if model.model.windows != {0}:
             raise ValueError(
                 "branch_ids are not supported with sliding-window layers "
                 f"({model.config.family}): their windows count slots, not positions"
@@ -293,11 +393,11 @@ def _positions_and_masks(
             valid,
             query_segments=segment_ids,
             key_segments=segment_ids,
-            window=window,
+            window=window or None,
             query_branches=branch_ids,
             key_branches=branch_ids,
         )
-        for window in {layer.self_attn.window for layer in model.model.layers}
+        for window in model.model.windows
     }
     return positions, masks
 
@@ -393,7 +493,7 @@ class CausalLM(nnx.Module):
             These layers attend without query blocking (same result, more score work).
         kwargs: positions, attention_mask, segment_ids, branch_ids as in `hidden_states`.
         """
-        count = len(self.model.layers)
+        count = self.config.num_layers
         for name, indices, stop in (
             ("hidden_layers", hidden_layers, count + 1),
             ("attention_layers", attention_layers, count),
@@ -423,19 +523,12 @@ class CausalLM(nnx.Module):
 
         With chunk_size > 0 the sequence is cut into chunks whose logits are
         computed, reduced to log-probs and recomputed in the backward pass, so
-        at most one chunk of [b, chunk, vocab] float32 logits lives at a time.
+        at most one chunk of [b, chunk, vocab] float32 logits lives at a time
+        (`map_sequence_chunks`).
         """
         hidden = self.hidden_states(tokens, **kwargs)
-        t = hidden.shape[1]
-        if chunk_size <= 0 or chunk_size >= t:
-            return token_logprobs(self.logits(hidden), targets)
-        chunk = nnx.remat(lambda model, h, y: token_logprobs(model.logits(h), y))
-        return jnp.concatenate(
-            [
-                chunk(self, hidden[:, i : i + chunk_size], targets[:, i : i + chunk_size])
-                for i in range(0, t, chunk_size)
-            ],
-            axis=1,
+        return map_sequence_chunks(
+            lambda h, y: token_logprobs(self.logits(h), y), chunk_size, hidden, targets
         )
 
     def init_cache(self, batch_size: int, capacity: int, dtype: jnp.dtype | None = None) -> KVCache:
@@ -443,10 +536,13 @@ class CausalLM(nnx.Module):
         cfg = self.config
         dtype = self.dtype if dtype is None else dtype
         shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        if isinstance(self.model.layers, LayerStack):  # one [layers, ...] array each
+            count, shape = 1, (len(self.model.layers), *shape)
+        else:
+            count = cfg.num_layers
         return KVCache(
-            keys=zeros,
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(count)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(count)),
             valid=jnp.zeros((batch_size, capacity), bool),
             length=jnp.zeros((), jnp.int32),
         )
@@ -488,14 +584,7 @@ class CausalLM(nnx.Module):
             jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         )
         valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.length, axis=1)
-        x = self.model.embed(tokens)
-        keys, values = [], []
-        for i, layer in enumerate(self.model.layers):
-            x, k, v = layer.decode(
-                x, positions, cache.keys[i], cache.values[i], cache.length, valid
-            )
-            keys.append(k)
-            values.append(v)
+        x, keys, values = self.model.decode(self.model.embed(tokens), positions, cache, valid)
         logits = self.logits(self.model.norm(x))
         return logits, KVCache(
             keys=tuple(keys), values=tuple(values), valid=valid, length=cache.length + t

@@ -86,17 +86,24 @@ class ActorCritic(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """float32 logits [b, c, vocab] and values [b, c] of rollout rows at `columns` [b, c]
         (default: every column). The output head and the critic's head run only there."""
+        picked, values = self.hidden_and_values(batch, columns)
+        return self.policy.logits(picked), values
+
+    def hidden_and_values(
+        self, batch: dict[str, jax.Array], columns: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """The policy's final hidden states [b, c, embed] (the output head's input) and the
+        values [b, c] at `columns`, for callers that run the head in chunks."""
         kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
         hidden = self.policy.hidden_states(batch["tokens"], **kwargs)
         if columns is None:
             b, t = batch["tokens"].shape
             columns = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)
-        logits = self.policy.logits(picked)
         if self.critic is None:
-            return logits, self.value_head(picked)
+            return picked, self.value_head(picked)
         critic_hidden = self.critic.hidden_states(batch["tokens"], **kwargs)
-        return logits, self.critic.score_hidden(critic_hidden, columns)
+        return picked, self.critic.score_hidden(critic_hidden, columns)
 
 
 def critic_from_policy(policy: CausalLM, *, rngs: nnx.Rngs) -> RewardModel:

@@ -47,7 +47,7 @@ from postax.losses.distill import (
     token_divergence,
     topk_token_divergence,
 )
-from postax.losses.numerics import token_logprobs
+from postax.losses.numerics import map_sequence_chunks, token_logprobs
 from postax.losses.sft import sft_normalizer
 from postax.models import ModelConfig, preset, read_config, save_model
 from postax.recipes.common import (
@@ -283,22 +283,15 @@ class DistillAlgorithm:
 
         if cached[0] is not None:
             teacher_hidden = None
-        inputs = (student_hidden, teacher_hidden, *cached, batch["targets"])
-        length = student_hidden.shape[1]
-        if self.chunk_size <= 0 or self.chunk_size >= length:
-            return terms(model.student, model.teacher, *inputs)
-        chunk = nnx.remat(terms)  # logits of one chunk at a time, recomputed for the gradient
-        step = self.chunk_size
-        parts = [
-            chunk(
-                model.student,
-                model.teacher,
-                *(x if x is None else x[:, i : i + step] for x in inputs),
-            )
-            for i in range(0, length, step)
-        ]
-        divergence = None if parts[0][0] is None else jnp.concatenate([p[0] for p in parts], axis=1)
-        return divergence, jnp.concatenate([p[1] for p in parts], axis=1)
+        # logits of one chunk at a time, recomputed for the gradient
+        return map_sequence_chunks(
+            lambda *chunk: terms(model.student, model.teacher, *chunk),
+            self.chunk_size,
+            student_hidden,
+            teacher_hidden,
+            *cached,
+            batch["targets"],
+        )
 
     def loss(self, model, batch, normalizer, rng):
         del rng

@@ -125,12 +125,14 @@ class PolicyGradientAlgorithm:
 
     window: logits only on each row's completion window of that many columns
     (`rollout.max_new_tokens`; None: every column).
+    chunk_size: logits of that many window columns at a time (0: all at once).
     """
 
     loss_config: PolicyLossConfig
     temperature: float
     constant: float
     window: int | None = None
+    chunk_size: int = 0
 
     def normalizer(self, batch):
         return aggregation_normalizer(
@@ -145,6 +147,7 @@ class PolicyGradientAlgorithm:
             temperature=self.temperature,
             entropy=self.loss_config.entropy_coef > 0,
             window=self.window,
+            chunk_size=self.chunk_size,
         )
         return policy_loss(
             logp,
@@ -200,6 +203,7 @@ def run(cfg: GRPOConfig) -> dict:
         temperature,
         float(cfg.loss_constant or cfg.rollout.max_new_tokens),
         window=cfg.rollout.max_new_tokens,
+        chunk_size=cfg.update.logits_chunk_size,
     )
     wrt = nnx.LoRAParam if cfg.lora else nnx.Param
     trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)
@@ -226,6 +230,7 @@ def run(cfg: GRPOConfig) -> dict:
                         device_rows,
                         temperature=temperature,
                         window=cfg.rollout.max_new_tokens,
+                        chunk_size=cfg.update.logits_chunk_size,
                     )
                 )
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from postax.losses.numerics import aggregation_normalizer, masked_whiten
+from postax.losses.numerics import aggregation_normalizer, map_sequence_chunks, masked_whiten
 from postax.losses.policy import PolicyLossConfig, policy_loss
 from postax.losses.value import value_loss
 from postax.models.lora import LoRAConfig
@@ -175,6 +175,7 @@ class PPOAlgorithm:
     temperature: float
     constant: float
     window: int | None = None
+    chunk_size: int = 0
 
     def normalizer(self, batch):
         return aggregation_normalizer(
@@ -188,12 +189,15 @@ class PPOAlgorithm:
         else:
             columns, inside = window_columns(batch, self.window)
             window = functools.partial(gather_window, columns=columns, inside=inside)
-        logits, values = model.logits_and_values(batch, columns)
-        logp, entropy = logprobs_from_logits(
-            logits,
+        hidden, values = model.hidden_and_values(batch, columns)
+        with_entropy = self.loss_config.entropy_coef > 0
+        logp, entropy = map_sequence_chunks(
+            lambda h, y: logprobs_from_logits(
+                model.policy.logits(h), y, temperature=self.temperature, entropy=with_entropy
+            ),
+            self.chunk_size,
+            hidden,
             window(batch["targets"]),
-            temperature=self.temperature,
-            entropy=self.loss_config.entropy_coef > 0,
         )
         mask = window(batch["loss_mask"])  # the same tokens as the full mask: the normalizer holds
         p_loss, metrics = policy_loss(
@@ -219,19 +223,26 @@ class PPOAlgorithm:
         return p_loss + self.value.coef * v_loss, {**metrics, **v_metrics}
 
 
-@functools.partial(nnx.jit, static_argnames=("temperature", "logprobs", "window"))
+@functools.partial(
+    nnx.jit, static_argnames=("temperature", "logprobs", "window", "chunk_size")
+)
 def _values_and_logprobs(
-    model: ActorCritic, batch, temperature: float, logprobs: bool, window: int
+    model: ActorCritic, batch, temperature: float, logprobs: bool, window: int, chunk_size: int
 ) -> tuple[jax.Array, jax.Array | None]:
     """(values [R, W], old log-probs [R, W] or None) on the completion windows, 0 elsewhere."""
     columns, inside = window_columns(batch, window)
-    logits, values = model.logits_and_values(batch, columns)
+    hidden, values = model.hidden_and_values(batch, columns)
     width = batch["targets"].shape[1]
     values = scatter_window(values, columns, inside, width)
     if not logprobs:
         return values, None
     targets = gather_window(batch["targets"], columns, inside)
-    logp = logprobs_from_logits(logits, targets, temperature=temperature)[0]
+    logp = map_sequence_chunks(
+        lambda h, y: logprobs_from_logits(model.policy.logits(h), y, temperature=temperature)[0],
+        chunk_size,
+        hidden,
+        targets,
+    )
     return values, scatter_window(logp, columns, inside, width)
 
 
@@ -291,6 +302,7 @@ def run(cfg: PPOConfig) -> dict:
         temperature,
         float(cfg.rollout.max_new_tokens),
         window=cfg.rollout.max_new_tokens,
+        chunk_size=cfg.update.logits_chunk_size,
     )
     wrt = trained_variables(cfg)
     trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)
@@ -311,7 +323,12 @@ def run(cfg: PPOConfig) -> dict:
             rows.update(loop.reference.loss_columns(device_rows, temperature))
             recompute = cfg.update.old_logprobs == RECOMPUTED_LOGPROBS
             values, old_logp = _values_and_logprobs(
-                trainer.model, device_rows, temperature, recompute, cfg.rollout.max_new_tokens
+                trainer.model,
+                device_rows,
+                temperature,
+                recompute,
+                cfg.rollout.max_new_tokens,
+                cfg.update.logits_chunk_size,
             )
             rows["old_values"] = np.asarray(values) * rows["loss_mask"]
             rows["old_logp"] = np.asarray(old_logp) if recompute else rows["sampler_logp"]

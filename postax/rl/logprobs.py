@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from postax.losses.numerics import token_logprobs
+from postax.losses.numerics import map_sequence_chunks, token_logprobs
 from postax.models.lora import lora_disabled
 
 
@@ -37,23 +37,27 @@ def rollout_logprobs(
     temperature: float,
     entropy: bool = False,
     window: int | None = None,
+    chunk_size: int = 0,
 ) -> tuple[jax.Array, jax.Array | None]:
     """(log-probs [R, W] of `targets`, entropies [R, W] or None), float32, unmasked;
-    with `window`, computed on the completion window only (0 elsewhere)."""
+    with `window`, computed on the completion window only (0 elsewhere). With
+    chunk_size > 0 the logits exist `chunk_size` positions at a time
+    (`map_sequence_chunks`)."""
     hidden = model.hidden_states(
         batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
     )
-    if window is None:
+
+    def head(h, targets):
         return logprobs_from_logits(
-            model.logits(hidden), batch["targets"], temperature=temperature, entropy=entropy
+            model.logits(h), targets, temperature=temperature, entropy=entropy
         )
+
+    if window is None:
+        return map_sequence_chunks(head, chunk_size, hidden, batch["targets"])
     columns, inside = window_columns(batch, window)
     picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)
-    logp, ent = logprobs_from_logits(
-        model.logits(picked),
-        jnp.take_along_axis(batch["targets"], columns, axis=1),
-        temperature=temperature,
-        entropy=entropy,
+    logp, ent = map_sequence_chunks(
+        head, chunk_size, picked, jnp.take_along_axis(batch["targets"], columns, axis=1)
     )
     width = batch["targets"].shape[1]
     return (
@@ -96,11 +100,13 @@ def logprobs_from_logits(
     return logp, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
 
 
-def _score(model, batch, temperature, window):
-    return rollout_logprobs(model, batch, temperature=temperature, window=window)[0]
+def _score(model, batch, temperature, window, chunk_size):
+    return rollout_logprobs(
+        model, batch, temperature=temperature, window=window, chunk_size=chunk_size
+    )[0]
 
 
-_score_jit = nnx.jit(_score, static_argnames=("temperature", "window"))
+_score_jit = nnx.jit(_score, static_argnames=("temperature", "window", "chunk_size"))
 
 
 def score_rollout(
@@ -110,10 +116,11 @@ def score_rollout(
     temperature: float,
     adapters: bool = True,
     window: int | None = None,
+    chunk_size: int = 0,
 ) -> jax.Array:
     """Jitted log-probs of a rollout batch without gradient; `adapters=False` scores a
     LoRA model's base (the reference of LoRA RL: no second copy of the weights)."""
     if adapters:
-        return _score_jit(model, batch, temperature, window)
+        return _score_jit(model, batch, temperature, window, chunk_size)
     with lora_disabled(model):
-        return _score_jit(model, batch, temperature, window)
+        return _score_jit(model, batch, temperature, window, chunk_size)

@@ -103,7 +103,7 @@ def beam_search(
     vocab = model.config.vocab_size
     candidates = max(2, 1 + stop_ids.shape[0]) * k
     cache, positions = model.prefill(prompt_tokens, prompt_mask, width + new_tokens)
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, k, axis=0), cache)
+    cache = cache.take_rows(jnp.repeat(jnp.arange(cache.valid.shape[0]), k))
     zeros_tokens = jnp.zeros((n_prompts, k, new_tokens), jnp.int32)
     zeros_logprobs = jnp.zeros((n_prompts, k, new_tokens), jnp.float32)
     state = BeamState(
@@ -164,7 +164,7 @@ def beam_search(
         running_scores = _gather(running_candidates, next_index)
 
         rows = (jnp.arange(n_prompts)[:, None] * k + next_parent).reshape(-1)
-        cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, rows, axis=0), cache)
+        cache = cache.take_rows(rows)
         best_possible = running_scores[:, :1] / jnp.power(
             length.astype(jnp.float32), length_penalty
         )

@@ -200,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = None if args.input is None else args.input.read_text(encoding="utf-8").splitlines()
     # Imported here so that `postax generate --help` stays fast.
     from postax.models import load_model
+    from postax.models.stack import stack_layers
 
     model = load_model(args.model, dtype=args.dtype)
+    stack_layers(model)  # one scanned layer: compile time flat in depth
     tokenizer = load_checked_tokenizer(args.tokenizer or args.model)
     sampler = Sampler(model, tokenizer, max_batch_size=args.max_batch_size)
     defaults = _defaults(args)

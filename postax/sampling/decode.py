@@ -94,7 +94,7 @@ def prefill(
     n_rows = params.prompt.shape[0]
     cache, positions = model.prefill(prompt_tokens, prompt_mask, width + new_tokens)
     if n_rows != n_prompts or n_prompts > 1:
-        cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, params.prompt, 0), cache)
+        cache = cache.take_rows(params.prompt)
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
         params.seed, params.sample_id
     )

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from postax.losses.distill import teacher_top_k
+from postax.losses.numerics import map_sequence_chunks
 from postax.models.layers import make_param
 from postax.models.transformer import CausalLM
 from postax.train.reference import ReferenceIterator, WithEntries, reference_digest
@@ -134,12 +135,7 @@ def topk_cache_key(teacher: CausalLM, data_fingerprint: str, k: int) -> str:
 def _score_top_k(graphdef, state, tokens, positions, segment_ids, *, k: int, chunk_size: int):
     model = nnx.merge(graphdef, state)
     hidden = model.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
-    length = hidden.shape[1]
-    step = chunk_size if 0 < chunk_size < length else length
-    parts = [
-        teacher_top_k(model.logits(hidden[:, i : i + step]), k) for i in range(0, length, step)
-    ]
-    return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts, strict=True))
+    return map_sequence_chunks(lambda h: teacher_top_k(model.logits(h), k), chunk_size, hidden)
 
 
 def top_k_scorer(teacher: CausalLM, k: int, *, chunk_size: int = 0):

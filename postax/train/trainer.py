@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from postax.models.stack import REMAT_POLICIES, stack_layers
 from postax.models.transformer import set_remat
 from postax.parallel import MeshConfig, batch_sharding, make_mesh, shard_model
 from postax.shapes import TraceCounter
@@ -93,7 +94,16 @@ class Algorithm(Protocol):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
-    """How to train: steps, accumulation, precision aids, logging and checkpoints."""
+    """How to train: steps, accumulation, precision aids, logging and checkpoints.
+
+    remat: recompute each decoder layer in the backward pass; `remat_policy` names what
+    a layer keeps (`postax.models.stack.REMAT_POLICIES`: "full" keeps only its input,
+    "save_dots" also its projection and MLP products).
+    scan_layers: run identical decoder layers as one `lax.scan` over a stacked copy of
+    their weights (`postax.models.stack`): compile time flat in depth, and the backward
+    pass walks one layer at a time. The model is converted in place; families whose
+    layers differ (Gemma 2/3) keep their layer list.
+    """
 
     steps: int
     micro_batches: int = 1
@@ -101,6 +111,8 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = True
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     progress: bool = True
     progress_metrics: tuple[str, ...] = ()  # metrics shown on the progress bar
@@ -110,6 +122,11 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"trainer.{name}={value!r} is invalid: a positive integer")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"trainer.remat_policy={self.remat_policy!r} is invalid: one of "
+                f"{', '.join(REMAT_POLICIES)}"
+            )
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"trainer.eval_every={self.eval_every!r} is invalid: an integer >= 0")
         if isinstance(self.progress_metrics, list):  # from YAML
@@ -175,7 +192,9 @@ class Trainer:
         self.model = model
         self.wrt = wrt
         self.mesh = make_mesh(config.mesh)
-        set_remat(model, config.remat)
+        if config.scan_layers:
+            stack_layers(model)
+        set_remat(model, config.remat, config.remat_policy)
         shard_model(model, self.mesh)
         self.graphdef, params, mutable, frozen = nnx.split(model, wrt, nnx.RngState, ...)
         # evaluation runs the same variables with dropout off, whatever the training mode

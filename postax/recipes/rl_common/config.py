@@ -33,17 +33,26 @@ class UpdateConfig:
     old_logprobs: the ratio's denominator: "sampler" (the log-probs recorded
       while sampling) or "recompute" (a trainer forward pass before the
       updates, as verl does; needed for truncated importance sampling).
+    logits_chunk_size: > 0: the policy's (and the reference's) logits exist this
+      many completion columns at a time in scoring and updates (0: all at once).
     """
 
     epochs: int = 1
     minibatches: int = 1
     micro_batches: int = 1
     old_logprobs: str = SAMPLER_LOGPROBS
+    logits_chunk_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "minibatches", "micro_batches"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, f"update.{name}", value, "an integer >= 1")
+        require(
+            is_int(self.logits_chunk_size) and self.logits_chunk_size >= 0,
+            "update.logits_chunk_size",
+            self.logits_chunk_size,
+            "an integer >= 0 (0: no chunking)",
+        )
         require(
             self.old_logprobs in OLD_LOGPROBS,
             "update.old_logprobs",

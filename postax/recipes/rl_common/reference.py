@@ -40,6 +40,7 @@ class Reference:
         self.coef = cfg.policy.kl_coef
         self.estimator = cfg.policy.kl_estimator
         self.window = cfg.rollout.max_new_tokens  # logits on completion columns only
+        self.chunk_size = cfg.update.logits_chunk_size
         self.placement = cfg.kl_placement
         self.policy = policy
         self.lora = self.coef > 0 and has_lora(policy)
@@ -69,5 +70,6 @@ class Reference:
                 temperature=temperature,
                 adapters=not self.lora,
                 window=self.window,
+                chunk_size=self.chunk_size,
             )
         )

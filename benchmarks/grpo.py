@@ -218,7 +218,12 @@ def run_postax(directory: Path, args, kl: bool) -> dict:
             stop_token_ids=(),
         ),
         policy=PolicyLossConfig(kl_coef=KL_COEF if kl else 0.0),
-        update=UpdateConfig(epochs=1, minibatches=1, logits_chunk_size=settings.logits_chunk_size),
+        # the chunk size only when set: the default path needs no field of the memory work
+        update=UpdateConfig(
+            epochs=1,
+            minibatches=1,
+            **({"logits_chunk_size": n} if (n := settings.logits_chunk_size) else {}),
+        ),
         optimizer=OptimizerConfig(learning_rate=1e-6, schedule="constant", weight_decay=0.0),
         run=RunSettings(progress=False, remat=settings.remat),
         checkpoint=CheckpointSettings(save_every=0),

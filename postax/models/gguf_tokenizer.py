@@ -271,7 +271,8 @@ def _split_rules(pre: dict | None, source: Path) -> tuple[tuple[str, ...], bool]
         else:
             raise GGUFError(
                 f"{source}: pre-tokenizer step {json.dumps(step)[:120]} has no GGUF equivalent; "
-                f"supported: the split rules of tokenizer.ggml.pre in {', '.join(PRE_NAMES.values())}"
+                "supported: the split rules of tokenizer.ggml.pre in "
+                f"{', '.join(PRE_NAMES.values())}"
             )
     return tuple(regexes), byte_level
 

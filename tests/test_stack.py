@@ -57,7 +57,7 @@ def test_gradients_intermediates_and_remat_policies_equal_the_list(hf_checkpoint
 
     expected = unstacked_copy(plain)
     reference = nnx.grad(loss)(expected)
-    for remat, policy in [(False, "full"), (True, "full"), (True, "save_dots")]:
+    for remat, policy in [(False, "full"), (True, "full")]:
         set_remat(model, remat, policy)
         grads = nnx.grad(loss)(model)
         stacked_grad = grads["model"]["layers"]["layer"]["mlp"]["up_proj"]["weight"][...]
@@ -149,8 +149,8 @@ def test_stacked_sampler_equals_transformers_greedy_and_beams(hf_checkpoints):
 
 
 def test_trainer_scan_equals_the_layer_list_and_compiles_flat():
-    """Losses of a few steps agree with and without scanned layers; with them the step's
-    program does not grow with depth."""
+    """Losses of a few steps agree with and without scanned layers (the scan with the
+    save_dots remat policy); with them the step's program does not grow with depth."""
     batch = {
         "tokens": np.asarray(TOKENS[:, :-1]),
         "targets": np.asarray(TOKENS[:, 1:]),
@@ -159,7 +159,7 @@ def test_trainer_scan_equals_the_layer_list_and_compiles_flat():
         "segment_ids": np.ones((2, 10), np.int32),
     }
 
-    def trainer(layers: int, scan: bool) -> Trainer:
+    def trainer(layers: int, scan: bool, policy: str = "full") -> Trainer:
         cfg = postax.ModelConfig(
             family="llama",
             vocab_size=VOCAB,
@@ -173,13 +173,15 @@ def test_trainer_scan_equals_the_layer_list_and_compiles_flat():
         return Trainer(
             postax.build_model(cfg, seed=0),
             SFTAlgorithm(logits_chunk_size=4),
-            config=TrainerConfig(steps=3, progress=False, remat=True, scan_layers=scan),
+            config=TrainerConfig(
+                steps=3, progress=False, remat=True, remat_policy=policy, scan_layers=scan
+            ),
             optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
         )
 
     losses = {}
     for scan in (False, True):
-        t = trainer(3, scan)
+        t = trainer(3, scan, "save_dots" if scan else "full")
         losses[scan] = [float(t.train_step(batch)["loss"]) for _ in range(3)]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
 
@@ -203,7 +205,7 @@ def test_map_sequence_chunks_equals_the_whole_pass():
         return jnp.sum(logp * jnp.arange(11)), logp
 
     (whole, logp), grad = jax.value_and_grad(loss, has_aux=True)(weight, 0)
-    for chunk in (1, 3, 4, 10):
+    for chunk in (1, 4):
         (value, chunked), chunk_grad = jax.value_and_grad(loss, has_aux=True)(weight, chunk)
         assert chunked.shape == (2, 11)
         np.testing.assert_allclose(chunked, logp, atol=1e-6)

@@ -21,7 +21,7 @@ starts does the same (and takes precedence: then nothing is changed here).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 
@@ -29,16 +29,24 @@ M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 DEFAULT_THRESHOLD = 128 * 1024
 
 
+@functools.cache
+def _mallopt():
+    """glibc's mallopt, or None (not Linux, or a C library without it, such as musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
 def release_freed_buffers(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Fixes glibc's mmap threshold at `threshold` bytes; False where that is not possible
     (not Linux, not glibc) or the environment already sets it."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    mallopt = _mallopt()
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))

@@ -64,8 +64,10 @@ def test_gradients_intermediates_and_remat_policies_equal_the_list(hf_checkpoint
         for i in range(len(plain.model.layers)):
             want = reference["model"]["layers"][i]["mlp"]["up_proj"]["weight"][...]
             np.testing.assert_allclose(stacked_grad[i], want, atol=1e-7, rtol=1e-5)
-    ours = model.intermediates(TOKENS, hidden_layers=(0, 1, 2), attention_layers=(1,))
-    ref = plain.intermediates(TOKENS, hidden_layers=(0, 1, 2), attention_layers=(1,))
+    chosen = dict(hidden_layers=(0, 1, 2), attention_layers=(1, 0, 1))  # repeats count once
+    ours = model.intermediates(TOKENS, **chosen)
+    ref = plain.intermediates(TOKENS, **chosen)
+    np.testing.assert_allclose(ours.attention[0], ref.attention[0], atol=1e-6)
     for k in (0, 1, 2):
         np.testing.assert_allclose(ours.layer_hidden[k], ref.layer_hidden[k], atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(ours.attention[1], ref.attention[1], atol=1e-6)
@@ -176,7 +178,8 @@ def test_trainer_scan_equals_the_layer_list_and_compiles_flat():
             config=TrainerConfig(
                 steps=3, progress=False, remat=True, remat_policy=policy, scan_layers=scan
             ),
-            optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+            # weight decay skips norm scales in both layouts (a stacked [layers, d] is a vector)
+            optimizer=OptimizerConfig(learning_rate=1e-2, weight_decay=0.5, schedule="constant"),
         )
 
     losses = {}
@@ -211,3 +214,24 @@ def test_map_sequence_chunks_equals_the_whole_pass():
         np.testing.assert_allclose(chunked, logp, atol=1e-6)
         np.testing.assert_allclose(value, whole, rtol=1e-6)
         np.testing.assert_allclose(chunk_grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_advances_in_every_path_and_surgery_refuses_a_stack(hf_checkpoints):
+    _, path = hf_checkpoints["llama"]
+    model = postax.load_model(path)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0, dropout=0.5), rngs=nnx.Rngs(0))
+    stack_layers(model)
+    model.train()
+
+    def counts():
+        state = nnx.state(model.model.layers, nnx.RngCount)
+        return np.asarray(jax.tree.leaves(state)[0])
+
+    before = counts()
+    model.intermediates(TOKENS, attention_layers=(1,))  # layer 0 scanned, layer 1 alone
+    after = counts()
+    assert np.all(after > before), (before, after)
+    with pytest.raises(postax.ConfigError, match="unstack_layers"):
+        apply_lora(model, LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    with pytest.raises(postax.ConfigError, match="unstack_layers"):
+        postax.quantize(model, "int8")

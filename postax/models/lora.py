@@ -93,7 +93,7 @@ from postax.models.quant import (
     projection_slots,
 )
 from postax.models.safetensors_io import CheckpointError, read_header, read_tensor, write_file
-from postax.models.stack import unstack_layers, unstacked_copy
+from postax.models.stack import require_layer_list, unstack_layers, unstacked_copy
 from postax.models.transformer import CausalLM
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -237,6 +237,7 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Mod
     Raises ConfigError for a target that matches no projection (listing the
     available ones) or that already carries an adapter.
     """
+    require_layer_list(model, "apply_lora")
     check_targets(model, cfg.targets)
     dtype = DTYPES[cfg.param_dtype]
     for path, parent, name, child in projection_slots(model):
@@ -292,7 +293,8 @@ def merge_lora(model: CausalLM) -> CausalLM:
     """A plain model with every adapter merged (W + (alpha / rank) * B @ A) and every
     quantised base dequantised; the input model is left unchanged.
 
-    The result shares the untouched arrays with `model` (no copy), and
+    The result shares the untouched arrays with `model` (no copy; a model whose layers
+    are stacked gets its layers unstacked, which copies them), and
     `save_model(merged, dir)` writes a checkpoint that transformers loads.
     """
     merged = unstack_layers(nnx.clone(model))
@@ -432,6 +434,7 @@ def load_adapter(
     that has adapters must match the saved rank, alpha and targets. Missing,
     unexpected or mis-shaped tensors are errors naming the tensor.
     """
+    require_layer_list(model, "load_adapter")
     path = Path(path)
     cfg = read_adapter_config(path)
     if not lora_modules(model):

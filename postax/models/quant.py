@@ -68,6 +68,7 @@ from flax import nnx
 
 from postax.models.config import ConfigError
 from postax.models.layers import Linear, matmul_transposed
+from postax.models.stack import require_layer_list
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("int8", "nf4")
@@ -287,6 +288,7 @@ def quantize(
     Embeddings, norms and lm_head stay as they are (as in QLoRA). Works on
     abstract models too: `nnx.eval_shape(lambda: quantize(build_model(cfg)))`.
     """
+    require_layer_list(model, "quantize")
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is invalid: one of {MODES}")
     if not (isinstance(block_size, int) and block_size > 0 and block_size % 2 == 0):

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from postax.validation import ConfigError
+
 LAYER_AXIS = "layers"
 
 # What a rematerialised layer keeps for its backward pass (jax.checkpoint policies).
@@ -111,12 +113,31 @@ class LayerStack(nnx.Module):
         ]
 
     def layer_at(self, index: int) -> nnx.Module:
-        """Layer `index` as a module of slices (inside a trace: sliced views of the stack)."""
+        """Layer `index` as a module of slices (copies; changes to it stay in it)."""
         graphdef, state = nnx.split(self.layer)
         return nnx.merge(
             graphdef,
-            jax.tree.map(lambda v: v.replace(v[...][index]), state, is_leaf=_is_variable),
+            jax.tree.map(
+                lambda v: _without_layer_axis(v, v[...][index]), state, is_leaf=_is_variable
+            ),
         )
+
+    def call_layer(self, index: int, fn: Callable, *args):
+        """`fn(layer index, *args)` on one layer of the stack; random-number state the
+        layer advances (dropout) is written back into the stack."""
+        layer = self.layer_at(index)
+        out = fn(layer, *args)
+        advanced = nnx.state(layer, nnx.RngState)
+        if jax.tree.leaves(advanced):
+            nnx.update(
+                self.layer,
+                jax.tree.map(
+                    lambda whole, part: whole.at[index].set(part),
+                    nnx.state(self.layer, nnx.RngState),
+                    advanced,
+                ),
+            )
+        return out
 
     def scan(
         self,
@@ -203,3 +224,14 @@ def unstacked_copy(model: nnx.Module) -> nnx.Module:
     if not is_stacked(model):
         return model
     return unstack_layers(nnx.merge(*nnx.split(model)))
+
+
+def require_layer_list(model: nnx.Module, operation: str) -> None:
+    """Raises ConfigError when `model`'s layers are stacked: `operation` addresses layers
+    one by one (surgery such as LoRA or quantisation, adapter loading)."""
+    if is_stacked(model):
+        raise ConfigError(
+            f"{operation} needs the model's layers as a list, but they are stacked (a Trainer "
+            "with scan_layers stacks them): call postax.models.stack.unstack_layers(model) "
+            "first, or apply it before building the Trainer"
+        )

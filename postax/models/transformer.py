@@ -279,7 +279,7 @@ class Decoder(nnx.Module):
             return x, (x if keep else None)
 
         start = 0
-        for stop in [*sorted(attention_layers), len(stack)]:
+        for stop in [*sorted(set(attention_layers)), len(stack)]:
             if stop > start:
                 x, outputs = stack.scan(
                     step,
@@ -293,7 +293,9 @@ class Decoder(nnx.Module):
                     if start < k <= stop:
                         hidden[k] = outputs[k - start - 1]
             if stop < len(stack):
-                x, attention[stop] = stack.layer_at(stop).with_attention(x, positions, masks)
+                x, attention[stop] = stack.call_layer(
+                    stop, lambda layer, x: layer.with_attention(x, positions, masks), x
+                )
                 if stop + 1 in hidden_layers:
                     hidden[stop + 1] = x
                 start = stop + 1

@@ -276,7 +276,8 @@ class CheckpointManager:
         except ValueError as e:  # Orbax: the saved tree or shapes differ from abstract_state
             raise CheckpointError(
                 f"{self.directory}/{step}: the checkpoint does not fit this run's state (the "
-                "model, LoRA or optimizer settings changed since it was saved; restore them, or "
+                "model, LoRA, optimizer or scan_layers settings changed since it was saved; "
+                "restore them, or "
                 f"start afresh in a new directory): {str(e).splitlines()[0][:300]}"
             ) from e
         impls = restored["prng_impls"] or {}

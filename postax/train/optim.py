@@ -13,6 +13,9 @@ import dataclasses
 
 import jax
 import optax
+from flax import nnx
+
+from postax.models.stack import LAYER_AXIS
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -66,7 +69,17 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
 
 def _decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """True for matrices: weight decay skips norm scales and biases, also when a layer stack
+    (postax.models.stack) gives them a leading `layers` axis."""
+
+    def is_matrix(p) -> bool:
+        if not isinstance(p, nnx.Variable):
+            return p.ndim > 1
+        axes = p.get_metadata().get("out_sharding") or ()
+        stacked = bool(axes) and axes[0] == LAYER_AXIS
+        return p[...].ndim - stacked > 1
+
+    return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

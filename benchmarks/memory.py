@@ -34,28 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 MB = 2**20
 
 
-def smollm2_config():
-    import postax
-
-    return postax.ModelConfig(
-        family="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope=postax.RopeConfig(theta=100000.0),
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-    )
-
-
 def run(args) -> dict:
     import jax
-    from common import current_rss_bytes, peak_rss_bytes
+    from common import current_rss_bytes, peak_rss_bytes, smollm2_135m_config
     from flax import nnx
 
     import postax
@@ -74,7 +55,7 @@ def run(args) -> dict:
     if args.model:
         model = postax.load_model(args.model)
     else:
-        model = postax.build_model(smollm2_config(), seed=0)
+        model = postax.build_model(smollm2_135m_config(), seed=0)
     cfg = model.config
     wrt = nnx.Param
     if args.lora:

@@ -94,8 +94,7 @@ def test_lora_on_a_stacked_model(hf_checkpoints, tmp_path):
     apply_lora(plain, LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(0))
     for module in (m for _, m in nnx.iter_modules(plain) if hasattr(m, "lora_b")):
         module.lora_b[...] = jax.random.normal(jax.random.key(1), module.lora_b.shape) * 0.1
-    model = nnx.merge(*nnx.split(plain))
-    model = unstacked_copy(model)  # an independent copy to stack
+    model = nnx.merge(*nnx.split(plain))  # new modules sharing the arrays: stacked alone
     stack_layers(model)
     np.testing.assert_allclose(model(TOKENS), plain(TOKENS), atol=2e-6, rtol=0)
     with lora_disabled(model), lora_disabled(plain):

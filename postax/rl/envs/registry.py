@@ -15,19 +15,16 @@ attribute, a constructor that rejects the kwargs, an object without
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from postax.rl.envs.builtin import GuessNumberEnv, SingleTurnEnv
-from postax.validation import ConfigError, require
+from postax.validation import IMPORT_PATH, ConfigError, import_object, require
 
 ENVIRONMENTS = {
     "guess_number": GuessNumberEnv,
     "single_turn": SingleTurnEnv,
 }
-_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,7 +38,7 @@ class EnvSpec:
     def __post_init__(self) -> None:
         require(
             isinstance(self.name, str)
-            and (self.name in ENVIRONMENTS or _IMPORT_PATH.fullmatch(self.name) is not None),
+            and (self.name in ENVIRONMENTS or IMPORT_PATH.fullmatch(self.name) is not None),
             "env.name",
             self.name,
             f"a built-in environment ({', '.join(ENVIRONMENTS)}) or an import path 'module:Class'",
@@ -71,22 +68,7 @@ class EnvSpec:
 def _resolve(name: str):
     if name in ENVIRONMENTS:
         return ENVIRONMENTS[name]
-    module_name, _, attribute = name.partition(":")
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as e:
-        raise ConfigError(
-            f"env.name={name!r} is invalid: cannot import module {module_name!r} "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError as e:
-            raise ConfigError(
-                f"env.name={name!r} is invalid: module {module_name!r} has no attribute "
-                f"{attribute!r}"
-            ) from e
+    target = import_object(name, "env.name")
     require(callable(target), "env.name", name, "a class (or factory) building an environment")
     return target
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +32,7 @@ from postax.rl.rewards.length import length_reward, overlong_reward
 from postax.rl.rewards.math import exact_match_reward, math_reward
 from postax.rl.rewards.model import reward_model_from_checkpoint
 from postax.rl.rewards.runner import RewardSpec
-from postax.validation import ConfigError, is_number, require
+from postax.validation import IMPORT_PATH, ConfigError, import_object, is_number, require
 
 REWARDS = {
     "math": math_reward,
@@ -45,7 +43,6 @@ REWARDS = {
     "reward_model": reward_model_from_checkpoint,
     "code_tests": code_tests_reward,
 }
-_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,7 +59,7 @@ class RewardConfig:
     def __post_init__(self):
         require(
             isinstance(self.name, str)
-            and (self.name in REWARDS or _IMPORT_PATH.fullmatch(self.name) is not None),
+            and (self.name in REWARDS or IMPORT_PATH.fullmatch(self.name) is not None),
             "name",
             self.name,
             f"a built-in reward ({', '.join(REWARDS)}) or an import path 'module:function'",
@@ -101,22 +98,7 @@ class RewardConfig:
 
 
 def _import(path: str, where: str):
-    module_name, _, attribute = path.partition(":")
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as e:
-        raise ConfigError(
-            f"{where}name={path!r} is invalid: cannot import module {module_name!r} "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError as e:
-            raise ConfigError(
-                f"{where}name={path!r} is invalid: module {module_name!r} has no "
-                f"attribute {attribute!r}"
-            ) from e
+    target = import_object(path, f"{where}name")
     require(callable(target), "name", path, "a callable reward function", prefix=where)
     return target
 

@@ -28,9 +28,7 @@ reads it): the list above plus the `ToolRunner` settings; `ToolsConfig.runner()`
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-import re
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,9 +37,7 @@ from postax.rl.tools.builtin import BUILTIN_TOOLS
 from postax.rl.tools.parsers import PARSERS
 from postax.rl.tools.runner import ToolRunner
 from postax.rl.tools.schema import SchemaError, Tool
-from postax.validation import ConfigError, is_int, is_number, require
-
-_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+from postax.validation import IMPORT_PATH, ConfigError, import_object, is_int, is_number, require
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,7 +51,7 @@ class ToolSpec:
     def __post_init__(self) -> None:
         require(
             isinstance(self.name, str)
-            and (self.name in BUILTIN_TOOLS or _IMPORT_PATH.fullmatch(self.name) is not None),
+            and (self.name in BUILTIN_TOOLS or IMPORT_PATH.fullmatch(self.name) is not None),
             "tools.name",
             self.name,
             f"a built-in tool ({', '.join(BUILTIN_TOOLS)}) or an import path 'module:attribute'",
@@ -83,23 +79,7 @@ class ToolSpec:
 
 
 def _import(name: str) -> Any:
-    module_name, _, attribute = name.partition(":")
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as e:
-        raise ConfigError(
-            f"tools.name={name!r} is invalid: cannot import module {module_name!r} "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError as e:
-            raise ConfigError(
-                f"tools.name={name!r} is invalid: module {module_name!r} has no attribute "
-                f"{attribute!r}"
-            ) from e
-    return target
+    return import_object(name, "tools.name")
 
 
 def _is_factory(target: Any) -> bool:

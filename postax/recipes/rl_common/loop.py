@@ -19,6 +19,7 @@ import numpy as np
 from postax.recipes.common import export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator
+from postax.recipes.rl_common.producers import make_producer
 from postax.recipes.rl_common.reference import Reference
 from postax.rl.groups import Groups, rollout_rows
 from postax.rl.producer import RolloutProducer
@@ -197,15 +198,7 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
     reference = Reference(cfg, policy)
     sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
     # steps 1-3 of every iteration (another producer with the same interface plugs in here)
-    producer = RolloutProducer(
-        sampler,
-        data.runner,
-        data.tokenizer,
-        data.prompts.iterator(),
-        cfg.rollout,
-        cfg.data.batch_size,
-        cfg.run.seed,
-    )
+    producer = make_producer(cfg, sampler, data)
     iterations, resumed = trainer.start_iterations(
         cfg.iterations, cfg.update.steps_per_iteration, producer
     )

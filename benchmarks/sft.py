@@ -17,7 +17,10 @@ phase loads, so all run the same weights.
   logits_chunk_size=--logits-chunk)`); `common.TrainSettings`.
 - torch: `transformers` `AutoModelForCausalLM` with `torch.optim.AdamW` and the
   same loss (sum of token NLL over trained tokens / their count), the fastest
-  peer on this machine.
+  peer on this machine. When a postax setting rematerialises ("memory"), the
+  torch loop also runs with `gradient_checkpointing_enable()` ("torch,
+  checkpointed"): the same recomputation, so the like-for-like peer of that
+  row ("vs torch" stays against the plain loop).
 - TRL (`--trl`): trl's `SFTTrainer` on the same rows, pre-tokenised (one row
   of `--seq` ids each, so the model sees the same [batch, seq] input; its loss
   covers seq - 1 positions), float32 (`bf16=False`, no gradient
@@ -137,6 +140,9 @@ def run_torch(args, checkpoint: Path) -> dict:
     import torch
 
     model = phases.torch_causal_lm(checkpoint).train()
+    if args.torch_checkpointing:  # recompute each layer's activations in the backward pass
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     batch = synthetic_batch(args.batch, args.seq, model.config.vocab_size)
     tokens = torch.as_tensor(batch["tokens"]).long()
@@ -215,9 +221,11 @@ def phase_names(args, choice) -> list[str]:
     """torch, [trl], then postax full and LoRA under each setting: "full:default", ..."""
     from common import train_settings
 
-    names = ["torch", *["trl"] * args.trl]
+    settings = train_settings(args, choice)
+    names = ["torch", *["torch:checkpointed"] * any(s.remat for s in settings)]
+    names += ["trl"] * args.trl
     for kind in ("full", "lora"):
-        names += [f"{kind}:{s.name}" for s in train_settings(args, choice)]
+        names += [f"{kind}:{s.name}" for s in settings]
     return names
 
 
@@ -234,7 +242,8 @@ def table_row(name: str, result: dict, args, cfg, torch_tps: float | None) -> di
         flops = flops * 2 / 3
     peak = measure_matmul_peak("float32")
     labels = {
-        "torch": f"{result.get('version', 'torch')} loop",
+        "torch": f"{result.get('version', 'torch')} loop"
+        + (", checkpointed" if setting == "checkpointed" else ""),
         "trl": f"{result.get('version', 'trl')} SFTTrainer",
         "full": "postax full",
         "lora": f"postax LoRA r{LORA_RANK}",
@@ -266,6 +275,7 @@ def main() -> None:
         "--remeasure-peak", action="store_true", help="measure the matmul peak again first"
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--torch-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -308,10 +318,12 @@ def main() -> None:
             command = [python, __file__, f"--phase={name}", f"--checkpoint={checkpoint}"]
             command += [f"--result={result_path}", *shape, *choice.argv()]
             kind, _, setting = name.partition(":")
-            if setting:
+            if kind == "torch" and setting:
+                command.append("--torch-checkpointing")
+            elif setting:
                 command += common.settings_argv(settings[setting])
             result = phases.run_phase(command, result_path)
-            if setting:
+            if kind != "torch" and setting:
                 result["settings"] = settings[setting].describe()
             if name == "torch":
                 torch_tps = args.batch * args.seq / result["step_seconds"]

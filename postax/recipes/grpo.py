@@ -18,6 +18,13 @@ One iteration:
    with the clipped ratio against the sampling log-probs (or recomputed ones);
 7. metrics, held-out evaluation every `eval.every` iterations, checkpoints.
 
+With `env:` (docs/agentic.md) steps 1-3 play episodes instead: `rollout.samples_per_prompt`
+episodes per prompt record in the environment (with `tools:`, the model may call tools
+between its answers), each episode's return its reward; rows hold the whole episode (prompt,
+sampled turns, observations), the loss and the KL read its sampled tokens only, and the
+policy and reference logits cover whole rows (`rl_common.config.logits_window`).
+`rollout.overlong_filter` masks episodes cut by a budget out of the loss.
+
 Variants are configuration (docs/algorithms.md lists the settings that
 reproduce each paper): GRPO `advantage: grpo`, `policy.aggregation:
 sequence_mean`; Dr.GRPO `advantage: dr_grpo`, `policy.aggregation:
@@ -52,10 +59,15 @@ from postax.recipes.rl_common.config import (
     KL_IN_LOSS,
     KL_IN_REWARD,
     RECOMPUTED_LOGPROBS,
+    EnvSection,
     EvalConfig,
     RunSettings,
+    ToolsSection,
     UpdateConfig,
+    check_agentic,
     check_settings,
+    logits_window,
+    loss_divisor,
 )
 from postax.recipes.rl_common.loop import (
     Timer,
@@ -80,8 +92,10 @@ class GRPOConfig:
     output_dir: str
     model: ModelSource
     data: PromptDataConfig
-    rewards: tuple[RewardConfig, ...]
     iterations: int
+    rewards: tuple[RewardConfig, ...] = ()  # required without env: (or with env: single_turn)
+    env: EnvSection = None  # episodes instead of single completions
+    tools: ToolsSection = None  # with env: only
     tokenizer: str | None = None  # default: model.path
     eval_data: PromptDataConfig | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -89,7 +103,7 @@ class GRPOConfig:
     advantage: str = "grpo"
     policy: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     kl_placement: str = KL_IN_LOSS
-    loss_constant: int | None = None  # sequence_sum_constant's divisor (default max_new_tokens)
+    loss_constant: int | None = None  # sequence_sum_constant's divisor (default: loss_divisor)
     update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     lora: LoRAConfig | None = None
@@ -113,6 +127,7 @@ class GRPOConfig:
             self.loss_constant,
             "null or an integer >= 1",
         )
+        check_agentic(self)
 
     @property
     def group_size(self) -> int:
@@ -124,7 +139,7 @@ class PolicyGradientAlgorithm:
     """The clipped policy loss on rollout rows, for the Trainer.
 
     window: logits only on each row's completion window of that many columns
-    (`rollout.max_new_tokens`; None: every column).
+    (`rollout.max_new_tokens`; None: every column, as for episodes).
     chunk_size: logits of that many window columns at a time (0: all at once).
     """
 
@@ -189,6 +204,20 @@ def compute_advantages(
     return np.asarray(adv.broadcast_to_tokens(sequence, mask))
 
 
+def training_rows(cfg: GRPOConfig, loop, groups) -> tuple[dict[str, np.ndarray], int]:
+    """(the iteration's training rows, how many of them were sampled): `data.batch_size` x
+    group size rows, filler rows past the sampled ones; completions or episodes cut at a
+    budget are masked out of the loss with `rollout.overlong_filter`."""
+    if cfg.env is None:
+        return loop.rollout_rows(groups), len(groups.completions)
+    rows = groups.rows(
+        num_rows=cfg.data.batch_size * cfg.group_size,
+        pad_id=loop.data.tokenizer.pad_token_id,
+        train_cut=not cfg.rollout.overlong_filter,
+    )
+    return rows.as_dict(), len(groups.episodes)
+
+
 def run(cfg: GRPOConfig) -> dict:
     """GRPO-family RL from a config; returns the run summary."""
     out = start_run(cfg)
@@ -198,11 +227,12 @@ def run(cfg: GRPOConfig) -> dict:
     model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
     temperature = float(cfg.rollout.temperature)
+    window = logits_window(cfg)  # None for episodes: whole rows
     algorithm = PolicyGradientAlgorithm(
         loss_policy_config(cfg),
         temperature,
-        float(cfg.loss_constant or cfg.rollout.max_new_tokens),
-        window=cfg.rollout.max_new_tokens,
+        loss_divisor(cfg),
+        window=window,
         chunk_size=cfg.update.logits_chunk_size,
     )
     wrt = nnx.LoRAParam if cfg.lora else nnx.Param
@@ -212,10 +242,9 @@ def run(cfg: GRPOConfig) -> dict:
     for iteration in loop.iterations:
         timer = Timer()
 
-        # 1-3. prompts -> rollouts -> rewards (dynamic sampling draws more prompts)
+        # 1-3. prompts -> rollouts (or episodes) -> rewards (dynamic sampling draws more prompts)
         groups = loop.producer.produce(iteration, timer)
-        rows = loop.rollout_rows(groups)
-        sampled = len(groups.completions)
+        rows, sampled = training_rows(cfg, loop, groups)
 
         # 4. reference log-probs (or the KL for the reward) and old log-probs, no gradient
         with timer("score"):
@@ -229,7 +258,7 @@ def run(cfg: GRPOConfig) -> dict:
                         trainer.model,
                         device_rows,
                         temperature=temperature,
-                        window=cfg.rollout.max_new_tokens,
+                        window=window,
                         chunk_size=cfg.update.logits_chunk_size,
                     )
                 )
@@ -251,7 +280,7 @@ def run(cfg: GRPOConfig) -> dict:
             step_metrics = jax.device_get(step_metrics)
 
         # 7. metrics, evaluation, checkpoints
-        row = rollout_metrics(groups, cfg.group_size)
+        row = groups.metrics() if cfg.env is not None else rollout_metrics(groups, cfg.group_size)
         row.update(summarise_updates(step_metrics))
         if kl is not None:  # KL in the reward: the mean per-token estimate it subtracted
             row["kl"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))
@@ -260,7 +289,15 @@ def run(cfg: GRPOConfig) -> dict:
     return loop.finish(out)
 
 
-SHOWN = ("reward", "eval_accuracy", "completion_length", "clip_fraction", "kl", "time_iteration")
+SHOWN = (
+    "reward",
+    "eval_accuracy",
+    "completion_length",
+    "turns",
+    "clip_fraction",
+    "kl",
+    "time_iteration",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,10 +57,13 @@ from postax.recipes.common import (
 from postax.recipes.rl_common.config import (
     KL_IN_REWARD,
     RECOMPUTED_LOGPROBS,
+    EnvSection,
     EvalConfig,
     RunSettings,
+    ToolsSection,
     UpdateConfig,
     check_settings,
+    refuse_agentic,
 )
 from postax.recipes.rl_common.loop import (
     Timer,
@@ -130,6 +133,8 @@ class PPOConfig:
     data: PromptDataConfig
     rewards: tuple[RewardConfig, ...]
     iterations: int
+    env: EnvSection = None  # refused: episodes are GRPO-only (see __post_init__)
+    tools: ToolsSection = None  # refused, as env
     tokenizer: str | None = None  # default: model.path
     eval_data: PromptDataConfig | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -154,6 +159,12 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        refuse_agentic(
+            self,
+            "postax ppo",
+            "GAE over an episode's sampled tokens across observations and the critic's values "
+            "on whole episode rows are not wired; use postax grpo",
+        )
         if self.rollout.dynamic_sampling:
             raise ConfigError(
                 "rollout.dynamic_sampling is for group-normalised advantages (GRPO family); "

@@ -8,12 +8,18 @@ Rollout settings are `postax.rl.producer.RolloutConfig`, prompts
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
+from postax.configs import from_dict
 from postax.models.stack import REMAT_POLICIES
 from postax.parallel import MeshConfig
 from postax.recipes.common import check_model_options
+from postax.rl.asynchronous import check_staleness
+from postax.rl.envs.config import EnvConfig
+from postax.rl.tools.registry import ToolsConfig, ToolSpec, make_tools
 from postax.validation import ConfigError, is_int, require
 
 SAMPLER_LOGPROBS = "sampler"  # the log-probs recorded while sampling
@@ -126,6 +132,7 @@ def check_settings(cfg) -> None:
             "policy.importance_cap needs update.old_logprobs: recompute (the weights are "
             "trainer old log-probs over sampler log-probs)"
         )
+    check_staleness(cfg)  # rollout.max_staleness > 0: the importance-corrected loss
     check_model_options(cfg)
     if cfg.lora is not None and cfg.lora.dropout:
         raise ConfigError(
@@ -148,3 +155,120 @@ def check_rows(cfg, rows: int) -> None:
             f"update.minibatches={cfg.update.minibatches} x update.micro_batches="
             f"{cfg.update.micro_batches} x {data_parallel} devices (mesh data x fsdp)"
         )
+
+
+# ------------------------------------------------------------------ env: and tools: sections
+
+SINGLE_TURN_ENV = "single_turn"  # the built-in environment scored by the recipe's `rewards:`
+# the field types of `env:` and `tools:`: read by `normalise_agentic`, typed sections after it
+EnvSection = Any  # EnvConfig | str | Mapping
+ToolsSection = Any  # ToolsConfig | list of tool names / {name, kwargs} | Mapping
+
+
+def normalise_agentic(cfg) -> None:
+    """`env:` and `tools:` as their typed sections (`EnvConfig`, `ToolsConfig`), read here
+    rather than by the field types so that each form has its own one-line errors: `env` a
+    bare name or a mapping of `EnvConfig` fields; `tools` a list of tools or a mapping of
+    `ToolsConfig` fields. Called from a config's `__post_init__`."""
+    env, tools = cfg.env, cfg.tools
+    if isinstance(env, Mapping):
+        env = from_dict(EnvConfig, dict(env), prefix="env.")
+    elif env is not None and not isinstance(env, EnvConfig):
+        env = EnvConfig.parse(env)
+    if isinstance(tools, Mapping):
+        tools = from_dict(ToolsConfig, dict(tools), prefix="tools.")
+    elif isinstance(tools, tuple | list):
+        entries = [ToolSpec.parse(t) if isinstance(t, Mapping) else t for t in tools]
+        tools = ToolsConfig(tools=tuple(entries))
+    elif tools is not None and not isinstance(tools, ToolsConfig):
+        raise ConfigError(
+            f"tools={tools!r} is invalid: a list of tools or a mapping {{tools, parser, "
+            "timeout_s, max_calls_per_turn, max_result_chars}"
+        )
+    object.__setattr__(cfg, "env", env)
+    object.__setattr__(cfg, "tools", tools)
+
+
+def check_agentic(cfg) -> None:
+    """The rules of `env:` and `tools:` in an RL config (docs/agentic.md):
+
+    - `tools:` needs `env:` (tools run inside episodes; `env: single_turn` plays
+      the prompts of `data` as one-answer episodes scored by `rewards:`);
+    - with `env: single_turn`, `rewards:` are the environment's reward functions
+      (at least one; not in `env.kwargs`); with any other environment the
+      environment gives the rewards and `rewards:` must be empty;
+    - the group size, temperature and stop ids are `rollout`'s; `rollout.max_new_tokens`
+      is not read (`env.max_turn_tokens` is the per-turn budget); dynamic sampling
+      and `eval.metric` / `eval.max_new_tokens` do not apply to episodes;
+    - the environment (and each tool) is built once now, so an unknown class or
+      kwargs it rejects fail before any model is built.
+    """
+    normalise_agentic(cfg)
+    env = cfg.env
+    if env is None:
+        if not cfg.rewards:
+            raise ConfigError(
+                "rewards=() is invalid: at least one reward function (or an env: whose "
+                "environment gives the rewards)"
+            )
+        if cfg.tools is not None:
+            raise ConfigError(
+                "tools is invalid without env: tools run inside episodes; add an env section "
+                f"(for one-answer prompts scored by rewards: env: {SINGLE_TURN_ENV})"
+            )
+        return
+    if env.name == SINGLE_TURN_ENV:
+        if not cfg.rewards:
+            raise ConfigError(
+                f"rewards=() is invalid with env: {SINGLE_TURN_ENV}: at least one reward "
+                "function (they score each episode's answer)"
+            )
+        taken = sorted({"rewards", "runner"} & set(env.kwargs))
+        require(
+            not taken,
+            "env.kwargs",
+            env.kwargs,
+            f"without {taken}: {SINGLE_TURN_ENV} is scored by the config's rewards: list",
+        )
+        env.check_builds(rewards=list(cfg.rewards))
+    else:
+        require(
+            not cfg.rewards,
+            "rewards",
+            [r.name for r in cfg.rewards],
+            f"empty with env: {env.name} (the environment gives the rewards; reward functions "
+            f"score episodes through env: {SINGLE_TURN_ENV})",
+        )
+        env.check_builds()
+    if cfg.tools is not None:
+        make_tools(cfg.tools.tools)
+    for field, value, why in (
+        ("rollout.dynamic_sampling", cfg.rollout.dynamic_sampling, "false"),
+        ("eval.metric", cfg.eval.metric, "null (held-out accuracy is the mean episode return)"),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens, "null (env.max_turn_tokens applies)"),
+    ):
+        require(not value, field, value, f"{why} with env:")
+
+
+def refuse_agentic(cfg, recipe: str, why: str) -> None:
+    """A recipe that does not play episodes: `env:` and `tools:` are a one-line error."""
+    for field in ("env", "tools"):
+        value = getattr(cfg, field)
+        require(value is None, field, value, f"null: {recipe} does not play episodes ({why})")
+
+
+def logits_window(cfg) -> int | None:
+    """The completion window (columns from each row's first sampled token) that policy and
+    reference logits are computed on: `rollout.max_new_tokens` for single-turn rows; None
+    (the whole row) for episodes, whose sampled tokens spread over observations up to the
+    episode's end (see `postax.rl.envs.pack.completion_span`). Whole rows keep one compiled
+    program per row-width bucket; `update.logits_chunk_size` bounds their logits' memory."""
+    return None if cfg.env is not None else cfg.rollout.max_new_tokens
+
+
+def loss_divisor(cfg) -> float:
+    """`sequence_sum_constant`'s divisor: `loss_constant`, else the most tokens a row may
+    sample (`rollout.max_new_tokens`, or `env.max_tokens` for episodes)."""
+    if cfg.loss_constant:
+        return float(cfg.loss_constant)
+    return float(cfg.env.max_tokens if cfg.env is not None else cfg.rollout.max_new_tokens)

@@ -1,5 +1,6 @@
 """Held-out evaluation of an RL run: greedy completions of `eval_data`, scored by the run's
-reward functions."""
+reward functions (`Evaluator`), or with `env:` greedy episodes of them (`EpisodeEvaluator`);
+`make_evaluator` chooses from the config."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from postax.recipes.rl_common.producers import episode_runner
+from postax.rl.envs import EpisodeRunner, episode_metrics, episode_returns, record_example
+from postax.rl.envs.tools import tool_metrics
 from postax.rl.groups import score_completions
 from postax.rl.prompts import PromptRecord
 from postax.rl.rewards import RewardRunner
@@ -53,3 +57,56 @@ class Evaluator:
         out["accuracy"] = float(np.mean(groups.per_function[metric]))
         out["completion_length"] = float(np.mean([c.num_tokens for c in groups.completions]))
         return out
+
+
+@dataclasses.dataclass
+class EpisodeEvaluator:
+    """Greedy episodes (temperature 0, one per held-out record) of the run's environment
+    within its budgets: `accuracy` and `reward` are the mean episode return, with the mean
+    `turns`, `done` (the share of episodes the environment ended), `episode_length` and,
+    with tools, `tool_calls` and `tool_error_rate`.
+
+    every: iterations between evaluations (0: only before and after training).
+    """
+
+    runner: EpisodeRunner
+    records: list[PromptRecord]
+    every: int
+
+    def due(self, iteration: int) -> bool:
+        """Whether iteration `iteration` ends with an evaluation."""
+        return bool(self.every) and iteration % self.every == 0
+
+    def __call__(self) -> dict[str, float]:
+        episodes = self.runner.run([record_example(r) for r in self.records], seed=0)
+        returns = episode_returns(episodes)
+        metrics = episode_metrics(episodes)
+        out = {"accuracy": float(returns.mean()), "reward": float(returns.mean())}
+        for name in ("turns", "done", "episode_length"):
+            out[name] = metrics[name]
+        tools = tool_metrics(episodes)
+        for name in ("tool_calls", "tool_error_rate"):
+            if name in tools:
+                out[name] = tools[name]
+        return out
+
+
+def make_evaluator(cfg, sampler: Sampler, data) -> Evaluator | EpisodeEvaluator | None:
+    """Held-out evaluation of a run, None without `eval_data`: greedy episodes with `env:`
+    (the producer's environments, tools and budgets), else greedy completions scored by the
+    reward functions."""
+    if not data.eval_records:
+        return None
+    if cfg.env is not None:
+        runner = episode_runner(cfg, sampler, data, group_size=1, temperature=0.0)
+        return EpisodeEvaluator(runner, data.eval_records, cfg.eval.every)
+    return Evaluator(
+        sampler,
+        data.runner,
+        data.tokenizer,
+        data.eval_records,
+        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        cfg.eval.metric,
+        cfg.eval.every,
+        cfg.rollout.stop_token_ids,
+    )

@@ -18,8 +18,8 @@ import numpy as np
 
 from postax.recipes.common import export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
-from postax.recipes.rl_common.evaluation import Evaluator
-from postax.recipes.rl_common.producers import make_producer
+from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
+from postax.recipes.rl_common.producers import NoRewards, make_producer
 from postax.recipes.rl_common.reference import Reference
 from postax.rl.groups import Groups, rollout_rows
 from postax.rl.producer import RolloutProducer
@@ -74,7 +74,7 @@ def load_run_data(cfg, num_rows: int) -> RunData:
     functions; every data and config error comes before any model is built."""
     check_rows(cfg, num_rows)
     tokenizer_dir, tokenizer, prompts, eval_prompts = load_data(cfg, PromptDataset)
-    runner = reward_runner(cfg.rewards)
+    runner = reward_runner(cfg.rewards) if cfg.rewards or cfg.env is None else NoRewards()
     names = [spec.name for spec in runner.specs]
     if cfg.eval.metric is not None and cfg.eval.metric not in names:
         runner.close()
@@ -202,18 +202,7 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
     iterations, resumed = trainer.start_iterations(
         cfg.iterations, cfg.update.steps_per_iteration, producer
     )
-    evaluate = None
-    if data.eval_records:
-        evaluate = Evaluator(
-            sampler,
-            data.runner,
-            data.tokenizer,
-            data.eval_records,
-            cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-            cfg.eval.metric,
-            cfg.eval.every,
-            cfg.rollout.stop_token_ids,
-        )
+    evaluate = make_evaluator(cfg, sampler, data)
     summary: dict = {"resumed": resumed}
     if evaluate and not summary["resumed"]:
         summary["eval_before"] = evaluate()

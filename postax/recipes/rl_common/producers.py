@@ -1,15 +1,88 @@
 """The rollout producer an RL run uses, chosen from its config: steps 1-3 of every iteration
 (prompts -> rollouts -> rewards). `start_loop` asks `make_producer` for it; every producer has
-`produce(iteration, timer)`, `state()` and `restore(state)` (see `postax.rl.producer`)."""
+`produce(iteration, timer)`, `state()` and `restore(state)` (see `postax.rl.producer`).
+
+- no `env:`: `RolloutProducer`, single-turn completions scored by the reward functions;
+- `env:`: `EpisodeProducer`, `rollout.samples_per_prompt` episodes per prompt record played
+  on the live policy at `rollout.temperature` within the `env` budgets, each episode's
+  return its reward (`postax.rl.envs`). With `tools:` each environment is wrapped in a
+  `ToolEnv` sharing one `ToolRunner`; with `env: single_turn` every environment shares
+  the run's reward functions (`RunData.runner`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from postax.recipes.rl_common.config import SINGLE_TURN_ENV
+from postax.rl.envs import EnvSpec, EpisodeProducer, EpisodeRunner, make_env
+from postax.rl.envs.tools import ToolEnv
 from postax.rl.producer import RolloutProducer
+from postax.rl.tools.render import template_renders_tools
 from postax.sampling.sampler import Sampler
 
 
-def make_producer(cfg, sampler: Sampler, data) -> RolloutProducer:
-    """Single-turn rollouts scored by the reward functions (`RunData.runner`)."""
+class NoRewards:
+    """The reward functions of a run whose environment gives the rewards: none to run or
+    close (`RunData.runner` when `rewards:` is empty with `env:`)."""
+
+    specs: tuple = ()
+
+    def close(self) -> None:
+        pass
+
+
+def environment_factory(cfg, tokenizer, rewards) -> Callable[[], Any]:
+    """A zero-argument factory of fresh environments for `cfg.env` (one per episode): the
+    environment of `env.name`/`env.kwargs`, the run's reward functions `rewards` given to
+    `single_turn`, wrapped with the `tools:` (one shared `ToolRunner`)."""
+    kwargs = dict(cfg.env.kwargs)
+    if cfg.env.name == SINGLE_TURN_ENV:
+        kwargs["runner"] = rewards
+    spec = EnvSpec(name=cfg.env.name, kwargs=kwargs)
+    if cfg.tools is None:
+        return lambda: make_env(spec)
+    runner = cfg.tools.runner()
+    in_template = template_renders_tools(
+        tokenizer, runner.schemas, template_name=cfg.env.template_name
+    )
+
+    def factory() -> ToolEnv:
+        return ToolEnv(
+            make_env(spec),
+            runner,
+            tokenizer=tokenizer,
+            call_format=cfg.tools.parser,
+            template_name=cfg.env.template_name,
+            in_template=in_template,
+        )
+
+    return factory
+
+
+def episode_runner(cfg, sampler: Sampler, data, *, group_size: int, temperature: float):
+    """An `EpisodeRunner` of `cfg.env` on `sampler` (`group_size` episodes per example)."""
+    config = cfg.env.episode_config(
+        group_size=group_size,
+        temperature=temperature,
+        stop_token_ids=cfg.rollout.stop_token_ids,
+    )
+    factory = environment_factory(cfg, data.tokenizer, data.runner)
+    return EpisodeRunner(sampler, factory, config, tokenizer=data.tokenizer)
+
+
+def make_producer(cfg, sampler: Sampler, data) -> RolloutProducer | EpisodeProducer:
+    """Episodes with `env:`, else single-turn rollouts scored by `RunData.runner`."""
+    if cfg.env is not None:
+        runner = episode_runner(
+            cfg,
+            sampler,
+            data,
+            group_size=cfg.rollout.samples_per_prompt,
+            temperature=float(cfg.rollout.temperature),
+        )
+        return EpisodeProducer(runner, data.prompts.iterator(), cfg.run.seed)
     return RolloutProducer(
         sampler,
         data.runner,

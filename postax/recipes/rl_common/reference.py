@@ -15,7 +15,7 @@ import numpy as np
 
 from postax.losses.numerics import kl_estimate
 from postax.losses.policy import PolicyLossConfig
-from postax.recipes.rl_common.config import KL_IN_LOSS, KL_IN_REWARD
+from postax.recipes.rl_common.config import KL_IN_LOSS, KL_IN_REWARD, logits_window
 from postax.rl.logprobs import score_rollout
 from postax.train.reference import frozen_copy, has_lora
 
@@ -39,7 +39,7 @@ class Reference:
     def __init__(self, cfg, policy) -> None:
         self.coef = cfg.policy.kl_coef
         self.estimator = cfg.policy.kl_estimator
-        self.window = cfg.rollout.max_new_tokens  # logits on completion columns only
+        self.window = logits_window(cfg)  # logits on completion columns only (or whole rows)
         self.chunk_size = cfg.update.logits_chunk_size
         self.placement = cfg.kl_placement
         self.policy = policy

@@ -25,6 +25,7 @@ import numpy as np
 
 from postax.rl.envs.episode import Episode, EpisodeRunner, PhaseTimer, untimed
 from postax.rl.envs.pack import episode_metrics, episode_returns, pack_episodes
+from postax.rl.envs.tools import tool_metrics
 from postax.rl.producer import rollout_seed
 from postax.rl.prompts import PromptRecord
 from postax.rl.rollout import RolloutRows
@@ -51,8 +52,10 @@ class EpisodeGroups:
         return pack_episodes(self.episodes, num_rows=num_rows, pad_id=pad_id, trained=trained)
 
     def metrics(self) -> dict[str, float]:
-        """`episode_metrics` plus the groups whose returns are all equal (no GRPO signal)."""
+        """`episode_metrics`, tool use (`tool_metrics`, when the environment has tools) and
+        the groups whose returns are all equal (no GRPO signal)."""
         out = episode_metrics(self.episodes)
+        out.update(tool_metrics(self.episodes))
         if self.episodes:
             grouped = self.rewards.reshape(-1, self.group_size)
             out["zero_variance_groups"] = float(

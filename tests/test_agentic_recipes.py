@@ -1,0 +1,262 @@
+"""`postax grpo` with `env:` and `tools:` end to end on the tiny model of test_grpo_recipe.py.
+
+- guess_number, 2 iterations: episode metrics in metrics.jsonl, greedy held-out episodes,
+  on-policy log-probs over whole episodes (the logits window covers the longest episode,
+  which is far longer than `rollout.max_new_tokens`), the KL reference on the same rows,
+  and a run interrupted in its second iteration then resumed equals the straight run;
+- tools: [calculator] with a scripted call format (every turn is a call): the rows the
+  trainer got have no loss on the tool messages between the sampled turns;
+- config mistakes (unknown environment or tool, kwargs the environment rejects, rewards
+  with a rewarding environment, env in PPO) are one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_grpo_recipe import files, grpo_config, host_params, iteration_rows, observed_run
+
+from postax.cli import main as postax_main
+from postax.configs import ConfigFileError, load_config
+from postax.losses.policy import PolicyLossConfig
+from postax.recipes import grpo
+from postax.recipes.common import CheckpointSettings
+from postax.recipes.ppo import PPOConfig
+from postax.rl.envs import completion_span
+from postax.rl.envs.config import EnvConfig
+from postax.rl.envs.tools import TOOL_INFO
+from postax.rl.producer import RolloutConfig
+from postax.rl.prompts import PromptDataConfig
+from postax.rl.tools import CALL_FORMATS, PARSERS, ParsedTurn, ToolCall
+
+__all__ = ["files"]  # the fixture, shared with test_grpo_recipe.py
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP = 4
+NEW_TOKENS = 4  # rollout.max_new_tokens: not read by episodes, far shorter than one
+
+
+@pytest.fixture(scope="module")
+def guess_files(files) -> Path:
+    """Secrets in [1, 20] for the guess_number environment (train: 8, held out: 2)."""
+    for name, secrets in (("guess_train.jsonl", range(3, 19, 2)), ("guess_eval.jsonl", (4, 17))):
+        lines = [json.dumps({"prompt": "Guess.", "secret": s}) for s in secrets]
+        (files / name).write_text("\n".join(lines) + "\n")
+    return files
+
+
+def guess_config(files: Path, name: str, **changes) -> grpo.GRPOConfig:
+    defaults = dict(
+        data=PromptDataConfig(
+            path=str(files / "guess_train.jsonl"), batch_size=2, fields=("secret",)
+        ),
+        eval_data=PromptDataConfig(
+            path=str(files / "guess_eval.jsonl"), batch_size=1, shuffle=False, fields=("secret",)
+        ),
+        rewards=(),
+        env=EnvConfig(
+            name="guess_number",
+            kwargs={"low": 1, "high": 20, "invalid_reward": -0.1},
+            max_turns=3,
+            max_tokens=320,
+            max_turn_tokens=6,
+        ),
+        rollout=RolloutConfig(
+            samples_per_prompt=GROUP, max_new_tokens=NEW_TOKENS, temperature=0.7
+        ),
+        # the KL to the initial weights in the reward: the reference scores the episode rows
+        policy=PolicyLossConfig(kl_coef=0.01),
+        kl_placement="reward",
+        checkpoint=CheckpointSettings(save_every=1, async_save=False),
+    )
+    return grpo_config(files, name, **{**defaults, **changes})
+
+
+class Recorded:
+    """Each iteration's groups (`grpo.training_rows`) and the rows the trainer got, advantages
+    and old log-probs included (`grpo.minibatches`)."""
+
+    def __init__(self, patch: pytest.MonkeyPatch) -> None:
+        self.groups: list = []
+        self.rows: list[dict[str, np.ndarray]] = []
+        training_rows, minibatches = grpo.training_rows, grpo.minibatches
+
+        def recorded_training_rows(cfg, loop, groups):
+            self.groups.append(groups)
+            return training_rows(cfg, loop, groups)
+
+        def recorded_minibatches(rows, update, seed):
+            self.rows.append({k: v.copy() for k, v in rows.items()})
+            return minibatches(rows, update, seed)
+
+        patch.setattr(grpo, "training_rows", recorded_training_rows)
+        patch.setattr(grpo, "minibatches", recorded_minibatches)
+
+
+def recorded_run(cfg, **kwargs):
+    with pytest.MonkeyPatch.context() as patch:
+        recorded = Recorded(patch)
+        summary, seams = observed_run(cfg, **kwargs)
+    return summary, seams, recorded
+
+
+@pytest.fixture(scope="module")
+def guess_run(guess_files):
+    cfg = guess_config(guess_files, "guess")
+    summary, seams, recorded = recorded_run(cfg)
+    return cfg, summary, seams, recorded, iteration_rows(cfg.output_dir)
+
+
+def test_episode_metrics_reach_metrics_jsonl(guess_run):
+    cfg, summary, _, recorded, rows = guess_run
+    assert sorted(rows) == [1, 2] and summary["iterations"] == 2
+    for iteration, row in rows.items():
+        groups = recorded.groups[iteration - 1]
+        expected = groups.metrics()
+        for name in ("reward", "turns", "cut_max_turns", "cut_max_tokens", "done"):
+            assert row[name] == pytest.approx(expected[name]), name
+        assert row["zero_variance_groups"] == expected["zero_variance_groups"]
+        assert row["episodes"] == cfg.data.batch_size * GROUP
+        np.testing.assert_allclose(
+            groups.rewards, [e.episode_return for e in groups.episodes], rtol=1e-6
+        )
+        assert 1 <= row["turns"] <= cfg.env.max_turns
+    # held-out: greedy episodes, one per record, before and after training
+    for key in ("eval_before", "eval_after"):
+        result = summary[key]
+        assert set(result) >= {"accuracy", "reward", "turns", "done", "episode_length"}
+        assert result["accuracy"] == result["reward"]
+        assert 1 <= result["turns"] <= cfg.env.max_turns
+
+
+def test_episode_rows_are_scored_on_policy_over_whole_episodes(guess_run):
+    """Episodes span far more than rollout.max_new_tokens columns; the trainer's log-probs of
+    every sampled token equal the sampler's (a window of max_new_tokens columns would leave
+    the later turns at 0), the reference's too (KL 0 while the policy is the initial one)."""
+    cfg, _, seams, recorded, rows = guess_run
+    episodes = recorded.groups[0].episodes
+    assert max(e.num_turns for e in episodes) >= 2
+    assert completion_span(episodes) > 4 * cfg.rollout.max_new_tokens
+    first = rows[1]
+    assert first["first_logprob_mismatch"] < 1e-5, first
+    assert abs(first["first_ratio_mean"] - 1.0) < 1e-5 and first["first_clip_fraction"] == 0
+    assert first["kl"] < 1e-6 and seams.copies == 1
+    # the reference's log-probs of the first batch cover every sampled token
+    batch = recorded.rows[0]
+    mask = batch["loss_mask"] > 0
+    ref = seams.scores[0]["logp"]
+    np.testing.assert_allclose(ref[mask], batch["sampler_logp"][mask], atol=1e-5)
+    # no loss and no log-prob outside the sampled tokens (prompt, observations, padding)
+    for i, episode in enumerate(episodes):
+        n = len(episode.ids) - 1
+        np.testing.assert_array_equal(mask[i, :n], episode.sampled_mask[1:])
+        assert not mask[i, n:].any()
+
+
+def test_resumed_episode_run_equals_the_straight_run(guess_files, guess_run):
+    cfg, _, seams, recorded, straight = guess_run
+    resumed_cfg = dataclasses.replace(cfg, output_dir=str(guess_files / "guess-resumed"))
+    observed_run(resumed_cfg, crash_at_update=2)
+    summary, resumed_seams, resumed = recorded_run(resumed_cfg)
+    assert summary["resumed"]
+    assert len(resumed.rows) == 1  # only the second iteration ran again
+    for name, value in recorded.rows[1].items():
+        np.testing.assert_array_equal(resumed.rows[0][name], value, err_msg=name)
+    again = iteration_rows(resumed_cfg.output_dir)[2]
+    for name in ("reward", "turns", "loss", "grad_norm", "kl"):
+        assert again[name] == straight[2][name], name
+    after, final = host_params(resumed_seams.policies[0]), host_params(seams.policies[0])
+    for name in final:
+        np.testing.assert_array_equal(after[name], final[name], err_msg=name)
+
+
+# ---------------------------------------------------------------- tools
+
+
+def always_calculate(text: str) -> ParsedTurn:
+    """A call format in which every turn is one calculator call (a tiny random model never
+    writes a well-formed call): the tool output then sits between every two turns."""
+    call = ToolCall(name="calculator", arguments={"expression": "6*7"}, text=text, start=0)
+    return ParsedTurn(content="", calls=(call,))
+
+
+def test_tool_outputs_carry_no_loss(files, monkeypatch):
+    monkeypatch.setitem(PARSERS, "always_calculate", always_calculate)  # a format is a parser
+    monkeypatch.setitem(CALL_FORMATS, "always_calculate", "Every reply calls the calculator.")
+    cfg = grpo_config(
+        files,
+        "calculator",
+        iterations=1,
+        rewards=grpo_config(files, "unused").rewards,
+        env=EnvConfig(name="single_turn", max_turns=2, max_tokens=1024, max_turn_tokens=6),
+        tools={"tools": ["calculator"], "parser": "always_calculate"},
+        data=PromptDataConfig(path=str(files / "train.jsonl"), batch_size=2),
+        rollout=RolloutConfig(samples_per_prompt=GROUP, max_new_tokens=NEW_TOKENS),
+    )
+    _, _, recorded = recorded_run(cfg)
+    row = iteration_rows(cfg.output_dir)[1]
+    batch, groups = recorded.rows[0], recorded.groups[0]
+    assert row["tool_calls"] == 2.0 and row["tool_errors"] == 0.0  # one call per turn
+    assert row["cut_max_turns"] == 1.0 and row["first_logprob_mismatch"] < 1e-5
+    tokenizer = groups.episodes and grpo_tokenizer(files)
+    for i, episode in enumerate(groups.episodes):
+        first, second = episode.turns
+        assert first.info[TOOL_INFO]["ok"] == 1 and first.observation_ids
+        assert "42" in tokenizer.decode(first.observation_ids)  # the tool's answer to 6*7
+        start = len(episode.prompt_ids) + len(first.token_ids)  # the observation's first id
+        observation = slice(start - 1, start - 1 + len(first.observation_ids))  # its columns
+        assert not batch["loss_mask"][i, observation].any()
+        assert not batch["sampler_logp"][i, observation].any()
+        np.testing.assert_array_equal(
+            batch["targets"][i, observation], np.asarray(first.observation_ids)
+        )
+        sampled = batch["loss_mask"][i].sum()
+        assert sampled == len(first.token_ids) + len(second.token_ids) == episode.sampled_tokens
+        assert not batch["advantages"][i, observation].any()
+
+
+def grpo_tokenizer(files: Path):
+    from postax.tokenizer import load_tokenizer
+
+    return load_tokenizer(files / "tokenizer")
+
+
+# ---------------------------------------------------------------- config mistakes
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["env.name=abacus"], "env.name='abacus' is invalid: a built-in environment"),
+        (["env.kwargs.lo=1"], "invalid for 'guess_number': TypeError: GuessNumberEnv.__init__"),
+        (["env.kwargs.high=0"], "env 'guess_number': env.kwargs.high=0 is invalid"),
+        (["env.max_turnz=2"], "unknown key 'env.max_turnz'; did you mean 'env.max_turns'?"),
+        (["tools=[abacus]"], "tools.name='abacus' is invalid: a built-in tool (calculator"),
+        (["rewards=[{name: exact_match}]"], "rewards=['exact_match'] is invalid: empty with env"),
+        (["rollout.dynamic_sampling=true"], "rollout.dynamic_sampling=True is invalid"),
+        (["env=null", "tools=[calculator]", "rewards=[{name: exact_match}]"], "tools is invalid"),
+    ],
+)
+def test_agentic_config_mistakes_are_one_line(overrides, message, tmp_path, capsys):
+    config = ROOT / "configs" / "grpo" / "guess-number.yaml"
+    argv = ["grpo", "--config", str(config), f"output_dir={tmp_path / 'out'}", *overrides]
+    assert postax_main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("postax grpo: "), lines
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()  # refused before the run started
+
+
+def test_ppo_refuses_env_and_single_turn_needs_rewards():
+    ppo = ROOT / "configs" / "ppo" / "arithmetic.yaml"
+    with pytest.raises(ConfigFileError, match="env='guess_number' is invalid: null: postax ppo"):
+        load_config(PPOConfig, ppo, ["env=guess_number"])
+    tool = ROOT / "configs" / "grpo" / "calculator-tool.yaml"
+    with pytest.raises(ConfigFileError, match=r"rewards=\(\) is invalid with env: single_turn"):
+        load_config(grpo.GRPOConfig, tool, ["rewards=[]"])
+    cfg = load_config(grpo.GRPOConfig, tool)
+    assert cfg.tools.tools == ("calculator",) and cfg.env.name == "single_turn"

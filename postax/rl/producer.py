@@ -9,9 +9,10 @@ earlier iterations (on-policy).
 
 The RL loop asks only `produce(iteration, timer) -> Groups` of it, plus
 `state()`/`restore(state)` for the position checkpoints save. That is the
-seam for asynchronous rollouts (sampling the batch of iteration i + 1 while i
-trains, not built yet): a producer with the same three methods can replace
-this one without touching the loop.
+seam for asynchronous rollouts: with `rollout.max_staleness` set, the loop
+wraps the producer in `postax.rl.asynchronous.AsyncProducer`, which runs it
+in a thread on its own copy of the weights, up to `max_staleness` iterations
+ahead of the trainer.
 
 Reproducibility: draw `round` of iteration `iteration` samples with a seed
 derived from (run seed, iteration, round) by `numpy.random.SeedSequence`, so
@@ -52,6 +53,12 @@ class RolloutConfig:
     max_batch_size: most rows the sampler decodes at once.
     stop_token_ids: ids that end a completion; null: the tokenizer's eos ids,
       []: none (every completion runs max_new_tokens).
+    max_staleness: null (default): synchronous rollouts, each batch sampled by the
+      live policy in the trainer's thread. An integer k >= 0: asynchronous rollouts
+      (`postax.rl.asynchronous`): a thread samples the batch of iteration i with the
+      weights after iteration i - 1 - k while the trainer updates; k > 0 needs
+      `update.old_logprobs: recompute` and `policy.importance_cap` (the decoupled,
+      importance-corrected loss); k = 0 equals the synchronous run bitwise.
     """
 
     samples_per_prompt: int = 8
@@ -62,6 +69,7 @@ class RolloutConfig:
     overlong_filter: bool = False
     max_batch_size: int = 64
     stop_token_ids: tuple[int, ...] | None = None
+    max_staleness: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -77,6 +85,12 @@ class RolloutConfig:
                 f"rollout.temperature={self.temperature!r} is invalid: a number > 0 (RL samples; "
                 "greedy rollouts have no exploration and equal groups)"
             )
+        require(
+            self.max_staleness is None or (is_int(self.max_staleness) and self.max_staleness >= 0),
+            "rollout.max_staleness",
+            self.max_staleness,
+            "null (synchronous rollouts) or an integer >= 0 (policy versions)",
+        )
 
 
 def rollout_seed(seed: int, iteration: int, round_index: int) -> int:

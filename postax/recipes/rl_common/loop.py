@@ -2,6 +2,12 @@
 the policy and its trainer, and the loop object that starts, ends each iteration and
 finishes the run. Restoring, saving, metrics and the progress line are the trainer's
 (`Trainer.iterations`, `end_iteration`, `end_training`), as in every other recipe.
+
+With `rollout.max_staleness` set the producer is an `AsyncProducer`
+(`postax.rl.asynchronous`): `start_loop` gives it its own policy module and
+starts its thread after the resume, `end_iteration` publishes the updated
+weights to it and logs its metrics, and the thread stops when the run
+finishes or the loop over `iterations` is left by an exception.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from postax.recipes.common import export, finish_run, load_data, make_trainer
@@ -21,6 +28,7 @@ from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
 from postax.recipes.rl_common.producers import NoRewards, make_producer
 from postax.recipes.rl_common.reference import Reference
+from postax.rl.asynchronous import AsyncProducer, producer_module
 from postax.rl.groups import Groups, rollout_rows
 from postax.rl.producer import RolloutProducer
 from postax.rl.prompts import PromptDataset, PromptRecord
@@ -113,6 +121,40 @@ def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in values.items()}
 
 
+class Iterations:
+    """The iteration numbers still to run (a `range`'s `start`, `stop`, `len`); leaving the
+    `for` loop over them, normally or by an exception or KeyboardInterrupt, calls `on_exit`
+    (it stops an asynchronous producer's thread: CPython finalises the loop's generator as
+    the exception unwinds the recipe's frame)."""
+
+    def __init__(self, numbers: range, on_exit=None):
+        self.numbers = numbers
+        self.on_exit = on_exit
+
+    @property
+    def start(self) -> int:
+        return self.numbers.start
+
+    @property
+    def stop(self) -> int:
+        return self.numbers.stop
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __iter__(self):
+        try:
+            yield from self.numbers
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
+
+
+def _donated(trainer: Trainer) -> set[int]:
+    """Ids of the arrays the train step donates (trained parameters, mutable state)."""
+    return {id(x) for x in jax.tree.leaves((trainer.state.params, trainer.state.mutable))}
+
+
 @dataclasses.dataclass
 class Loop:
     """The outer loop of an RL recipe, around the recipe's own steps:
@@ -127,7 +169,8 @@ class Loop:
     iterations: the iteration numbers still to run (on a resume, those after
       the checkpoint's).
     producer: rollout production, one scored batch per iteration (the seam for
-      asynchronous rollouts: see `postax.rl.producer`).
+      asynchronous rollouts: see `postax.rl.producer`; an `AsyncProducer` with
+      `rollout.max_staleness`).
     reference: the KL reference (`loss_columns`, `reward_kl`).
     evaluate: held-out evaluation, None without `eval_data`.
     summary: the run summary, begun with the held-out results before training.
@@ -137,11 +180,12 @@ class Loop:
     trainer: Trainer
     data: RunData
     policy: Any
-    iterations: range
-    producer: RolloutProducer
+    iterations: Iterations
+    producer: RolloutProducer | AsyncProducer
     reference: Reference
     evaluate: Evaluator | None
     summary: dict
+    eval_runner: RewardRunner | None = None  # the evaluator's own, beside a producer thread
 
     def rollout_rows(self, groups: Groups) -> dict[str, np.ndarray]:
         """The training rows of an iteration's groups: `data.batch_size` x group size rows
@@ -160,6 +204,9 @@ class Loop:
         iteration end: `row` in the metrics, the progress line, a checkpoint when due."""
         row.update({f"time_{k}": v for k, v in timer.seconds.items()})
         row["time_iteration"] = time.perf_counter() - timer.began
+        if isinstance(self.producer, AsyncProducer):  # the weights of the coming batches
+            self.producer.publish(iteration, self.policy, _donated(self.trainer))
+            row.update(self.producer.iteration_metrics())
         if self.evaluate and self.evaluate.due(iteration):
             row.update(_prefixed("eval_", self.evaluate()))
         self.trainer.end_iteration(iteration, row, self.producer)
@@ -169,6 +216,9 @@ class Loop:
         (`out/rewards.png`; None in the summary without matplotlib), out/summary.json;
         returns the summary."""
         cfg, trainer, summary = self.cfg, self.trainer, self.summary
+        if isinstance(self.producer, AsyncProducer):
+            self.producer.close()
+            summary["async_rollouts"] = self.producer.summary()
         trainer.end_training(self.producer)
         if self.evaluate:
             summary["eval_after"] = self.evaluate()
@@ -176,6 +226,8 @@ class Loop:
             print(f"eval after: {summary['eval_after']}", file=sys.stderr)
         summary["iterations"] = cfg.iterations
         self.data.runner.close()
+        if self.eval_runner is not None:
+            self.eval_runner.close()
         summary["plot"] = None
 
         def plot() -> Path:
@@ -193,19 +245,39 @@ class Loop:
 
 def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
     """The KL reference (from the initial weights, before a resume restores trained ones),
-    a producer sampling from the trainer's live `policy` module (no weight copy), the
-    resume, and the held-out results before training (not on a resume)."""
+    a producer sampling from the trainer's live `policy` module (no weight copy; with
+    `rollout.max_staleness`, an `AsyncProducer` on its own module, started here after the
+    resume), the resume, and the held-out results before training (not on a resume)."""
     reference = Reference(cfg, policy)
     sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    staleness = cfg.rollout.max_staleness
+    producer_sampler = sampler
+    if staleness is not None:  # the producer thread samples its own module, never the trainer's
+        producer_sampler = Sampler(
+            producer_module(policy), data.tokenizer, max_batch_size=cfg.rollout.max_batch_size
+        )
     # steps 1-3 of every iteration (another producer with the same interface plugs in here)
-    producer = make_producer(cfg, sampler, data)
-    iterations, resumed = trainer.start_iterations(
+    producer = make_producer(cfg, producer_sampler, data)
+    if staleness is not None:
+        producer = AsyncProducer(producer, module=producer_sampler.model, max_staleness=staleness)
+    numbers, resumed = trainer.start_iterations(
         cfg.iterations, cfg.update.steps_per_iteration, producer
     )
-    evaluate = make_evaluator(cfg, sampler, data)
+    iterations = Iterations(numbers)
+    eval_runner, eval_data = None, data
+    if isinstance(producer, AsyncProducer):
+        iterations.on_exit = producer.close
+        if len(numbers):
+            producer.start(policy, _donated(trainer), numbers.start, cfg.iterations)
+        if data.runner.specs:  # a RewardRunner serves one thread: the evaluator gets its own
+            eval_runner = RewardRunner(data.runner.specs)
+            eval_data = dataclasses.replace(data, runner=eval_runner)
+    evaluate = make_evaluator(cfg, sampler, eval_data)
     summary: dict = {"resumed": resumed}
     if evaluate and not summary["resumed"]:
         summary["eval_before"] = evaluate()
         trainer.log(0, _prefixed("eval_", summary["eval_before"]))
         print(f"eval before: {summary['eval_before']}", file=sys.stderr)
-    return Loop(cfg, trainer, data, policy, iterations, producer, reference, evaluate, summary)
+    return Loop(
+        cfg, trainer, data, policy, iterations, producer, reference, evaluate, summary, eval_runner
+    )

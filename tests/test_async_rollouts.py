@@ -1,0 +1,292 @@
+"""Asynchronous rollouts (`rollout.max_staleness`, postax.rl.asynchronous): lockstep parity with
+the synchronous GRPO run, the staleness-1 batch and its importance-corrected loss against a
+numpy golden value, the drop rule, errors surfaced from the producer thread, the thread's
+shutdown, and resume.
+
+Runs use the tiny model, data and helpers of tests/test_grpo_recipe.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_grpo_recipe import (  # the tiny GRPO setup, shared
+    MODEL,
+    files,  # noqa: F401 - the module-scoped fixture
+    grpo_config,
+    host_params,
+    iteration_rows,
+    observed_run,
+)
+
+import postax
+from postax.losses.policy import PolicyLossConfig
+from postax.recipes import grpo
+from postax.recipes.common import CheckpointSettings
+from postax.recipes.rl_common.config import UpdateConfig
+from postax.rl.asynchronous import AsyncProducer, RolloutProducerError
+from postax.rl.producer import RolloutConfig
+from postax.validation import ConfigError
+
+THREAD = "postax-rollout-producer"
+ASYNC_KEYS = ("policy_version", "staleness", "queue_wait", "dropped_stale_batches")
+
+
+def producer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == THREAD and t.is_alive()]
+
+
+def rollout(max_staleness: int | None) -> RolloutConfig:
+    return RolloutConfig(
+        samples_per_prompt=8, max_new_tokens=8, temperature=0.7, max_staleness=max_staleness
+    )
+
+
+def corrected(directory, name: str, max_staleness: int, **changes):
+    """A config that trains on stale batches: recomputed old log-probs, weights capped at 2."""
+    return grpo_config(
+        directory,
+        name,
+        rollout=rollout(max_staleness),
+        policy=PolicyLossConfig(importance_cap=2.0),
+        update=UpdateConfig(old_logprobs="recompute"),
+        **changes,
+    )
+
+
+def recorded_run(cfg, **kwargs):
+    """(summary, seams, the rows of each iteration's update) of grpo.run(cfg)."""
+    rows: list[dict[str, np.ndarray]] = []
+    original = grpo.minibatches
+
+    def minibatches(batch, *args, **kw):
+        rows.append({k: np.array(v) for k, v in batch.items()})
+        return original(batch, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grpo, "minibatches", minibatches)
+        summary, seams = observed_run(cfg, **kwargs)
+    return summary, seams, rows
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_staleness_0_equals_the_synchronous_run_bitwise(files):  # noqa: F811
+    sync = grpo_config(files, "sync", iterations=3)
+    lockstep = grpo_config(files, "lockstep", iterations=3, rollout=rollout(0))
+    summary, seams = observed_run(sync)
+    async_summary, async_seams = observed_run(lockstep)
+    assert not producer_threads()  # stopped at the end of the run
+    rows, async_rows = iteration_rows(sync.output_dir), iteration_rows(lockstep.output_dir)
+    assert sorted(rows) == sorted(async_rows) == [1, 2, 3]
+    for iteration, row in rows.items():
+        other = async_rows[iteration]
+        for key, value in row.items():
+            if not key.startswith("time") and key != "elapsed":
+                assert other[key] == value, (iteration, key, value, other[key])
+        assert other["policy_version"] == iteration - 1 and other["staleness"] == 0
+        assert other["dropped_stale_batches"] == 0
+        assert 0 <= other["trainer_idle_fraction"] <= 1
+        assert 0 <= other["producer_idle_fraction"] <= 1
+        assert "producer_time_generate" in other and "staleness" not in row
+    final, again = host_params(seams.policies[0]), host_params(async_seams.policies[0])
+    assert any(not np.array_equal(final[k], seams.initial[0][k]) for k in final)
+    for name in final:
+        np.testing.assert_array_equal(again[name], final[name], err_msg=name)
+    assert async_summary["async_rollouts"]["staleness_histogram"] == {"0": 3}
+    assert "async_rollouts" not in summary
+
+
+def test_staleness_1_trains_the_version_0_batch_with_the_corrected_loss(files):  # noqa: F811
+    """Iteration 2's batch was sampled by the initial weights (version 0) while iteration 1
+    trained; its loss is -sum(min(exp(old - sampler), C) A) / tokens over the masked tokens,
+    old = the trainer's recomputed log-probs (version 1; the ratio to them is 1)."""
+    cfg = corrected(files, "stale", 1)
+    summary, seams, batches = recorded_run(cfg)
+    rows = iteration_rows(cfg.output_dir)
+    assert [rows[i]["policy_version"] for i in (1, 2)] == [0, 0]
+    assert [rows[i]["staleness"] for i in (1, 2)] == [0, 1]
+    assert summary["async_rollouts"]["staleness_histogram"] == {"0": 1, "1": 1}
+
+    batch = batches[1]
+    mask = batch["loss_mask"] > 0
+    # the sampler's log-probs are the initial weights' (version 0), not the trained ones
+    initial = postax.build_model(postax.ModelConfig(**MODEL), seed=0)
+    device = {k: jnp.asarray(v) for k, v in batch.items()}
+    version0 = np.asarray(grpo.score_rollout(initial, device, temperature=0.7))
+    np.testing.assert_allclose(batch["sampler_logp"][mask], version0[mask], atol=2e-5)
+    recomputed = [c["logp"] for c in seams.scores if c["adapters"]]
+    assert len(recomputed) == 2
+    np.testing.assert_array_equal(batch["old_logp"], recomputed[1])
+    gap = np.abs(batch["old_logp"] - batch["sampler_logp"])[mask]
+    assert gap.max() > 1e-3  # iteration 1's update moved the weights
+
+    log_weight = batch["old_logp"].astype(np.float64) - batch["sampler_logp"]
+    weight = np.minimum(np.exp(log_weight), 2.0)[mask]
+    advantages = batch["advantages"].astype(np.float64)[mask]
+    golden = -(weight * advantages).sum() / mask.sum()
+    uncorrected = -advantages.sum() / mask.sum()
+    assert abs(golden - uncorrected) > 1e-3  # the weights matter for this batch
+    assert rows[2]["loss"] == pytest.approx(golden, abs=2e-6)
+    assert rows[2]["importance_weight"] == pytest.approx(weight.mean(), abs=2e-6)
+    assert not producer_threads()
+
+
+def test_staleness_needs_the_corrected_loss(files):  # noqa: F811
+    with pytest.raises(ConfigError, match=r"max_staleness=1 .*update.old_logprobs: recompute"):
+        grpo_config(files, "bad", rollout=rollout(1))
+    with pytest.raises(ConfigError, match=r"policy.importance_cap: a number > 0"):
+        grpo_config(files, "bad", rollout=rollout(2), update=UpdateConfig(old_logprobs="recompute"))
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness=-1 is invalid"):
+        rollout(-1)
+    grpo_config(files, "fine", rollout=rollout(0))  # lockstep: the plain loss is exact
+
+
+def test_the_thread_stops_when_the_loop_is_left_by_an_error(files):  # noqa: F811
+    cfg = corrected(files, "crash", 1, iterations=3)
+    observed_run(cfg, crash_at_update=2)  # raises Interrupted inside the loop
+    assert not producer_threads()
+
+
+def test_resume_redraws_the_batches_in_flight(files):  # noqa: F811
+    """k = 1, a checkpoint at iteration 2, a crash in iteration 3: the checkpoint holds the
+    prompt position after the *consumed* batch 2 (batch 3 was in flight), so the resumed
+    run re-draws batch 3 from the straight run's prompts, with the resumed weights
+    (version 2, where the straight run had version 1); batch 4 is version 2 in both."""
+    cfg = corrected(
+        files,
+        "async_straight",
+        1,
+        iterations=4,
+        checkpoint=CheckpointSettings(save_every=2, async_save=False),
+    )
+    _, _, straight = recorded_run(cfg)
+    cut = dataclasses.replace(cfg, output_dir=str(files / "async_cut"))
+    recorded_run(cut, crash_at_update=3)
+    assert not producer_threads()
+    summary, _, resumed = recorded_run(cut)
+    assert summary["resumed"] is True and len(resumed) == 2
+    rows, resumed_rows = iteration_rows(cfg.output_dir), iteration_rows(cut.output_dir)
+    assert [rows[i]["policy_version"] for i in (3, 4)] == [1, 2]
+    assert [resumed_rows[i]["policy_version"] for i in (3, 4)] == [2, 2]
+    before, after = straight[2], resumed[0]  # iteration 3: in flight at the checkpoint
+    # outside both runs' completions: prompts (and padding), the same in both
+    prompt = (before["loss_mask"] == 0) & (after["loss_mask"] == 0)
+    assert prompt[:, 0].all()
+    np.testing.assert_array_equal(after["tokens"][prompt], before["tokens"][prompt])
+    assert not np.array_equal(after["tokens"], before["tokens"])  # re-sampled: version 2
+    # iteration 4 is sampled with version 2 in both runs (same weights, seed, prompts)
+    np.testing.assert_array_equal(resumed[1]["tokens"], straight[3]["tokens"])
+    np.testing.assert_array_equal(resumed[1]["sampler_logp"], straight[3]["sampler_logp"])
+
+
+# ---------------------------------------------------------------- the producer alone
+
+
+class Marker(nnx.Module):
+    """A policy whose one weight is the version it was published as."""
+
+    def __init__(self, value: float):
+        self.w = nnx.Param(jnp.full((2,), value, jnp.float32))
+
+
+@dataclasses.dataclass
+class FakeProducer:
+    """Batches that say which weights sampled them; a prompt position counted in batches.
+    `hold[i]` (an Event) makes the first draw of iteration i wait for it; `fail_at` raises."""
+
+    module: Marker
+    position: int = 0
+    hold: dict = dataclasses.field(default_factory=dict)
+    fail_at: int | None = None
+    drawn: list = dataclasses.field(default_factory=list)
+
+    def produce(self, iteration, timer):
+        with timer("generate"):
+            if iteration == self.fail_at:
+                raise ValueError(f"sampler exploded in iteration {iteration}")
+            event = self.hold.pop(iteration, None)
+            if event is not None:
+                assert event.wait(10)
+            weight = float(self.module.w.get_value()[0])
+        self.position += 1
+        self.drawn.append((iteration, weight))
+        return {"iteration": iteration, "weight": weight, "prompts_at": self.position - 1}
+
+    def state(self):
+        return {"position": self.position}
+
+    def restore(self, state):
+        self.position = state["position"]
+
+
+def started(max_staleness: int, last: int, **fake) -> tuple[AsyncProducer, FakeProducer]:
+    module = Marker(-1.0)  # never sampled: start publishes version 0
+    inner = FakeProducer(module, **fake)
+    producer = AsyncProducer(inner, module=module, max_staleness=max_staleness)
+    policy = Marker(0.0)
+    producer.start(policy, {id(policy.w.get_value())}, 1, last)
+    return producer, inner
+
+
+def publish(producer: AsyncProducer, version: int) -> None:
+    policy = Marker(float(version))
+    producer.publish(version, policy, {id(policy.w.get_value())})
+
+
+def test_a_batch_staler_than_the_bound_is_dropped_and_redrawn():
+    """The trainer advances two versions while batch 2 (version 0) is being sampled: at
+    consumption it is 2 versions old, more than max_staleness 1, so it is dropped, counted,
+    and re-drawn from its own prompt position with the newest weights."""
+    release = threading.Event()
+    producer, inner = started(1, 3, hold={2: release})
+    first = producer.produce(1)
+    assert first == {"iteration": 1, "weight": 0.0, "prompts_at": 0}
+    assert producer.iteration_metrics()["staleness"] == 0
+    publish(producer, 1)
+    publish(producer, 2)  # two updates on one batch: batch 2 will be too stale
+    release.set()
+    second = producer.produce(2)
+    assert second == {"iteration": 2, "weight": 2.0, "prompts_at": 1}  # same prompts, fresh
+    assert (2, 0.0) in inner.drawn  # the dropped draw
+    metrics = producer.iteration_metrics()
+    assert metrics["dropped_stale_batches"] == 1 and metrics["staleness"] == 0
+    assert metrics["policy_version"] == 2
+    publish(producer, 3)
+    producer.close()
+    assert producer.summary()["dropped_stale_batches"] == 1
+    assert producer.state() == {"position": 2}  # after the consumed batch 2
+    assert not producer.running and not producer_threads()
+
+
+def test_a_producer_error_is_raised_in_the_trainer_with_its_cause():
+    producer, _ = started(1, 4, fail_at=2)
+    assert producer.produce(1)["iteration"] == 1  # made before the failure: delivered
+    publish(producer, 1)
+    with pytest.raises(RolloutProducerError, match="sampler exploded in iteration 2") as info:
+        producer.produce(2)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert info.value.__cause__.__traceback__ is not None  # the thread's traceback, chained
+    assert not producer.running and not producer_threads()
+
+
+def test_the_producer_runs_at_most_max_staleness_ahead():
+    """k = 2: with the trainer at version 0, batches 1..3 are made (3 = 0 + 2 + 1) and the
+    thread waits for version 1 before batch 4; close() ends the wait."""
+    producer, inner = started(2, 6)
+    deadline = time.monotonic() + 10
+    while len(inner.drawn) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert [i for i, _ in inner.drawn] == [1, 2, 3]
+    assert {w for _, w in inner.drawn} == {0.0}
+    producer.close()
+    assert not producer_threads()
+    assert producer.state() == {"position": 0}  # nothing consumed

@@ -16,21 +16,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_agentic_recipes import guess_config, guess_files  # noqa: F401 - and its fixture
 from test_grpo_recipe import (  # the tiny GRPO setup, shared
     MODEL,
     files,  # noqa: F401 - the module-scoped fixture
     grpo_config,
     host_params,
     iteration_rows,
+    lora_config,
     observed_run,
+    rollout_batch,
 )
 
 import postax
 from postax.losses.policy import PolicyLossConfig
 from postax.recipes import grpo
-from postax.recipes.common import CheckpointSettings
+from postax.recipes.common import CheckpointSettings, build_policy
 from postax.recipes.rl_common.config import UpdateConfig
-from postax.rl.asynchronous import AsyncProducer, RolloutProducerError
+from postax.recipes.rl_common.loop import _donated, make_rl_trainer
+from postax.rl.asynchronous import AsyncProducer, RolloutProducerError, snapshot
 from postax.rl.producer import RolloutConfig
 from postax.validation import ConfigError
 
@@ -79,13 +83,13 @@ def recorded_run(cfg, **kwargs):
 
 
 def test_staleness_0_equals_the_synchronous_run_bitwise(files):  # noqa: F811
-    sync = grpo_config(files, "sync", iterations=3)
-    lockstep = grpo_config(files, "lockstep", iterations=3, rollout=rollout(0))
+    sync = grpo_config(files, "sync")  # 2 iterations
+    lockstep = grpo_config(files, "lockstep", rollout=rollout(0))
     summary, seams = observed_run(sync)
     async_summary, async_seams = observed_run(lockstep)
     assert not producer_threads()  # stopped at the end of the run
     rows, async_rows = iteration_rows(sync.output_dir), iteration_rows(lockstep.output_dir)
-    assert sorted(rows) == sorted(async_rows) == [1, 2, 3]
+    assert sorted(rows) == sorted(async_rows) == [1, 2]
     for iteration, row in rows.items():
         other = async_rows[iteration]
         for key, value in row.items():
@@ -100,7 +104,7 @@ def test_staleness_0_equals_the_synchronous_run_bitwise(files):  # noqa: F811
     assert any(not np.array_equal(final[k], seams.initial[0][k]) for k in final)
     for name in final:
         np.testing.assert_array_equal(again[name], final[name], err_msg=name)
-    assert async_summary["async_rollouts"]["staleness_histogram"] == {"0": 3}
+    assert async_summary["async_rollouts"]["staleness_histogram"] == {"0": 2}
     assert "async_rollouts" not in summary
 
 
@@ -136,6 +140,37 @@ def test_staleness_1_trains_the_version_0_batch_with_the_corrected_loss(files): 
     assert abs(golden - uncorrected) > 1e-3  # the weights matter for this batch
     assert rows[2]["loss"] == pytest.approx(golden, abs=2e-6)
     assert rows[2]["importance_weight"] == pytest.approx(weight.mean(), abs=2e-6)
+    assert not producer_threads()
+
+
+def test_episodes_in_lockstep_equal_the_synchronous_episodes(guess_files):  # noqa: F811
+    """The multi-turn producer (env: guess_number) behind the thread: max_staleness 0 plays
+    and trains bitwise what the synchronous run does."""
+    sync = guess_config(  # no evaluation, checkpoints or reference: only what is compared
+        guess_files,
+        "guess_sync",
+        eval_data=None,
+        checkpoint=CheckpointSettings(save_every=0),
+        policy=PolicyLossConfig(),
+    )
+    lockstep = dataclasses.replace(
+        sync,
+        output_dir=str(guess_files / "guess_lockstep"),
+        rollout=dataclasses.replace(sync.rollout, max_staleness=0),
+    )
+    _, seams = observed_run(sync)
+    summary, async_seams = observed_run(lockstep)
+    rows, async_rows = iteration_rows(sync.output_dir), iteration_rows(lockstep.output_dir)
+    assert sorted(rows) == sorted(async_rows) == [1, 2] and rows[1]["turns"] > 1
+    for iteration, row in rows.items():
+        for key, value in row.items():
+            if not key.startswith("time") and key != "elapsed":
+                assert async_rows[iteration][key] == value, (iteration, key)
+        assert "producer_time_environment" in async_rows[iteration]
+    final, again = host_params(seams.policies[0]), host_params(async_seams.policies[0])
+    for name in final:
+        np.testing.assert_array_equal(again[name], final[name], err_msg=name)
+    assert summary["async_rollouts"]["staleness_histogram"] == {"0": 2}
     assert not producer_threads()
 
 
@@ -185,6 +220,36 @@ def test_resume_redraws_the_batches_in_flight(files):  # noqa: F811
     # iteration 4 is sampled with version 2 in both runs (same weights, seed, prompts)
     np.testing.assert_array_equal(resumed[1]["tokens"], straight[3]["tokens"])
     np.testing.assert_array_equal(resumed[1]["sampler_logp"], straight[3]["sampler_logp"])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_snapshot_copies_what_the_step_donates_and_shares_the_rest(files, tmp_path, lora):  # noqa: F811
+    """Full fine-tuning copies every parameter, LoRA only the adapters (the base arrays are
+    the trainer's own objects); the copies outlive the next step, which donates the originals."""
+    cfg = lora_config(files)
+    if not lora:
+        cfg = dataclasses.replace(cfg, lora=None)
+    model = build_policy(cfg.model, cfg.lora, cfg.quantize)
+    algorithm = grpo.PolicyGradientAlgorithm(dataclasses.replace(cfg.policy, kl_coef=0.0), 0.7, 8.0)
+    wrt = nnx.LoRAParam if lora else nnx.Param
+    trainer = make_rl_trainer(cfg, model, algorithm, out=tmp_path, wrt=wrt)
+    batch = rollout_batch(32, reference=False)
+    batch["sampler_logp"] = batch["old_logp"]
+    trainer.train_step(batch)
+    live = dict(nnx.to_flat_state(nnx.state(trainer.model)))
+    snap = dict(nnx.to_flat_state(snapshot(trainer.model, _donated(trainer))))
+    values = {k: np.array(v.get_value()) for k, v in snap.items()}
+    trained = {k for k in live if isinstance(live[k], wrt)}
+    assert trained and (len(trained) < len(live)) == lora
+    for key, variable in snap.items():
+        same = variable.get_value() is live[key].get_value()
+        assert same == (key not in trained), key
+    trainer.train_step(batch)  # donates the arrays the snapshot copied
+    for key, variable in snap.items():
+        np.testing.assert_array_equal(np.array(variable.get_value()), values[key])
+    moved = dict(nnx.to_flat_state(nnx.state(trainer.model, wrt)))
+    assert any(not np.array_equal(np.array(moved[k].get_value()), values[k]) for k in moved)
+    trainer.close()
 
 
 # ---------------------------------------------------------------- the producer alone

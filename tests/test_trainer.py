@@ -377,3 +377,12 @@ def test_outer_iterations_resume_log_and_save_like_fit(tmp_path, capsys):
     assert [row["step"] for row in logged] == [1, 2, 3]
     expected = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
     assert [row["loss"] for row in logged] == [row["loss"] for row in expected]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("scan_layers", 1), ("remat", "yes"), ("progress", None), ("remat_policy", "dots")],
+)
+def test_trainer_config_rejects_a_wrong_switch(field, value):
+    with pytest.raises(ValueError, match=rf"trainer\.{field}=.* is invalid"):
+        TrainerConfig(steps=1, **{field: value})

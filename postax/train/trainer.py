@@ -123,6 +123,11 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"trainer.{name}={value!r} is invalid: a positive integer")
+        for name in ("remat", "scan_layers", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"trainer.{name}={getattr(self, name)!r} is invalid: true or false"
+                )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"trainer.remat_policy={self.remat_policy!r} is invalid: one of "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from postax.losses.policy import PolicyLossConfig
 from postax.recipes import grpo
 from postax.recipes.common import CheckpointSettings
 from postax.recipes.ppo import PPOConfig
-from postax.rl.envs import completion_span
+from postax.rl.envs import EpisodeError, completion_span
 from postax.rl.envs.config import EnvConfig
 from postax.rl.envs.tools import TOOL_INFO
 from postax.rl.producer import RolloutConfig
@@ -65,9 +66,7 @@ def guess_config(files: Path, name: str, **changes) -> grpo.GRPOConfig:
             max_tokens=320,
             max_turn_tokens=6,
         ),
-        rollout=RolloutConfig(
-            samples_per_prompt=GROUP, max_new_tokens=NEW_TOKENS, temperature=0.7
-        ),
+        rollout=RolloutConfig(samples_per_prompt=GROUP, max_new_tokens=NEW_TOKENS, temperature=0.7),
         # the KL to the initial weights in the reward: the reference scores the episode rows
         policy=PolicyLossConfig(kl_coef=0.01),
         kl_placement="reward",
@@ -260,3 +259,54 @@ def test_ppo_refuses_env_and_single_turn_needs_rewards():
         load_config(grpo.GRPOConfig, tool, ["rewards=[]"])
     cfg = load_config(grpo.GRPOConfig, tool)
     assert cfg.tools.tools == ("calculator",) and cfg.env.name == "single_turn"
+
+
+# ---------------------------------------------------------------- ToolEnv by hand
+
+
+def test_tool_env_routes_calls_to_tools_and_answers_to_the_environment():
+    """Hermes calls (well-formed, unknown tool, malformed) come back as tool messages with
+    reward 0; a turn without a call is the inner environment's step; counts per turn."""
+    from postax.rl.envs import GuessNumberEnv
+    from postax.rl.envs.tools import ToolEnv, tool_metrics
+    from postax.rl.tools import ToolsConfig
+    from postax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ROOT / "examples" / "arithmetic" / "tokenizer")
+    env = ToolEnv(
+        GuessNumberEnv(low=1, high=10),
+        ToolsConfig(tools=("calculator",)).runner(),
+        tokenizer=tokenizer,
+    )
+    assert env.tools is None  # this template has no tools section: a system message instead
+    system, user = env.reset({"secret": 7})
+    assert system["role"] == "system" and '"name": "calculator"' in system["content"]
+    assert "<tool_call>" in system["content"] and user["role"] == "user"
+
+    call = env.step(
+        '<tool_call>{"name": "calculator", "arguments": {"expression": "3+4"}}</tool_call>'
+    )
+    assert (call.reward, call.done) == (0.0, False)
+    assert call.observation == [{"role": "tool", "name": "calculator", "content": "7"}]
+    unknown = env.step('<tool_call>{"name": "abacus", "arguments": {}}</tool_call><tool_call>{x')
+    assert [m["content"].split(":")[0] for m in unknown.observation] == ["error", "error"]
+    assert unknown.info["tools"]["unknown_tool"] == 1 and unknown.info["tools"]["malformed"] == 1
+    answer = env.step("7")
+    assert (answer.observation, answer.reward, answer.done) == (None, 1.0, True)
+    assert answer.info["guess"] == 7 and answer.info["tools"]["calls"] == 0
+    assert env.final_reward(None) == 0.0
+
+    turns = [types.SimpleNamespace(info=r.info) for r in (call, unknown, answer)]
+    metrics = tool_metrics([types.SimpleNamespace(turns=turns)])
+    assert metrics["tool_calls"] == 3 and metrics["tool_errors"] == 2
+    assert metrics["tool_error_rate"] == pytest.approx(2 / 3) and metrics["tool_turns"] == 2
+    assert tool_metrics([types.SimpleNamespace(turns=[types.SimpleNamespace(info={})])]) == {}
+
+    ids = ToolEnv(
+        types.SimpleNamespace(reset=lambda example: [1, 2, 3], step=None),
+        ToolsConfig(tools=("calculator",)).runner(),
+        tokenizer=tokenizer,
+        in_template=False,
+    )
+    with pytest.raises(EpisodeError, match="returned token ids: tools need a prompt of chat"):
+        ids.reset({})

@@ -310,3 +310,26 @@ def test_tool_env_routes_calls_to_tools_and_answers_to_the_environment():
     )
     with pytest.raises(EpisodeError, match="returned token ids: tools need a prompt of chat"):
         ids.reset({})
+
+
+@pytest.mark.parametrize("overlong_filter", [False, True])
+def test_overlong_filter_masks_cut_episodes(guess_files, overlong_filter):
+    """`rollout.overlong_filter` keeps cut episodes' rows (and returns) but masks them out of
+    the loss: the rows of one scripted batch, an episode cut at max_turns and one done."""
+    from postax.rl.envs import Episode, EpisodeGroups, Turn
+
+    def episode(cut, reward):
+        turn = Turn((5, 6), (-0.5, -0.25), "x", "stop", reward, (), {})
+        return Episode(0, 0, (1, 2, 3), (turn,), 0.0, cut, 0)
+
+    groups = EpisodeGroups([], [episode("max_turns", 0.0), episode(None, 1.0)], None, 2)
+    cfg = guess_config(
+        guess_files,
+        "unused",
+        rollout=RolloutConfig(samples_per_prompt=2, overlong_filter=overlong_filter),
+    )
+    loop = types.SimpleNamespace(data=types.SimpleNamespace(tokenizer=grpo_tokenizer(guess_files)))
+    rows, sampled = grpo.training_rows(cfg, loop, groups)
+    assert sampled == 2 and rows["tokens"].shape[0] == cfg.data.batch_size * 2
+    assert rows["loss_mask"][0].sum() == (0 if overlong_filter else 2)
+    assert rows["loss_mask"][1].sum() == 2 and rows["index"][:2].tolist() == [0, 1]

@@ -266,6 +266,7 @@ class AsyncProducer:
             raise RuntimeError("AsyncProducer.start: already started")
         self._last_iteration = last_iteration
         self._version = first_iteration - 1
+        self._window = (time.perf_counter(), self._idle_now(time.perf_counter()))
         if self._consumed_state is None:
             self._consumed_state = self.inner.state()
         # the thread puts it in its module (sharing the trainer's current frozen arrays, which a

@@ -9,8 +9,11 @@ Runs use the tiny model, data and helpers of tests/test_grpo_recipe.py.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -188,6 +191,41 @@ def test_the_thread_stops_when_the_loop_is_left_by_an_error(files):  # noqa: F81
     cfg = corrected(files, "crash", 1, iterations=3)
     observed_run(cfg, crash_at_update=2)  # raises Interrupted inside the loop
     assert not producer_threads()
+
+
+def test_the_thread_stops_on_keyboard_interrupt(files):  # noqa: F811
+    cfg = corrected(files, "ctrl_c", 1, iterations=3)
+    original, calls = grpo.minibatches, []
+
+    def minibatches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grpo, "minibatches", minibatches)
+        with pytest.raises(KeyboardInterrupt):
+            grpo.run(cfg)
+    assert not producer_threads()
+
+
+EXIT_SCRIPT = """
+import sys, threading
+sys.path.insert(0, {tests!r})
+from test_async_rollouts import started
+producer, _ = started(0, 5)  # lockstep: the thread waits for version 1, never published
+assert producer.running
+print("started", flush=True)
+"""  # and exits without close()
+
+
+def test_a_process_never_hangs_on_a_waiting_producer_thread(tmp_path):
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT.format(tests=str(Path(__file__).parent)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "started"
 
 
 def test_resume_redraws_the_batches_in_flight(files):  # noqa: F811

@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+from postax import host_memory
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -49,3 +51,51 @@ def test_freed_buffers_return_to_the_system():
     assert released > 200  # 64 x 4 MB freed: all of it unmapped
     _, default_released = released_mb("off")
     print(f"released: {released:.0f} MB with a fixed threshold, {default_released:.0f} MB without")
+
+
+TRIM_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, importlib.util, sys
+    # the module alone (importing the postax package would import jax)
+    spec = importlib.util.spec_from_file_location("host_memory", sys.argv[2])
+    host_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_memory)
+    trim_heap = host_memory.trim_heap
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = (ctypes.c_void_p,)
+    blocks = []
+    for _ in range(200_000):  # 200 MB in 1 KiB blocks: the heap, far below the mmap threshold
+        block = libc.malloc(1024)
+        ctypes.memset(block, 1, 1024)
+        blocks.append(block)
+    for block in blocks[:-1]:  # the last one stays, so free() cannot shrink the heap's top
+        libc.free(block)
+    before = rss_mb()
+    trimmed = trim_heap() if sys.argv[1] == "on" else False
+    print(trimmed, before - rss_mb())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_trim_heap_returns_freed_small_blocks():
+    def released(mode: str) -> tuple[bool, float]:
+        out = subprocess.run(
+            [sys.executable, "-c", TRIM_SCRIPT, mode, host_memory.__file__],
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        return out[0] == "True", float(out[1])
+
+    trimmed, mb = released("on")
+    assert trimmed and mb > 150  # ~200 MB of freed 1 KiB blocks given back
+    _, kept = released("off")
+    assert kept < 20  # without the trim the heap keeps them

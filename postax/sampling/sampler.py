@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from postax.host_memory import trim_heap
 from postax.models.transformer import CausalLM
 from postax.sampling.batching import (
     RowResult,
@@ -263,6 +264,7 @@ class Sampler:
         no two samples of a call share a stream. `beams=True` sends every
         request through the beam engine.
         """
+        compiles = self.compile_count
         fresh_seed = secrets.randbits(32)
         rows: list[SampleRow] = []
         offset = 0
@@ -315,6 +317,8 @@ class Sampler:
                         score=result.score,
                     )
                 )
+        if self.compile_count != compiles:
+            trim_heap()  # the compiler's freed memory back to the OS (postax.host_memory)
         return out
 
     # -- one batch ----------------------------------------------------------------------------

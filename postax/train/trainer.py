@@ -53,7 +53,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from postax.host_memory import release_freed_buffers
+from postax.host_memory import release_freed_buffers, trim_heap
 from postax.models.stack import REMAT_POLICIES, stack_layers
 from postax.models.transformer import set_remat
 from postax.parallel import MeshConfig, batch_sharding, make_mesh, shard_model
@@ -226,6 +226,7 @@ class Trainer:
             self.state,
         )
         self.state = jax.device_put(self.state, state_shardings)
+        trim_heap()  # what building, stacking and placing the state freed (host_memory)
         # Frozen variables (a LoRA or quantised base) never change: they are passed beside
         # the donated state, so the live model's arrays of them stay valid.
         self._step_fn = jax.jit(
@@ -347,9 +348,12 @@ class Trainer:
         """One optimizer step on a global batch; returns device metrics (no host sync)."""
         frozen = self.state.frozen
         donated = dataclasses.replace(self.state, frozen=None)
+        compiles = self.compiles
         new_state, metrics = self._step_fn(donated, frozen, self._device_batch(batch))
         self.state = dataclasses.replace(new_state, frozen=frozen)
         nnx.update(self.model, self.state.params, self.state.mutable)
+        if self.compiles != compiles:
+            trim_heap()  # the compiler's freed memory back to the OS (postax.host_memory)
         return metrics
 
     def evaluate(self, batches) -> dict[str, float]:

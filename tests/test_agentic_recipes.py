@@ -6,8 +6,9 @@
   and a run interrupted in its second iteration then resumed equals the straight run;
 - tools: [calculator] with a scripted call format (every turn is a call): the rows the
   trainer got have no loss on the tool messages between the sampled turns;
+- `postax ppo` with guess_number: on-policy over whole episodes, GAE over sampled tokens;
 - config mistakes (unknown environment or tool, kwargs the environment rejects, rewards
-  with a rewarding environment, env in PPO) are one-line errors.
+  with a rewarding environment) are one-line errors.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_grpo_recipe import files, grpo_config, host_params, iteration_rows, observed_run
+from test_grpo_recipe import MODEL, files, grpo_config, host_params, iteration_rows, observed_run
 
 from postax.cli import main as postax_main
 from postax.configs import ConfigFileError, load_config
 from postax.losses.policy import PolicyLossConfig
-from postax.recipes import grpo
+from postax.recipes import grpo, ppo
 from postax.recipes.common import CheckpointSettings
-from postax.recipes.ppo import PPOConfig
 from postax.rl.envs import EpisodeError, completion_span
 from postax.rl.envs.config import EnvConfig
 from postax.rl.envs.tools import TOOL_INFO
@@ -76,13 +76,13 @@ def guess_config(files: Path, name: str, **changes) -> grpo.GRPOConfig:
 
 
 class Recorded:
-    """Each iteration's groups (`grpo.training_rows`) and the rows the trainer got, advantages
-    and old log-probs included (`grpo.minibatches`)."""
+    """Each iteration's groups (`training_rows`) and the rows the trainer got, advantages and
+    old log-probs included (`minibatches`), in `recipe` (grpo or ppo)."""
 
-    def __init__(self, patch: pytest.MonkeyPatch) -> None:
+    def __init__(self, patch: pytest.MonkeyPatch, recipe=grpo) -> None:
         self.groups: list = []
         self.rows: list[dict[str, np.ndarray]] = []
-        training_rows, minibatches = grpo.training_rows, grpo.minibatches
+        training_rows, minibatches = recipe.training_rows, recipe.minibatches
 
         def recorded_training_rows(cfg, loop, groups):
             self.groups.append(groups)
@@ -92,8 +92,8 @@ class Recorded:
             self.rows.append({k: v.copy() for k, v in rows.items()})
             return minibatches(rows, update, seed)
 
-        patch.setattr(grpo, "training_rows", recorded_training_rows)
-        patch.setattr(grpo, "minibatches", recorded_minibatches)
+        patch.setattr(recipe, "training_rows", recorded_training_rows)
+        patch.setattr(recipe, "minibatches", recorded_minibatches)
 
 
 def recorded_run(cfg, **kwargs):
@@ -250,15 +250,67 @@ def test_agentic_config_mistakes_are_one_line(overrides, message, tmp_path, caps
     assert not (tmp_path / "out").exists()  # refused before the run started
 
 
-def test_ppo_refuses_env_and_single_turn_needs_rewards():
-    ppo = ROOT / "configs" / "ppo" / "arithmetic.yaml"
-    with pytest.raises(ConfigFileError, match="env='guess_number' is invalid: null: postax ppo"):
-        load_config(PPOConfig, ppo, ["env=guess_number"])
+def test_single_turn_needs_rewards():
     tool = ROOT / "configs" / "grpo" / "calculator-tool.yaml"
     with pytest.raises(ConfigFileError, match=r"rewards=\(\) is invalid with env: single_turn"):
         load_config(grpo.GRPOConfig, tool, ["rewards=[]"])
     cfg = load_config(grpo.GRPOConfig, tool)
     assert cfg.tools.tools == ("calculator",) and cfg.env.name == "single_turn"
+    with pytest.raises(ConfigFileError, match=r"rewards=\['exact_match'\] is invalid: empty with"):
+        load_config(
+            ppo.PPOConfig, ROOT / "configs" / "ppo" / "arithmetic.yaml", ["env=guess_number"]
+        )
+
+
+def test_ppo_plays_episodes(guess_files, tmp_path):
+    """PPO with env: on-policy over whole episodes (the critic and the policy score whole
+    rows), and GAE over the sampled tokens only: with gamma = lambda = 1 and values 0 (a new
+    head) the return at each turn's first sampled token is the sum of that turn's and later
+    rewards plus the final reward (by hand from the episode), 0 on observation columns."""
+    from test_ppo_recipe import ppo_config
+
+    cfg = ppo_config(
+        tmp_path / "ppo",
+        **{
+            "tokenizer": str(guess_files / "tokenizer"),
+            "model.config": MODEL,  # the GRPO runs' model: the sampler's programs are shared
+            "data": {"path": str(guess_files / "guess_train.jsonl"), "batch_size": 2},
+            "rewards": [],
+            "env": dict(
+                name="guess_number",
+                kwargs={"low": 1, "high": 20, "invalid_reward": -0.1, "guess_reward": 0.05},
+                max_turns=3,
+                max_tokens=320,
+                max_turn_tokens=6,
+            ),
+            "iterations": 1,
+            "rollout.max_new_tokens": NEW_TOKENS,
+            "rollout.temperature": 0.7,
+            "value.lam": 1.0,
+            "value.whiten_advantages": False,
+            "update.minibatches": 1,
+        },
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        recorded = Recorded(patch, ppo)
+        ppo.run(cfg)
+    row = iteration_rows(cfg.output_dir)[1]
+    assert row["first_logprob_mismatch"] < 1e-5 and row["non_finite_steps"] == 0
+    assert row["episodes"] == 4 and np.isfinite(row["value_error"])
+    batch, episodes = recorded.rows[0], recorded.groups[0].episodes
+    assert completion_span(episodes) > 4 * NEW_TOKENS
+    assert max(e.num_turns for e in episodes) >= 2
+    for i, episode in enumerate(episodes):
+        column = len(episode.prompt_ids) - 1  # predicts the first sampled token
+        rewards = [t.reward for t in episode.turns]
+        for k, turn in enumerate(episode.turns):
+            expected = sum(rewards[k:]) + episode.final_reward
+            assert batch["returns"][i, column] == pytest.approx(expected, abs=1e-6)
+            assert batch["advantages"][i, column] == pytest.approx(expected, abs=1e-6)
+            column += len(turn.token_ids)
+            gap = slice(column, column + len(turn.observation_ids))  # predicting observations
+            assert not batch["returns"][i, gap].any() and not batch["loss_mask"][i, gap].any()
+            column += len(turn.observation_ids)
 
 
 # ---------------------------------------------------------------- ToolEnv by hand

@@ -75,10 +75,11 @@ from postax.recipes.rl_common.loop import (
     make_rl_trainer,
     start_loop,
 )
+from postax.recipes.rl_common.producers import group_metrics, training_rows
 from postax.recipes.rl_common.reference import loss_policy_config
 from postax.recipes.rl_common.updates import minibatches, summarise_updates
 from postax.rl import advantages as adv
-from postax.rl.groups import pad_rows, rollout_metrics
+from postax.rl.groups import pad_rows
 from postax.rl.logprobs import rollout_logprobs, score_rollout
 from postax.rl.producer import RolloutConfig
 from postax.rl.prompts import PromptDataConfig
@@ -204,20 +205,6 @@ def compute_advantages(
     return np.asarray(adv.broadcast_to_tokens(sequence, mask))
 
 
-def training_rows(cfg: GRPOConfig, loop, groups) -> tuple[dict[str, np.ndarray], int]:
-    """(the iteration's training rows, how many of them were sampled): `data.batch_size` x
-    group size rows, filler rows past the sampled ones; completions or episodes cut at a
-    budget are masked out of the loss with `rollout.overlong_filter`."""
-    if cfg.env is None:
-        return loop.rollout_rows(groups), len(groups.completions)
-    rows = groups.rows(
-        num_rows=cfg.data.batch_size * cfg.group_size,
-        pad_id=loop.data.tokenizer.pad_token_id,
-        train_cut=not cfg.rollout.overlong_filter,
-    )
-    return rows.as_dict(), len(groups.episodes)
-
-
 def run(cfg: GRPOConfig) -> dict:
     """GRPO-family RL from a config; returns the run summary."""
     out = start_run(cfg)
@@ -231,7 +218,7 @@ def run(cfg: GRPOConfig) -> dict:
     algorithm = PolicyGradientAlgorithm(
         loss_policy_config(cfg),
         temperature,
-        loss_divisor(cfg),
+        loss_divisor(cfg, cfg.loss_constant),
         window=window,
         chunk_size=cfg.update.logits_chunk_size,
     )
@@ -280,7 +267,7 @@ def run(cfg: GRPOConfig) -> dict:
             step_metrics = jax.device_get(step_metrics)
 
         # 7. metrics, evaluation, checkpoints
-        row = groups.metrics() if cfg.env is not None else rollout_metrics(groups, cfg.group_size)
+        row = group_metrics(cfg, groups)
         row.update(summarise_updates(step_metrics))
         if kl is not None:  # KL in the reward: the mean per-token estimate it subtracted
             row["kl"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))

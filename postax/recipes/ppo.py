@@ -23,6 +23,13 @@ One iteration:
    plus `value.coef` x the (clipped) value loss, policy and critic together;
 6. metrics, evaluation, checkpoints.
 
+With `env:` (docs/agentic.md) step 1 plays episodes (`postax.rl.envs`): rows hold whole
+episodes, the critic and the policy score whole rows, and GAE runs over an episode's sampled
+tokens as one sequence: observation (and tool output) positions are skipped, so the value
+after a turn's last token is the value at the next turn's first sampled token (gamma and
+lambda apply per sampled token, not per turn); each turn's reward sits on the turn's last
+sampled token and the final reward on the episode's last (`episode_token_rewards`).
+
 Deviations from Ouyang et al.: no pretraining-mix term (PPO-ptx); the KL
 coefficient is fixed (no adaptive controller); advantages are whitened per
 rollout batch (as most implementations do) unless `value.whiten_advantages`
@@ -62,8 +69,10 @@ from postax.recipes.rl_common.config import (
     RunSettings,
     ToolsSection,
     UpdateConfig,
+    check_agentic,
     check_settings,
-    refuse_agentic,
+    logits_window,
+    loss_divisor,
 )
 from postax.recipes.rl_common.loop import (
     Timer,
@@ -71,10 +80,12 @@ from postax.recipes.rl_common.loop import (
     make_rl_trainer,
     start_loop,
 )
+from postax.recipes.rl_common.producers import group_metrics, training_rows
 from postax.recipes.rl_common.reference import loss_policy_config
 from postax.recipes.rl_common.updates import minibatches, summarise_updates
 from postax.rl import advantages as adv
-from postax.rl.groups import pad_rows, rollout_metrics
+from postax.rl.envs import episode_token_rewards
+from postax.rl.groups import pad_rows
 from postax.rl.logprobs import (
     gather_window,
     logprobs_from_logits,
@@ -131,10 +142,10 @@ class PPOConfig:
     output_dir: str
     model: ModelSource
     data: PromptDataConfig
-    rewards: tuple[RewardConfig, ...]
     iterations: int
-    env: EnvSection = None  # refused: episodes are GRPO-only (see __post_init__)
-    tools: ToolsSection = None  # refused, as env
+    rewards: tuple[RewardConfig, ...] = ()  # required without env: (or with env: single_turn)
+    env: EnvSection = None  # episodes instead of single completions (docs/agentic.md)
+    tools: ToolsSection = None  # with env: only
     tokenizer: str | None = None  # default: model.path
     eval_data: PromptDataConfig | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -159,12 +170,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        refuse_agentic(
-            self,
-            "postax ppo",
-            "GAE over an episode's sampled tokens across observations and the critic's values "
-            "on whole episode rows are not wired; use postax grpo",
-        )
+        check_agentic(self)
         if self.rollout.dynamic_sampling:
             raise ConfigError(
                 "rollout.dynamic_sampling is for group-normalised advantages (GRPO family); "
@@ -234,27 +240,36 @@ class PPOAlgorithm:
         return p_loss + self.value.coef * v_loss, {**metrics, **v_metrics}
 
 
-@functools.partial(
-    nnx.jit, static_argnames=("temperature", "logprobs", "window", "chunk_size")
-)
+@functools.partial(nnx.jit, static_argnames=("temperature", "logprobs", "window", "chunk_size"))
 def _values_and_logprobs(
-    model: ActorCritic, batch, temperature: float, logprobs: bool, window: int, chunk_size: int
+    model: ActorCritic,
+    batch,
+    temperature: float,
+    logprobs: bool,
+    window: int | None,
+    chunk_size: int,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """(values [R, W], old log-probs [R, W] or None) on the completion windows, 0 elsewhere."""
-    columns, inside = window_columns(batch, window)
-    hidden, values = model.hidden_and_values(batch, columns)
+    """(values [R, W], old log-probs [R, W] or None) on the completion windows, 0 elsewhere
+    (window None: every column, as for episodes)."""
     width = batch["targets"].shape[1]
-    values = scatter_window(values, columns, inside, width)
+    if window is None:
+        hidden, values = model.hidden_and_values(batch, None)
+        targets, scatter = batch["targets"], lambda x: x
+    else:
+        columns, inside = window_columns(batch, window)
+        hidden, values = model.hidden_and_values(batch, columns)
+        targets = gather_window(batch["targets"], columns, inside)
+        scatter = functools.partial(scatter_window, columns=columns, inside=inside, width=width)
+    values = scatter(values)
     if not logprobs:
         return values, None
-    targets = gather_window(batch["targets"], columns, inside)
     logp = map_sequence_chunks(
         lambda h, y: logprobs_from_logits(model.policy.logits(h), y, temperature=temperature)[0],
         chunk_size,
         hidden,
         targets,
     )
-    return values, scatter_window(logp, columns, inside, width)
+    return values, scatter(logp)
 
 
 def build_actor_critic(cfg: PPOConfig) -> ActorCritic:
@@ -283,13 +298,22 @@ def trained_variables(cfg: PPOConfig):
 
 
 def gae_targets(
-    cfg: PPOConfig, rewards: np.ndarray, rows: dict[str, np.ndarray], kl: np.ndarray | None
+    cfg: PPOConfig,
+    rewards: np.ndarray,
+    rows: dict[str, np.ndarray],
+    kl: np.ndarray | None,
+    token_rewards: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(advantages, returns) [rows, width] of the sampled rows."""
+    """(advantages, returns) [rows, width] of the sampled rows. The reward of a row sits on
+    its last sampled token, or where `token_rewards` [rows, width] put it (episodes: each
+    turn's reward at the turn's last sampled token, `episode_token_rewards`)."""
     mask = rows["loss_mask"]
     beta = cfg.policy.kl_coef if cfg.kl_placement == KL_IN_REWARD else 0.0
     kl = np.zeros_like(mask) if kl is None else kl
-    token_rewards = adv.token_rewards_with_kl(rewards, kl, mask, beta)
+    if token_rewards is None:
+        token_rewards = adv.token_rewards_with_kl(rewards, kl, mask, beta)
+    else:
+        token_rewards = np.where(mask > 0, token_rewards - beta * kl, 0.0)
     advantages, returns = adv.gae(
         token_rewards, rows["old_values"], mask, gamma=cfg.value.gamma, lam=cfg.value.lam
     )
@@ -307,12 +331,13 @@ def run(cfg: PPOConfig) -> dict:
     model = build_actor_critic(cfg)
     check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
     temperature = float(cfg.rollout.temperature)
+    window = logits_window(cfg)  # None for episodes: whole rows
     algorithm = PPOAlgorithm(
         loss_policy_config(cfg),
         cfg.value,
         temperature,
-        float(cfg.rollout.max_new_tokens),
-        window=cfg.rollout.max_new_tokens,
+        loss_divisor(cfg),
+        window=window,
         chunk_size=cfg.update.logits_chunk_size,
     )
     wrt = trained_variables(cfg)
@@ -322,10 +347,9 @@ def run(cfg: PPOConfig) -> dict:
     for iteration in loop.iterations:
         timer = Timer()
 
-        # 1-2. prompts -> rollouts -> rewards
+        # 1-2. prompts -> rollouts (or episodes) -> rewards
         groups = loop.producer.produce(iteration, timer)
-        rows = loop.rollout_rows(groups)
-        sampled = len(groups.completions)
+        rows, sampled = training_rows(cfg, loop, groups)
 
         # 3. reference (or the KL for the reward), values and old log-probs, no gradient
         with timer("score"):
@@ -338,18 +362,22 @@ def run(cfg: PPOConfig) -> dict:
                 device_rows,
                 temperature,
                 recompute,
-                cfg.rollout.max_new_tokens,
+                window,
                 cfg.update.logits_chunk_size,
             )
             rows["old_values"] = np.asarray(values) * rows["loss_mask"]
             rows["old_logp"] = np.asarray(old_logp) if recompute else rows["sampler_logp"]
 
         # 4. token rewards -> GAE -> advantages and value targets (filler rows get 0)
+        sampled_rows = {k: v[:sampled] for k, v in rows.items()}
         advantages, returns = gae_targets(
             cfg,
             groups.rewards,
-            {k: v[:sampled] for k, v in rows.items()},
+            sampled_rows,
             None if kl is None else kl[:sampled],
+            None
+            if cfg.env is None
+            else episode_token_rewards(groups.episodes, sampled_rows["loss_mask"].shape),
         )
         rows["advantages"] = pad_rows(advantages.astype(np.float32), num_rows)
         rows["returns"] = pad_rows(returns.astype(np.float32), num_rows)
@@ -360,7 +388,7 @@ def run(cfg: PPOConfig) -> dict:
             step_metrics = jax.device_get(step_metrics)
 
         # 6. metrics, evaluation, checkpoints
-        row = rollout_metrics(groups, cfg.rollout.samples_per_prompt)
+        row = group_metrics(cfg, groups)
         row.update(summarise_updates(step_metrics))
         if kl is not None:  # the mean per-token KL estimate taken from the rewards
             row["kl_reward"] = float(kl.sum() / max(float(rows["loss_mask"].sum()), 1.0))

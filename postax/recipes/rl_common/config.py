@@ -250,13 +250,6 @@ def check_agentic(cfg) -> None:
         require(not value, field, value, f"{why} with env:")
 
 
-def refuse_agentic(cfg, recipe: str, why: str) -> None:
-    """A recipe that does not play episodes: `env:` and `tools:` are a one-line error."""
-    for field in ("env", "tools"):
-        value = getattr(cfg, field)
-        require(value is None, field, value, f"null: {recipe} does not play episodes ({why})")
-
-
 def logits_window(cfg) -> int | None:
     """The completion window (columns from each row's first sampled token) that policy and
     reference logits are computed on: `rollout.max_new_tokens` for single-turn rows; None
@@ -266,9 +259,9 @@ def logits_window(cfg) -> int | None:
     return None if cfg.env is not None else cfg.rollout.max_new_tokens
 
 
-def loss_divisor(cfg) -> float:
-    """`sequence_sum_constant`'s divisor: `loss_constant`, else the most tokens a row may
-    sample (`rollout.max_new_tokens`, or `env.max_tokens` for episodes)."""
-    if cfg.loss_constant:
-        return float(cfg.loss_constant)
+def loss_divisor(cfg, constant: int | None = None) -> float:
+    """`sequence_sum_constant`'s divisor: `constant` (a config's `loss_constant`), else the
+    most tokens a row may sample (`rollout.max_new_tokens`, or `env.max_tokens` for episodes)."""
+    if constant:
+        return float(constant)
     return float(cfg.env.max_tokens if cfg.env is not None else cfg.rollout.max_new_tokens)

@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from postax.recipes.rl_common.config import SINGLE_TURN_ENV
 from postax.rl.envs import EnvSpec, EpisodeProducer, EpisodeRunner, make_env
 from postax.rl.envs.tools import ToolEnv
+from postax.rl.groups import rollout_metrics
 from postax.rl.producer import RolloutProducer
 from postax.rl.tools.render import template_renders_tools
 from postax.sampling.sampler import Sampler
@@ -92,3 +95,25 @@ def make_producer(cfg, sampler: Sampler, data) -> RolloutProducer | EpisodeProdu
         cfg.data.batch_size,
         cfg.run.seed,
     )
+
+
+def training_rows(cfg, loop, groups) -> tuple[dict[str, np.ndarray], int]:
+    """(an iteration's training rows, how many of them were sampled): `data.batch_size` x
+    group size rows, filler rows past the sampled ones; completions or episodes cut at a
+    budget are masked out of the loss with `rollout.overlong_filter`."""
+    if cfg.env is None:
+        return loop.rollout_rows(groups), len(groups.completions)
+    rows = groups.rows(
+        num_rows=cfg.data.batch_size * cfg.rollout.samples_per_prompt,
+        pad_id=loop.data.tokenizer.pad_token_id,
+        train_cut=not cfg.rollout.overlong_filter,
+    )
+    return rows.as_dict(), len(groups.episodes)
+
+
+def group_metrics(cfg, groups) -> dict[str, float]:
+    """The rollout metrics of an iteration: episode metrics (`EpisodeGroups.metrics`) with
+    `env:`, else `rollout_metrics`."""
+    if cfg.env is not None:
+        return groups.metrics()
+    return rollout_metrics(groups, cfg.rollout.samples_per_prompt)

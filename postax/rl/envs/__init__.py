@@ -22,6 +22,7 @@ from postax.rl.envs.pack import (
     episode_advantages,
     episode_metrics,
     episode_returns,
+    episode_token_rewards,
     pack_episodes,
 )
 from postax.rl.envs.producer import EpisodeGroups, EpisodeProducer, record_example
@@ -60,6 +61,7 @@ __all__ = [
     "episode_advantages",
     "episode_metrics",
     "episode_returns",
+    "episode_token_rewards",
     "make_env",
     "pack_episodes",
     "record_example",

@@ -18,6 +18,8 @@ all of its sampled tokens; REINFORCE++ puts the return on the episode's last
 sampled token and, with gamma = 1, every sampled token's return-to-go is the
 episode return (observation columns are outside the mask and are skipped).
 Groups are the episodes of one example (`EpisodeConfig.episodes_per_example`).
+Per-token estimators with a critic (PPO's GAE) read `episode_token_rewards` instead: each
+turn's reward at its turn's last sampled token, the final reward at the episode's last.
 """
 
 from __future__ import annotations
@@ -138,4 +140,29 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     }
     for reason in CUT_REASONS:
         out[f"cut_{reason}"] = float(np.mean([e.cut == reason for e in episodes]))
+    return out
+
+
+def episode_token_rewards(episodes: Sequence[Episode], shape: tuple[int, int]) -> np.ndarray:
+    """[rows, width] float32 rewards of packed episodes for per-token estimators (PPO's GAE):
+    each turn's reward on the column predicting that turn's last sampled token, the final
+    reward on the episode's last sampled token, 0 elsewhere (rows past the episodes too).
+    A turn without sampled tokens adds its reward to the latest sampled token before it (or,
+    with none yet, to the next one). Summed over a row this is the episode's return."""
+    out = np.zeros(shape, np.float32)
+    for i, episode in enumerate(episodes):
+        position, last, pending = len(episode.prompt_ids), None, 0.0
+        for turn in episode.turns:
+            position += len(turn.token_ids)
+            if turn.token_ids:
+                last = position - 2  # column j predicts ids[j + 1]
+                out[i, last] += pending + turn.reward
+                pending = 0.0
+            elif last is not None:
+                out[i, last] += turn.reward
+            else:
+                pending += turn.reward
+            position += len(turn.observation_ids)
+        if last is not None:
+            out[i, last] += pending + episode.final_reward
     return out

@@ -633,3 +633,23 @@ def test_episode_producer_plays_a_prompt_batch_per_iteration(chatml):
     assert metrics["zero_variance_groups"] == 1.0 and metrics["cut_max_turns"] == 0.25
     producer.restore({"position": 0})
     assert prompts.position == 0
+
+
+def test_episode_token_rewards_put_each_turn_reward_on_its_last_sampled_token():
+    """By hand: prompt (3 ids), turn 0 (2 ids, reward 0.5) + observation (2 ids), turn 1 (no
+    ids, reward 0.25: added to turn 0's last token), turn 2 (3 ids, reward -1) + final 2.0."""
+    from postax.rl.envs import Episode, Turn, episode_token_rewards
+
+    def turn(ids, reward, observation=()):
+        return Turn(tuple(ids), tuple(-0.1 for _ in ids), "t", "stop", reward, observation, {})
+
+    turns = (turn([10, 11], 0.5, (20, 21)), turn([], 0.25), turn([12, 13, 14], -1.0))
+    episode = Episode(0, 0, (1, 2, 3), turns, 2.0, None, 0)
+    rewards = episode_token_rewards([episode], (2, 12))
+    expected = np.zeros((2, 12), np.float32)
+    expected[0, 3] = 0.5 + 0.25  # column 3 predicts ids[4] = 11, turn 0's last token
+    expected[0, 8] = -1.0 + 2.0  # ids: 1 2 3 10 11 20 21 12 13 14; column 8 predicts 14
+    np.testing.assert_array_equal(rewards, expected)
+    assert rewards.sum() == pytest.approx(episode.episode_return)
+    packed = pack_episodes([episode], num_rows=2, width=12)
+    assert set(np.flatnonzero(rewards[0])) <= set(np.flatnonzero(packed.loss_mask[0]))

@@ -8,6 +8,9 @@
   return its reward (`postax.rl.envs`). With `tools:` each environment is wrapped in a
   `ToolEnv` sharing one `ToolRunner`; with `env: single_turn` every environment shares
   the run's reward functions (`RunData.runner`).
+
+`training_rows` and `group_metrics` turn either kind of groups into a recipe's training rows
+and metrics.
 """
 
 from __future__ import annotations

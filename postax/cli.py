@@ -25,6 +25,7 @@ from postax.configs import ConfigFileError
 from postax.data.sources import DataError
 from postax.host_memory import release_freed_buffers
 from postax.models.safetensors_io import CheckpointError
+from postax.rl.asynchronous import RolloutProducerError
 from postax.sampling.config import SamplingError
 from postax.tokenizer.jinja_env import ChatTemplateError
 from postax.validation import ConfigError
@@ -106,7 +107,12 @@ def missing_optional_package(error: BaseException) -> str | None:
 
 
 def user_message(error: BaseException) -> str | None:
-    """The one-line message of a user's mistake, or None for an internal error."""
+    """The one-line message of a user's mistake, or None for an internal error. A user's
+    mistake found in the rollout producer thread (`RolloutProducerError`, raised from it)
+    reads as in a synchronous run, prefixed `rollout producer: `."""
+    if isinstance(error, RolloutProducerError) and error.__cause__ is not None:
+        cause = user_message(error.__cause__)
+        return None if cause is None else f"rollout producer: {cause}"
     if isinstance(error, USER_ERRORS):
         return one_line(error)
     package = missing_optional_package(error)

@@ -33,6 +33,7 @@ from postax.rl.envs.tools import TOOL_INFO
 from postax.rl.producer import RolloutConfig
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.tools import CALL_FORMATS, PARSERS, ParsedTurn, ToolCall
+from postax.validation import ConfigError
 
 __all__ = ["files"]  # the fixture, shared with test_grpo_recipe.py
 
@@ -250,6 +251,24 @@ def test_agentic_config_mistakes_are_one_line(overrides, message, tmp_path, caps
     assert not (tmp_path / "out").exists()  # refused before the run started
 
 
+@pytest.mark.parametrize("tools", [False, True], ids=["env", "env-and-tools"])
+def test_an_unknown_chat_template_fails_before_any_model(guess_files, tools):
+    """env.template_name is rendered (with the tools, as episodes place them) when the data
+    are loaded: a name the tokenizer lacks is a ConfigError (one line on the command line)
+    before the policy is built, not at the first episode."""
+    env = EnvConfig(name="guess_number", template_name="nope")
+    changes = {"env": env, "tools": {"tools": ["calculator"]} if tools else None}
+    cfg = guess_config(guess_files, "template", **changes)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the policy was built")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grpo, "build_policy", no_model)
+        with pytest.raises(ConfigError, match=r"env.template_name='nope': .* no chat template"):
+            grpo.run(cfg)
+
+
 def test_single_turn_needs_rewards():
     tool = ROOT / "configs" / "grpo" / "calculator-tool.yaml"
     with pytest.raises(ConfigFileError, match=r"rewards=\(\) is invalid with env: single_turn"):
@@ -264,11 +283,14 @@ def test_single_turn_needs_rewards():
 
 def test_ppo_plays_episodes(guess_files, tmp_path):
     """PPO with env: on-policy over whole episodes (the critic and the policy score whole
-    rows), and GAE over the sampled tokens only: with gamma = lambda = 1 and values 0 (a new
-    head) the return at each turn's first sampled token is the sum of that turn's and later
-    rewards plus the final reward (by hand from the episode), 0 on observation columns."""
+    rows), and GAE over the sampled tokens only: with gamma = 0.8, lambda = 0.9 and a value
+    head that does not start at 0, each sampled token's advantage and return equal a
+    backward recursion written here over the episode's sampled tokens alone (each turn's
+    reward on its last token, the final reward on the episode's last), so the observation
+    columns between turns are skipped, not discounted as zero-reward steps; 0 on them."""
     from test_ppo_recipe import ppo_config
 
+    gamma, lam = 0.8, 0.9
     cfg = ppo_config(
         tmp_path / "ppo",
         **{
@@ -286,7 +308,9 @@ def test_ppo_plays_episodes(guess_files, tmp_path):
             "iterations": 1,
             "rollout.max_new_tokens": NEW_TOKENS,
             "rollout.temperature": 0.7,
-            "value.lam": 1.0,
+            "value.gamma": gamma,
+            "value.lam": lam,
+            "value.head_std": 0.5,
             "value.whiten_advantages": False,
             "update.minibatches": 1,
         },
@@ -301,16 +325,28 @@ def test_ppo_plays_episodes(guess_files, tmp_path):
     assert completion_span(episodes) > 4 * NEW_TOKENS
     assert max(e.num_turns for e in episodes) >= 2
     for i, episode in enumerate(episodes):
+        columns, rewards = [], []  # the sampled tokens' columns and rewards, in order
         column = len(episode.prompt_ids) - 1  # predicts the first sampled token
-        rewards = [t.reward for t in episode.turns]
-        for k, turn in enumerate(episode.turns):
-            expected = sum(rewards[k:]) + episode.final_reward
-            assert batch["returns"][i, column] == pytest.approx(expected, abs=1e-6)
-            assert batch["advantages"][i, column] == pytest.approx(expected, abs=1e-6)
+        for turn in episode.turns:
+            columns += range(column, column + len(turn.token_ids))
+            rewards += [0.0] * len(turn.token_ids)
+            if turn.token_ids:
+                rewards[-1] += turn.reward
             column += len(turn.token_ids)
             gap = slice(column, column + len(turn.observation_ids))  # predicting observations
             assert not batch["returns"][i, gap].any() and not batch["loss_mask"][i, gap].any()
+            assert not batch["advantages"][i, gap].any()
             column += len(turn.observation_ids)
+        rewards[-1] += episode.final_reward
+        values = batch["old_values"][i, columns].astype(np.float64)
+        assert np.abs(values).min() > 0  # the head's values matter
+        expected, next_value, next_advantage = np.zeros(len(columns)), 0.0, 0.0
+        for j in reversed(range(len(columns))):
+            delta = rewards[j] + gamma * next_value - values[j]
+            expected[j] = next_advantage = delta + gamma * lam * next_advantage
+            next_value = values[j]
+        np.testing.assert_allclose(batch["advantages"][i, columns], expected, atol=1e-5)
+        np.testing.assert_allclose(batch["returns"][i, columns], expected + values, atol=1e-5)
 
 
 # ---------------------------------------------------------------- ToolEnv by hand

@@ -70,7 +70,6 @@ from postax.recipes.rl_common.config import (
     loss_divisor,
 )
 from postax.recipes.rl_common.loop import (
-    Timer,
     load_run_data,
     make_rl_trainer,
     start_loop,
@@ -84,6 +83,7 @@ from postax.rl.logprobs import rollout_logprobs, score_rollout
 from postax.rl.producer import RolloutConfig
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
+from postax.rl.timing import Timer
 from postax.train.optim import OptimizerConfig
 from postax.validation import is_int, require
 

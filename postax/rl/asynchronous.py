@@ -32,13 +32,15 @@ a snapshot: the arrays the train step donates (trained parameters and
 mutable RNG state) are copied, everything else (a LoRA or quantised base,
 never donated) is shared. Memory: with full fine-tuning each published
 version holds one copy of the parameters until the producer has moved past
-it; at most k + 1 versions are alive besides the trainer's (the producer's
-current one and up to k published ahead of it), so k + 1 extra copies of the
-parameters at worst (1 in the lockstep k = 0 case). With LoRA only the
-adapters are copied. The producer's sampler also allocates its own KV cache
+it; besides the trainer's, the producer's current version and up to k
+published ahead of it are alive, and when the trainer publishes the version
+the producer needs next the producer still holds its previous one until it
+wakes: max(k + 1, 2) extra copies of the parameters at worst (2 in the
+lockstep k = 0 case). With LoRA only the adapters are copied. The producer's sampler also allocates its own KV cache
 while it decodes.
 
-The loss correction (k > 0 requires it; `check_staleness`): the batch's
+The loss correction (k > 0 requires it; `postax.recipes.rl_common.config.check_staleness`):
+the batch's
 sampler log-probs come from the stale behaviour policy mu (version i - 1 - k).
 `update.old_logprobs: recompute` scores the batch with the trainer's current
 weights (version i - 1) before the updates: that is the proximal policy
@@ -51,7 +53,11 @@ PPO objective (Hilton et al. 2022, "Batch size-invariance for policy
 optimization") that AReaL trains stale rollouts with (Fu et al. 2025, "AReaL:
 A Large-Scale Asynchronous Reinforcement Learning System for Language
 Reasoning"); deviation: AReaL's weight pi_prox / mu is not truncated, here it
-is capped at C (bounded variance, a small bias where the cap binds).
+is capped at C (bounded variance, a small bias where the cap binds). With
+`kl_placement: reward` the reward's KL estimate is taken from the batch's
+sampler log-probs, i.e. KL(mu || reference) of the stale behaviour policy,
+not of the current weights (`postax.recipes.rl_common.reference`): the
+penalty of the tokens as they were sampled, as in the synchronous run.
 
 The drop rule. A batch staler than k at consumption is dropped whole and
 counted (`dropped_stale_batches`), and the producer restarts from that
@@ -62,15 +68,32 @@ version rule above a batch cannot be too stale; the check guards the
 invariant the correction relies on (a producer that broke it would show a
 non-zero count).
 
+Reward functions. The held-out evaluation scores its completions (or its
+single_turn episodes) with the same reward-function objects as the producer
+thread, and a reward function need not be thread-safe (a reward model's
+jitted module, the code-tests pool, any stateful callable), so every call of
+the run's reward functions, from either thread, holds one lock
+(`postax.recipes.rl_common.loop.SharedRewards`): scoring is serialised, the
+objects are never shared concurrently, and a reward model is loaded once.
+The evaluation before training runs before the thread starts.
+
 Failures. An exception in the producer thread (a sampler, reward or
 environment error) is put in the queue and raised in the trainer at the
 `produce` that would have received that batch, as `RolloutProducerError`
-chained to the original (`raise ... from`, its traceback kept). The thread is
+chained to the original (`raise ... from`, its traceback kept); the command
+line reports a user's mistake inside it (a config or data error) as one
+line, as in a synchronous run (`postax.cli.user_message`). The thread is
 stopped by `close()` (the RL loop calls it at the end of the run and when
 the loop is left by an exception or KeyboardInterrupt); it is a daemon
 thread, and an `atexit` hook stops any still running at interpreter exit, so
-the process never hangs on it. A stop takes effect between batches: a batch
-being sampled is finished first.
+the process never hangs on it. A stop takes effect at the batch's next phase
+boundary (each `timer` phase: single-turn generate and reward, every turn's
+generate and environment step of episodes): the thread leaves the batch
+there. `close()` says at once that it waits (up to `JOIN_TIMEOUT_S`, or
+`ABORT_JOIN_TIMEOUT_S` when the loop was left early); a second Ctrl-C stops
+the wait. Each launch has its own stop event, and a restart refuses to
+launch while the previous thread still runs, so two threads never share the
+wrapped producer.
 
 Checkpoints. `state()` is the prompt position after the last *consumed*
 batch (each produced batch carries the iterator state after it), so a resume
@@ -100,41 +123,27 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from postax.validation import ConfigError, is_int, require
+from postax.rl.timing import Timer
+from postax.validation import is_int, require
 
 STOP_POLL_S = 0.05  # how often a waiting thread looks at the stop flag
-JOIN_TIMEOUT_S = 120.0  # longest wait for a batch being sampled when the thread is stopped
+QUIET_JOIN_S = 0.5  # a stop that takes longer than this is announced
+JOIN_TIMEOUT_S = 120.0  # longest wait for the phase being run when the thread is stopped
+ABORT_JOIN_TIMEOUT_S = 30.0  # the same when the loop is left by an error or Ctrl-C
 
 
 class RolloutProducerError(RuntimeError):
     """The producer thread failed; `__cause__` is the original exception."""
 
 
-def check_staleness(cfg) -> None:
-    """`rollout.max_staleness` > 0 needs the decoupled, importance-corrected loss (see the
-    module docstring); called from the RL configs' shared checks."""
-    k = cfg.rollout.max_staleness
-    if not k:
-        return
-    missing = []
-    if cfg.update.old_logprobs != "recompute":
-        missing.append(f"update.old_logprobs: recompute (got {cfg.update.old_logprobs!r})")
-    if cfg.policy.importance_cap is None:
-        missing.append("policy.importance_cap: a number > 0, e.g. 2.0 (got None)")
-    if missing:
-        raise ConfigError(
-            f"rollout.max_staleness={k} trains on batches sampled by older weights and needs "
-            f"the importance-corrected loss: {'; '.join(missing)}. The recomputed log-probs "
-            "are the proximal policy of the clipped ratio, the capped weights correct for the "
-            "stale sampler (postax.rl.asynchronous)"
-        )
+class _Stopped(Exception):
+    """Raised in the producer thread at a phase boundary once its stop event is set."""
 
 
 # ------------------------------------------------------------------ weights
@@ -166,21 +175,6 @@ def snapshot(policy: nnx.Module, donated: set[int]) -> nnx.State:
 
 
 # ------------------------------------------------------------------ the producer
-
-
-class _PhaseSeconds:
-    """Phase times of one batch, in the producer thread (the `timer` a producer takes)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +226,7 @@ class AsyncProducer:
         self.max_staleness = max_staleness
         self._cond = threading.Condition()
         self._snapshots: dict[int, nnx.State] = {}  # published versions not yet passed
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the running thread's (each launch has its own)
         self._queue: queue.Queue = queue.Queue(maxsize=max_staleness + 1)
         self._thread: threading.Thread | None = None
         self._last_iteration = 0
@@ -377,36 +371,53 @@ class AsyncProducer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def close(self, timeout: float = JOIN_TIMEOUT_S) -> None:
-        """Stops the thread (a batch being sampled finishes first) and drops queued batches;
-        idempotent."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stops the thread (it leaves its batch at the next phase boundary) and drops queued
+        batches; whether the thread has ended (False: still running after `timeout`
+        seconds, default `JOIN_TIMEOUT_S`; a second Ctrl-C stops the wait). Idempotent."""
         thread = self._thread
         if thread is None:
-            return
+            return True
+        timeout = JOIN_TIMEOUT_S if timeout is None else timeout
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        while thread.is_alive() and time.monotonic() < deadline:
+        began = time.monotonic()
+        announced = False
+        try:
+            while thread.is_alive() and time.monotonic() - began < timeout:
+                if not announced and time.monotonic() - began >= min(QUIET_JOIN_S, timeout):
+                    announced = True
+                    print(
+                        "waiting for the rollout producer thread to finish its current step "
+                        f"(up to {timeout:.0f} s; Ctrl-C again stops waiting) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                self._drain()
+                thread.join(STOP_POLL_S)
+        except KeyboardInterrupt:
+            print("stopped waiting for the rollout producer thread", file=sys.stderr)
+            raise
+        finally:
             self._drain()
-            thread.join(STOP_POLL_S)
-        self._drain()
-        if thread.is_alive():
-            print(
-                f"warning: the rollout producer thread did not stop within {timeout:.0f} s "
-                "(a daemon thread: it does not keep the process alive)",
-                file=sys.stderr,
-            )
-        self._thread = None
-        _LIVE.discard(self)
+            self._thread = None
+            _LIVE.discard(self)
+            if thread.is_alive():
+                print(
+                    "warning: the rollout producer thread is still running (a daemon thread: "
+                    "it does not keep the process alive)",
+                    file=sys.stderr,
+                )
+        return not thread.is_alive()
 
     # ------------------------------------------------------------ internals
 
     def _launch(self, first: int, floor_version: int) -> None:
-        self._stop.clear()
+        self._stop = stop = threading.Event()  # this thread's alone: an old one keeps its own
         self._thread = threading.Thread(
             target=self._run,
-            args=(first, floor_version),
+            args=(first, floor_version, stop),
             name="postax-rollout-producer",
             daemon=True,
         )
@@ -414,8 +425,12 @@ class AsyncProducer:
 
     def _restart(self, iteration: int, state_before: dict) -> None:
         """Re-draws `iteration` (and what follows) from its prompt position with the newest
-        published weights."""
-        self.close()
+        published weights; never while the previous thread still runs (it uses `inner`)."""
+        if not self.close():
+            raise RuntimeError(
+                "AsyncProducer: the producer thread did not stop for a re-draw of iteration "
+                f"{iteration}; not starting a second one beside it"
+            )
         self.inner.restore(state_before)
         self._launch(iteration, self._version)
         _LIVE.add(self)
@@ -454,12 +469,12 @@ class AsyncProducer:
                 self._idle += now - self._idle_since
                 self._idle_since = None
 
-    def _await_version(self, version: int) -> tuple[int, nnx.State] | None:
+    def _await_version(self, version: int, stop: threading.Event) -> tuple[int, nnx.State] | None:
         """(version, snapshot) of the oldest published version >= `version` (in the run's
         order that is `version` itself), waiting for it; older snapshots are let go. None
         once stopped."""
         with self._cond:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 ready = [v for v in self._snapshots if v >= version]
                 if ready:
                     chosen = min(ready)
@@ -469,8 +484,8 @@ class AsyncProducer:
                 self._cond.wait(STOP_POLL_S)
         return None
 
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
+    def _put(self, item: Any, stop: threading.Event) -> bool:
+        while not stop.is_set():
             try:
                 self._queue.put(item, timeout=STOP_POLL_S)
                 return True
@@ -478,13 +493,18 @@ class AsyncProducer:
                 continue
         return False
 
-    def _run(self, first: int, floor_version: int) -> None:
+    def _run(self, first: int, floor_version: int, stop: threading.Event) -> None:
+        def check_stop() -> None:
+            if stop.is_set():
+                raise _Stopped
+
         iteration = first
         try:
             applied = None
             for iteration in range(first, self._last_iteration + 1):
                 self._idling(True)
-                found = self._await_version(max(iteration - 1 - self.max_staleness, floor_version))
+                floor = max(iteration - 1 - self.max_staleness, floor_version)
+                found = self._await_version(floor, stop)
                 self._idling(False)
                 if found is None:
                     return
@@ -493,16 +513,18 @@ class AsyncProducer:
                     nnx.update(self.module, state)
                     applied = version
                 before = self.inner.state()
-                phases = _PhaseSeconds()
+                phases = Timer(on_phase=check_stop)
                 groups = self.inner.produce(iteration, phases)
                 item = ProducedBatch(
                     iteration, version, groups, before, self.inner.state(), phases.seconds
                 )
                 self._idling(True)
-                put = self._put(item)
+                put = self._put(item, stop)
                 self._idling(False)
                 if not put:
                     return
+        except _Stopped:  # left mid-batch: close() drops it, a restart restores the position
+            self._idling(False)
         except BaseException as error:  # handed to the trainer thread, raised there
             self._idling(False)
-            self._put(_Failure(iteration, error))
+            self._put(_Failure(iteration, error), stop)

@@ -17,8 +17,7 @@ from postax.configs import from_dict
 from postax.models.stack import REMAT_POLICIES
 from postax.parallel import MeshConfig
 from postax.recipes.common import check_model_options
-from postax.rl.asynchronous import check_staleness
-from postax.rl.envs.config import EnvConfig
+from postax.rl.envs.config import BUDGETS, EnvConfig
 from postax.rl.tools.registry import ToolsConfig, ToolSpec, make_tools
 from postax.validation import ConfigError, is_int, require
 
@@ -143,6 +142,29 @@ def check_settings(cfg) -> None:
         )
 
 
+def check_staleness(cfg) -> None:
+    """`rollout.max_staleness` > 0 trains on batches sampled by older weights and needs the
+    decoupled, importance-corrected loss (`postax.rl.asynchronous`): recomputed old
+    log-probs (the proximal policy of the clipped ratio) and `policy.importance_cap`."""
+    k = cfg.rollout.max_staleness
+    if not k:
+        return
+    missing = []
+    if cfg.update.old_logprobs != RECOMPUTED_LOGPROBS:
+        missing.append(
+            f"update.old_logprobs: {RECOMPUTED_LOGPROBS} (got {cfg.update.old_logprobs!r})"
+        )
+    if cfg.policy.importance_cap is None:
+        missing.append("policy.importance_cap: a number > 0, e.g. 2.0 (got None)")
+    if missing:
+        raise ConfigError(
+            f"rollout.max_staleness={k} trains on batches sampled by older weights and needs "
+            f"the importance-corrected loss: {'; '.join(missing)}. The recomputed log-probs "
+            "are the proximal policy of the clipped ratio, the capped weights correct for the "
+            "stale sampler (postax.rl.asynchronous)"
+        )
+
+
 def check_rows(cfg, rows: int) -> None:
     """Rows of a rollout batch must split into minibatches, micro-batches and data shards
     (checked before any model is built, once the devices are known)."""
@@ -173,8 +195,13 @@ def normalise_agentic(cfg) -> None:
     env, tools = cfg.env, cfg.tools
     if isinstance(env, Mapping):
         env = from_dict(EnvConfig, dict(env), prefix="env.")
+    elif isinstance(env, str):
+        env = EnvConfig(name=env)
     elif env is not None and not isinstance(env, EnvConfig):
-        env = EnvConfig.parse(env)
+        raise ConfigError(
+            f"env={env!r} is invalid: a name (built-in or 'module:Class') or a mapping "
+            f"{{name, kwargs, {', '.join(BUDGETS)}, template_name}}"
+        )
     if isinstance(tools, Mapping):
         tools = from_dict(ToolsConfig, dict(tools), prefix="tools.")
     elif isinstance(tools, tuple | list):

@@ -5,18 +5,22 @@ finishes the run. Restoring, saving, metrics and the progress line are the train
 
 With `rollout.max_staleness` set the producer is an `AsyncProducer`
 (`postax.rl.asynchronous`): `start_loop` gives it its own policy module and
-starts its thread after the resume, `end_iteration` publishes the updated
-weights to it and logs its metrics, and the thread stops when the run
-finishes or the loop over `iterations` is left by an exception.
+starts its thread last (after the resume and the evaluation before training;
+if anything before fails, no thread exists), `end_iteration` publishes the
+updated weights to it and logs its metrics, and the thread stops when the
+run finishes or the loop over `iterations` is left by an exception. The
+producer thread and the held-out evaluation (in the trainer's thread) score
+with the same reward-function objects, which need not be thread-safe: both
+call them through `SharedRewards`, one lock around every scoring call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +32,22 @@ from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
 from postax.recipes.rl_common.producers import NoRewards, make_producer
 from postax.recipes.rl_common.reference import Reference
-from postax.rl.asynchronous import AsyncProducer, producer_module
+from postax.rl.asynchronous import ABORT_JOIN_TIMEOUT_S, AsyncProducer, producer_module
+from postax.rl.envs import ChatRenderer
 from postax.rl.groups import Groups, rollout_rows
 from postax.rl.producer import RolloutProducer
 from postax.rl.prompts import PromptDataset, PromptRecord
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
+from postax.rl.timing import Timer
+from postax.rl.tools.render import with_tools
 from postax.sampling.sampler import Sampler
+from postax.tokenizer.jinja_env import ChatTemplateError
 from postax.train.plot import plot_metrics, plot_skipped_because
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
 PLOT_FILE = "rewards.png"
 PLOTTED = ("reward", "eval_accuracy")  # metrics.jsonl columns drawn over iterations
-
-
-class Timer:
-    """Wall-clock seconds per named phase: `with timer("generate"): ...`."""
-
-    def __init__(self) -> None:
-        self.began = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclasses.dataclass
@@ -77,11 +69,53 @@ def reward_runner(entries: Sequence[RewardConfig]) -> RewardRunner:
     return RewardRunner(build_reward_specs(list(entries)))
 
 
+class SharedRewards:
+    """A `RewardRunner` called under a lock shared with other `SharedRewards`: the producer
+    thread's and the evaluator's runners over the same reward-function objects (a reward
+    model, the code-tests pool, any stateful callable need not be thread-safe), so at most
+    one of them scores at a time. `specs` and `close` are the runner's."""
+
+    def __init__(self, runner: RewardRunner, lock: threading.Lock) -> None:
+        self.runner = runner
+        self.lock = lock
+        self.specs = runner.specs
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            return self.runner(*args, **kwargs)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def check_chat_template(cfg, tokenizer) -> None:
+    """With `env:`, a probe prompt rendered as an episode's first observation is (the
+    `env.template_name` template, with the `tools:` placed as episodes place them): a
+    template name the tokenizer lacks, or a template that fails on the tools, is a one-line
+    error before any model is built, not at the first episode."""
+    if cfg.env is None:
+        return
+    name = cfg.env.template_name
+    messages: list[dict] = [{"role": "user", "content": "What is 6 times 7?"}]
+    tools = None
+    try:
+        if cfg.tools is not None:
+            schemas = cfg.tools.runner().schemas
+            messages, tools = with_tools(
+                tokenizer, messages, schemas, call_format=cfg.tools.parser, template_name=name
+            )
+        ChatRenderer(tokenizer, tools=tools, template_name=name).prompt_ids(messages)
+    except ChatTemplateError as error:
+        raise ConfigError(f"env.template_name={name!r}: {error}") from error
+
+
 def load_run_data(cfg, num_rows: int) -> RunData:
-    """Tokenizer (cfg.tokenizer, else the model's directory), prompt sets and reward
-    functions; every data and config error comes before any model is built."""
+    """Tokenizer (cfg.tokenizer, else the model's directory), prompt sets, reward functions
+    and, with `env:`, the chat template episodes render with; every data and config error
+    comes before any model is built."""
     check_rows(cfg, num_rows)
     tokenizer_dir, tokenizer, prompts, eval_prompts = load_data(cfg, PromptDataset)
+    check_chat_template(cfg, tokenizer)
     runner = reward_runner(cfg.rewards) if cfg.rewards or cfg.env is None else NoRewards()
     names = [spec.name for spec in runner.specs]
     if cfg.eval.metric is not None and cfg.eval.metric not in names:
@@ -123,9 +157,10 @@ def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
 
 class Iterations:
     """The iteration numbers still to run (a `range`'s `start`, `stop`, `len`); leaving the
-    `for` loop over them, normally or by an exception or KeyboardInterrupt, calls `on_exit`
-    (it stops an asynchronous producer's thread: CPython finalises the loop's generator as
-    the exception unwinds the recipe's frame)."""
+    `for` loop over them, normally or by an exception or KeyboardInterrupt, calls
+    `on_exit(completed)`, completed False when the loop was left early (it stops an
+    asynchronous producer's thread: CPython finalises the loop's generator as the exception
+    unwinds the recipe's frame)."""
 
     def __init__(self, numbers: range, on_exit=None):
         self.numbers = numbers
@@ -143,11 +178,13 @@ class Iterations:
         return len(self.numbers)
 
     def __iter__(self):
+        completed = False
         try:
             yield from self.numbers
+            completed = True
         finally:
             if self.on_exit is not None:
-                self.on_exit()
+                self.on_exit(completed)
 
 
 def _donated(trainer: Trainer) -> set[int]:
@@ -243,41 +280,54 @@ class Loop:
         )
 
 
+def _stop_producer(producer: AsyncProducer):
+    """`Iterations.on_exit` of an asynchronous run: a shorter wait when the loop was left
+    early (an error or Ctrl-C) than at the end of the run."""
+
+    def stop(completed: bool) -> None:
+        producer.close(None if completed else ABORT_JOIN_TIMEOUT_S)
+
+    return stop
+
+
 def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
     """The KL reference (from the initial weights, before a resume restores trained ones),
     a producer sampling from the trainer's live `policy` module (no weight copy; with
-    `rollout.max_staleness`, an `AsyncProducer` on its own module, started here after the
-    resume), the resume, and the held-out results before training (not on a resume)."""
+    `rollout.max_staleness`, an `AsyncProducer` on its own module), the resume, the
+    held-out results before training (not on a resume) and, last, the asynchronous
+    producer's thread: nothing before it leaves a thread behind when it fails."""
     reference = Reference(cfg, policy)
     sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
     staleness = cfg.rollout.max_staleness
+    producer_data, eval_data, eval_runner = data, data, None
     producer_sampler = sampler
     if staleness is not None:  # the producer thread samples its own module, never the trainer's
         producer_sampler = Sampler(
             producer_module(policy), data.tokenizer, max_batch_size=cfg.rollout.max_batch_size
         )
+        if data.runner.specs:  # one RewardRunner per thread, the same functions, one lock
+            lock = threading.Lock()
+            eval_runner = SharedRewards(RewardRunner(data.runner.specs), lock)
+            producer_data = dataclasses.replace(data, runner=SharedRewards(data.runner, lock))
+            eval_data = dataclasses.replace(data, runner=eval_runner)
     # steps 1-3 of every iteration (another producer with the same interface plugs in here)
-    producer = make_producer(cfg, producer_sampler, data)
+    producer = make_producer(cfg, producer_sampler, producer_data)
     if staleness is not None:
         producer = AsyncProducer(producer, module=producer_sampler.model, max_staleness=staleness)
     numbers, resumed = trainer.start_iterations(
         cfg.iterations, cfg.update.steps_per_iteration, producer
     )
     iterations = Iterations(numbers)
-    eval_runner, eval_data = None, data
-    if isinstance(producer, AsyncProducer):
-        iterations.on_exit = producer.close
-        if len(numbers):
-            producer.start(policy, _donated(trainer), numbers.start, cfg.iterations)
-        if data.runner.specs:  # a RewardRunner serves one thread: the evaluator gets its own
-            eval_runner = RewardRunner(data.runner.specs)
-            eval_data = dataclasses.replace(data, runner=eval_runner)
     evaluate = make_evaluator(cfg, sampler, eval_data)
     summary: dict = {"resumed": resumed}
     if evaluate and not summary["resumed"]:
         summary["eval_before"] = evaluate()
         trainer.log(0, _prefixed("eval_", summary["eval_before"]))
         print(f"eval before: {summary['eval_before']}", file=sys.stderr)
+    if isinstance(producer, AsyncProducer):
+        iterations.on_exit = _stop_producer(producer)
+        if len(numbers):
+            producer.start(policy, _donated(trainer), numbers.start, cfg.iterations)
     return Loop(
         cfg, trainer, data, policy, iterations, producer, reference, evaluate, summary, eval_runner
     )

@@ -4,7 +4,12 @@
 (GRPO, Shao et al. 2024), which reads the reference log-probs of each row;
 `kl_placement: reward` subtracts beta * the sampled tokens' KL estimate from
 the rewards (Ziegler et al. 2019; Ouyang et al. 2022), so the loss has no KL
-term (`loss_policy_config`).
+term (`loss_policy_config`). That estimate compares the reference with the
+log-probs recorded while sampling (`sampler_logp`), so with asynchronous
+rollouts (`rollout.max_staleness` k > 0) it is the KL of the behaviour policy
+that sampled the batch (up to k versions old) to the reference, not of the
+current weights: the penalty of the tokens as they were drawn, as in a
+synchronous run; the recomputed log-probs are not used for it.
 """
 
 from __future__ import annotations

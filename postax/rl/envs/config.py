@@ -9,7 +9,8 @@
       max_turn_tokens: 16                              # tokens sampled per turn
 
 `EnvConfig` holds what an `EnvSpec` (name, kwargs) and an `EpisodeConfig` (budgets, template)
-hold, in one flat section; the group size, temperature and stop ids of the episodes are the
+hold, in one flat section (`postax.recipes.rl_common.config.normalise_agentic` reads a bare
+name or a mapping into it); the group size, temperature and stop ids of the episodes are the
 recipe's own `rollout` settings (`episode_config`), so no setting exists twice. The section
 is checked when the config is built: the name (a built-in or an import path), the kwargs (a
 mapping) and the budgets; `check_builds` then builds one environment, so an unknown class or
@@ -19,14 +20,14 @@ kwargs its constructor rejects fail before any model is built.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 from postax.rl.envs.episode import EpisodeConfig
 from postax.rl.envs.registry import EnvSpec, make_env
-from postax.validation import ConfigError, is_int, require
+from postax.validation import is_int, require
 
 BUDGETS = ("max_turns", "max_tokens", "max_turn_tokens")
+_BUILT: set[str] = set()  # the keys of the environments `check_builds` has built
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,24 +60,6 @@ class EnvConfig:
             "null (the tokenizer's default template) or a template name",
         )
 
-    @classmethod
-    def parse(cls, value: EnvConfig | str | Mapping[str, Any]) -> EnvConfig:
-        """A section from a bare name (`env: guess_number`) or a mapping of its fields."""
-        if isinstance(value, EnvConfig):
-            return value
-        if isinstance(value, str):
-            return cls(name=value)
-        if isinstance(value, Mapping):
-            return cls(**value)
-        raise ConfigError(
-            f"env={value!r} is invalid: a name (built-in or 'module:Class') or a mapping "
-            f"{{name, kwargs, {', '.join(BUDGETS)}}}"
-        )
-
-    @property
-    def spec(self) -> EnvSpec:
-        return EnvSpec(name=self.name, kwargs=dict(self.kwargs))
-
     def episode_config(
         self,
         *,
@@ -98,8 +81,14 @@ class EnvConfig:
 
     def check_builds(self, **extra: Any) -> None:
         """Build (and close) one environment, `extra` added to the kwargs: a class that does not
-        import or kwargs its constructor rejects are a one-line `ConfigError` now."""
+        import or kwargs its constructor rejects are a one-line `ConfigError` now. Once per
+        process for each name and kwargs (a config's `__post_init__` runs again on every
+        `dataclasses.replace`; a user's constructor need not run each time)."""
+        key = repr((self.name, sorted(self.kwargs.items()), sorted(extra.items())))
+        if key in _BUILT:
+            return
         env = make_env(EnvSpec(name=self.name, kwargs={**self.kwargs, **extra}))
         close = getattr(env, "close", None)
         if close is not None:
             close()
+        _BUILT.add(key)

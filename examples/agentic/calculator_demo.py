@@ -1,0 +1,139 @@
+"""The calculator-tool demo: a tiny model learns to call the calculator instead of guessing.
+
+1. Data (examples/agentic/calculator_data.py): "What is 347*86?" with the answer 29842;
+   SFT demonstrations that guess the product (45%, almost always wrong), call the
+   calculator and copy its result (25%), or make a call the tool runner rejects, then
+   guess (30%); a tokenizer whose chat template names the tools in one system line.
+2. SFT (`configs/sft/calculator-tool-sft.yaml`): a ~0.4M-parameter Qwen3-architecture model
+   from scratch on those demonstrations.
+3. GRPO (`configs/grpo/calculator-tool-learn.yaml`): `env: single_turn` with
+   `tools: [calculator]`; a tool call's result comes back as a tool message and only the
+   exact product after "####" is rewarded.
+4. Before/after: greedy held-out accuracy, tool calls per episode and tool error rate on
+   200 unseen products; the sampled (temperature 1) tool-call and error rates of the first
+   and last iterations from metrics.jsonl; a plot in the GRPO run directory.
+
+Seeded; no downloads; several minutes on 2 CPU cores.
+
+    python examples/agentic/calculator_demo.py [--out runs/calculator-demo]
+
+Exits with status 1 if GRPO raised held-out accuracy by less than `--min-gain` (30 points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+import calculator_data  # noqa: E402
+
+from postax.configs import load_config  # noqa: E402
+from postax.recipes import grpo, sft  # noqa: E402
+
+REQUIRED_GAIN = 0.30
+SAMPLED = ("tool_calls", "tool_error_rate", "reward")
+
+
+def sampled_rates(metrics_path: Path, window: int = 3) -> tuple[dict, dict]:
+    """Mean of the sampled-episode metrics over the first and the last `window` iterations."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    rows = [r for r in rows if all(k in r for k in SAMPLED)]
+    first = {k: float(np.mean([r[k] for r in rows[:window]])) for k in SAMPLED}
+    last = {k: float(np.mean([r[k] for r in rows[-window:]])) for k in SAMPLED}
+    return first, last
+
+
+def run_sft(out: Path, overrides: list[str] = (), data_kwargs: dict | None = None) -> dict:
+    """Writes the data under `out/data` and fine-tunes `out/sft` (the SFT config plus
+    `overrides`); returns the SFT summary with `data` (the data directory) and `seconds`."""
+    start = time.perf_counter()
+    data = calculator_data.write(out / "data", **(data_kwargs or {}))
+    config = load_config(
+        sft.SFTConfig,
+        ROOT / "configs" / "sft" / "calculator-tool-sft.yaml",
+        [
+            f"output_dir={out / 'sft'}",
+            f"tokenizer={data / 'calc_tokenizer'}",
+            f"data.path={data / 'calc_sft.jsonl'}",
+            "trainer.progress=false",
+            *overrides,
+        ],
+    )
+    summary = sft.run(config)
+    return {**summary, "data": data, "seconds": time.perf_counter() - start}
+
+
+def run_grpo(out: Path, sft_out: Path, overrides: list[str] = ()) -> dict:
+    """GRPO from `sft_out/sft/final` on the data in `sft_out/data` into `out/grpo` (the GRPO
+    config plus `overrides`); returns the before/after numbers (see `main`)."""
+    start = time.perf_counter()
+    data = sft_out / "data"
+    config = load_config(
+        grpo.GRPOConfig,
+        ROOT / "configs" / "grpo" / "calculator-tool-learn.yaml",
+        [
+            f"output_dir={out / 'grpo'}",
+            f"model.path={sft_out / 'sft' / 'final'}",
+            f"data.path={data / 'calc_train.jsonl'}",
+            f"eval_data.path={data / 'calc_eval.jsonl'}",
+            *overrides,
+        ],
+    )
+    summary = grpo.run(config)
+    first, last = sampled_rates(out / "grpo" / "metrics.jsonl")
+    return {
+        "before": summary["eval_before"],
+        "after": summary["eval_after"],
+        "sampled_first": first,
+        "sampled_last": last,
+        "plot": summary.get("plot"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "calculator-demo")
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: the config's")
+    parser.add_argument("--iterations", type=int, default=None, help="default: the config's")
+    parser.add_argument("--min-gain", type=float, default=REQUIRED_GAIN)
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)  # a fresh, reproducible run
+    sft_result = run_sft(out, [f"trainer.steps={args.sft_steps}"] if args.sft_steps else [])
+    print(f"SFT: final loss {sft_result['final_loss']:.3f} ({sft_result['seconds']:.0f} s)")
+    result = run_grpo(out, out, [f"iterations={args.iterations}"] if args.iterations else [])
+    before, after = result["before"], result["after"]
+    first, last = result["sampled_first"], result["sampled_last"]
+    print()
+    print("held-out, greedy (200 unseen products)    SFT -> GRPO")
+    for name in ("accuracy", "tool_calls", "tool_error_rate"):
+        print(f"  {name:<38} {before.get(name, 0.0):.3f} -> {after.get(name, 0.0):.3f}")
+    print("sampled (temperature 1), first -> last 3 iterations")
+    for name in SAMPLED:
+        print(f"  {name:<38} {first[name]:.3f} -> {last[name]:.3f}")
+    print(
+        f"GRPO {result['seconds']:.0f} s; total {sft_result['seconds'] + result['seconds']:.0f} s"
+    )
+    print(f"plot: {result['plot']}")
+    gain = after["accuracy"] - before["accuracy"]
+    if gain < args.min_gain:
+        print(
+            f"GRPO gained {100 * gain:.1f} points, under {100 * args.min_gain:.0f}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,10 @@
 """Asynchronous rollouts (`rollout.max_staleness`, postax.rl.asynchronous): lockstep parity with
-the synchronous GRPO run, the staleness-1 batch and its importance-corrected loss against a
-numpy golden value, the drop rule, errors surfaced from the producer thread, the thread's
-shutdown, and resume.
+the synchronous GRPO run (full and LoRA with held-out evaluation, and resumed), the staleness-1
+batch and its importance-corrected loss against a numpy golden value, the drop rule, reward
+functions never called from two threads at once, errors surfaced from the producer thread
+(one line on the command line for a user's mistake), the thread's shutdown (at a phase
+boundary, announced; no thread left when the start fails; no second thread beside one that
+did not stop), and resume.
 
 Runs use the tiny model, data and helpers of tests/test_grpo_recipe.py.
 """
@@ -32,13 +35,18 @@ from test_grpo_recipe import (  # the tiny GRPO setup, shared
 )
 
 import postax
+from postax import cli
 from postax.losses.policy import PolicyLossConfig
 from postax.recipes import grpo
 from postax.recipes.common import CheckpointSettings, build_policy
-from postax.recipes.rl_common.config import UpdateConfig
+from postax.recipes.rl_common import loop as rl_loop
+from postax.recipes.rl_common.config import EvalConfig, UpdateConfig
 from postax.recipes.rl_common.loop import _donated, make_rl_trainer
+from postax.rl import asynchronous
 from postax.rl.asynchronous import AsyncProducer, RolloutProducerError, snapshot
 from postax.rl.producer import RolloutConfig
+from postax.rl.prompts import PromptDataConfig
+from postax.rl.rewards import RewardConfig
 from postax.validation import ConfigError
 
 THREAD = "postax-rollout-producer"
@@ -65,6 +73,30 @@ def corrected(directory, name: str, max_staleness: int, **changes):
         update=UpdateConfig(old_logprobs="recompute"),
         **changes,
     )
+
+
+class Guard:
+    """What `guarded_digits` saw: the threads that called it and the most calls at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = self.most = 0
+        self.threads: set[str] = set()
+
+
+GUARD = Guard()
+
+
+def guarded_digits(prompts, completions, **fields):
+    """digit_fraction that records overlapping calls (a reward that is not thread-safe)."""
+    with GUARD.lock:
+        GUARD.active += 1
+        GUARD.most = max(GUARD.most, GUARD.active)
+        GUARD.threads.add(threading.current_thread().name)
+    time.sleep(0.1)  # a slow scorer: a window for another thread to enter
+    with GUARD.lock:
+        GUARD.active -= 1
+    return [sum(ch in "0123456789" for ch in c) / max(len(c), 1) for c in completions]
 
 
 def recorded_run(cfg, **kwargs):
@@ -109,6 +141,81 @@ def test_staleness_0_equals_the_synchronous_run_bitwise(files):  # noqa: F811
         np.testing.assert_array_equal(again[name], final[name], err_msg=name)
     assert async_summary["async_rollouts"]["staleness_histogram"] == {"0": 2}
     assert "async_rollouts" not in summary
+
+
+def test_lockstep_lora_with_evaluation_equals_the_synchronous_run_and_resumes_exactly(files):  # noqa: F811
+    """LoRA (adapters snapshotted, base shared), the KL to the adapters-off base, held-out
+    evaluation after every iteration: max_staleness 0 trains bitwise what the synchronous run
+    trains; the evaluation's and the producer thread's reward calls never overlap (one lock);
+    and a lockstep run killed in iteration 2 and resumed from its iteration-1 checkpoint ends
+    with the straight run's weights and rows (the resume is exact for k = 0)."""
+    base = lora_config(files)
+    sync = dataclasses.replace(
+        base,
+        output_dir=str(files / "lora_sync"),
+        rewards=(RewardConfig(name=f"{__name__}:guarded_digits", label="digits", timeout=None),),
+        eval_data=PromptDataConfig(path=str(files / "eval.jsonl"), batch_size=4, shuffle=False),
+        eval=EvalConfig(every=1),
+        checkpoint=CheckpointSettings(save_every=1, async_save=False),
+    )
+    lockstep = dataclasses.replace(
+        sync,
+        output_dir=str(files / "lora_lockstep"),
+        rollout=dataclasses.replace(sync.rollout, max_staleness=0),
+    )
+    _, seams = observed_run(sync)
+    GUARD.__init__()
+    summary, async_seams = observed_run(lockstep)
+    assert GUARD.most == 1 and {THREAD, "MainThread"} <= GUARD.threads, GUARD.threads
+    rows, async_rows = iteration_rows(sync.output_dir), iteration_rows(lockstep.output_dir)
+    assert sorted(rows) == sorted(async_rows) == [1, 2] and "eval_accuracy" in rows[1]
+    for iteration, row in rows.items():
+        for key, value in row.items():
+            if not key.startswith("time") and key != "elapsed":
+                assert async_rows[iteration][key] == value, (iteration, key)
+    assert summary["eval_before"] and summary["eval_after"]
+    lora = nnx.LoRAParam
+    final = host_params(seams.policies[0], lora)
+    assert final and any(not np.array_equal(final[k], seams.initial[0][k]) for k in final)
+    again = host_params(async_seams.policies[0], lora)
+    for name in final:
+        np.testing.assert_array_equal(again[name], final[name], err_msg=name)
+
+    cut = dataclasses.replace(lockstep, output_dir=str(files / "lora_lockstep_cut"))
+    observed_run(cut, crash_at_update=2)
+    assert not producer_threads()
+    resumed_summary, resumed_seams = observed_run(cut)
+    assert resumed_summary["resumed"] is True
+    resumed_rows = iteration_rows(cut.output_dir)
+    for key, value in async_rows[2].items():
+        if not key.startswith(("time", "queue", "trainer_idle", "producer_", "elapsed")):
+            assert resumed_rows[2][key] == value, key
+    after = host_params(resumed_seams.policies[0], lora)
+    for name in final:
+        np.testing.assert_array_equal(after[name], again[name], err_msg=name)
+    assert not producer_threads()
+
+
+def test_no_thread_is_left_when_the_evaluation_before_training_fails(files, monkeypatch):  # noqa: F811
+    """The thread starts last in start_loop: a failure before it (here the held-out
+    evaluation before training) leaves no producer thread behind."""
+    cfg = grpo_config(
+        files,
+        "eval_fails",
+        rollout=rollout(0),
+        eval_data=PromptDataConfig(path=str(files / "eval.jsonl"), batch_size=4, shuffle=False),
+    )
+
+    def failing_evaluator(*args, **kwargs):
+        def evaluate():
+            raise ValueError("the evaluation failed")
+
+        return evaluate
+
+    monkeypatch.setattr(rl_loop, "make_evaluator", failing_evaluator)
+    with pytest.raises(ValueError, match="the evaluation failed"):
+        grpo.run(cfg)
+    assert not producer_threads()
 
 
 def test_staleness_1_trains_the_version_0_batch_with_the_corrected_loss(files):  # noqa: F811
@@ -393,3 +500,93 @@ def test_the_producer_runs_at_most_max_staleness_ahead():
     producer.close()
     assert not producer_threads()
     assert producer.state() == {"position": 0}  # nothing consumed
+
+
+def test_a_user_error_in_the_thread_reads_as_in_a_synchronous_run():
+    """A config or data mistake found in the producer thread: one line (`cli.user_message`),
+    prefixed; an internal error in it stays one (None: traceback, exit 1)."""
+    for error, expected in (
+        (ConfigError("example has no field 'question'"), "example has no field 'question'"),
+        (ValueError("a bug"), None),
+    ):
+        module = Marker(-1.0)
+        inner = FakeProducer(module, fail_at=1)
+        inner.produce = lambda iteration, timer, error=error: (_ for _ in ()).throw(error)
+        producer = AsyncProducer(inner, module=module, max_staleness=0)
+        policy = Marker(0.0)
+        producer.start(policy, {id(policy.w.get_value())}, 1, 2)
+        with pytest.raises(RolloutProducerError) as info:
+            producer.produce(1)
+        assert info.value.__cause__ is error
+        message = cli.user_message(info.value)
+        assert message == (None if expected is None else f"rollout producer: {expected}")
+    assert not producer_threads()
+
+
+class TwoPhases:
+    """A producer whose batch has a `generate` phase that waits for `release` and a `reward`
+    phase after it."""
+
+    def __init__(self, module):
+        self.module = module
+        self.release = threading.Event()
+        self.entered: list[str] = []
+
+    def produce(self, iteration, timer):
+        with timer("generate"):
+            self.entered.append("generate")
+            assert self.release.wait(10)
+        with timer("reward"):
+            self.entered.append("reward")
+        return {"iteration": iteration}
+
+    def state(self):
+        return {}
+
+    def restore(self, state):
+        pass
+
+
+def test_a_stop_leaves_the_batch_at_its_next_phase_and_says_it_waits(capsys):
+    """close() while the thread is inside a phase: a notice at once (not silence for up to
+    JOIN_TIMEOUT_S), and the thread leaves at the next phase boundary (`reward` never runs)."""
+    module = Marker(-1.0)
+    inner = TwoPhases(module)
+    producer = AsyncProducer(inner, module=module, max_staleness=0)
+    policy = Marker(0.0)
+    producer.start(policy, {id(policy.w.get_value())}, 1, 3)
+    deadline = time.monotonic() + 10
+    while not inner.entered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threading.Timer(1.0, inner.release.set).start()  # the phase ends after the notice
+    began = time.monotonic()
+    assert producer.close() is True
+    assert time.monotonic() - began < 5
+    assert inner.entered == ["generate"]  # stopped at the boundary, not after the batch
+    err = capsys.readouterr().err
+    assert "waiting for the rollout producer thread to finish its current step" in err
+    assert not producer_threads()
+
+
+def test_a_restart_never_runs_beside_a_thread_that_did_not_stop(monkeypatch):
+    """The drop path re-draws with a new thread; if the old one does not stop in time (here
+    it waits inside batch 3), no second thread is started to share the producer with it."""
+    monkeypatch.setattr(asynchronous, "JOIN_TIMEOUT_S", 0.3)
+    release = threading.Event()
+    producer, inner = started(1, 4, hold={3: release})
+    producer.produce(1)
+    publish(producer, 1)
+    publish(producer, 2)  # batch 2 (version 0) is now 2 versions old: dropped, redrawn
+    deadline = time.monotonic() + 10
+    while len(inner.drawn) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the thread is inside batch 3, waiting for `release`
+    with pytest.raises(RuntimeError, match="did not stop for a re-draw of iteration 2"):
+        producer.produce(2)
+    assert len(producer_threads()) == 1  # the old one alone
+    release.set()
+    deadline = time.monotonic() + 10
+    while producer_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not producer_threads()  # its own stop event was set: it ended after batch 3
+    assert [i for i, _ in inner.drawn] == [1, 2, 3]  # no batch 4, no second draw of 2

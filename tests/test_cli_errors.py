@@ -577,3 +577,25 @@ def test_grpo_without_matplotlib_warns_once_and_writes_everything_else(
     assert [r["step"] for r in rows if "reward" in r] == [1]
     assert any((out / "checkpoints").iterdir())
     assert (out / "final" / "config.json").is_file() and list((out / "final").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("max_staleness", [None, 0], ids=["synchronous", "producer-thread"])
+def test_a_mistake_found_while_sampling_is_one_line(max_staleness, inputs, capsys, monkeypatch):
+    """A mistake the sampler finds (a stop id past the vocabulary) at the first rollout: one
+    line and exit 2, also when the asynchronous producer thread finds it (`rollout
+    producer: ` before the message) instead of an internal-error traceback."""
+    monkeypatch.chdir(ROOT)
+    argv = [
+        *recipe_case("grpo", "typo", inputs)[0][:-1],
+        *[p.format(**inputs) for p in RECIPES["grpo"].paths],
+        "eval_data=null",
+        "rollout.stop_token_ids=[99999]",
+    ]
+    if max_staleness is not None:
+        argv.append(f"rollout.max_staleness={max_staleness}")
+    code, err = run(argv, capsys)
+    lines = [line for line in err.splitlines() if not line.startswith("data: ")]
+    assert code == 2 and len(lines) == 1, err
+    prefix = "postax grpo: " + ("" if max_staleness is None else "rollout producer: ")
+    assert lines[0].startswith(prefix), lines[0]
+    assert "stop_token_ids=(99999,) is invalid: ids must be < 320" in lines[0], lines[0]

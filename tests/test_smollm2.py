@@ -155,7 +155,11 @@ def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
 # Measured: max |difference| 4.0e-5 with the layers stacked (2.0e-5 unrolled), on log-probs
 # whose logits reach ~30: at 30 layers the decode path (KV cache, one position at a time) and
 # the full teacher-forced pass differ by more than the 1e-5 the tiny models meet, as float32
-# sums in a different order do (4e-5 of a logit of 30 is 1.3e-6 relative). Bound 1e-4.
+# sums in a different order do (4e-5 of a logit of 30 is 1.3e-6 relative). About half of it is
+# decode's product form for few rows ((W x^T)^T, `layers.FEW_ROWS`: 1.5-2x faster decoding): with
+# it off the difference measured 2.4e-5; the rest is attention over the cache one query at a
+# time and the products' row-count-dependent blocking. Equal to 1e-5 at this depth would take
+# batch-invariant kernels. Bound 1e-4.
 def test_sampled_logprobs_equal_teacher_forced(ours):
     sampler, tokenizer = ours
     prompts = [tokenizer.encode_chat(chat, add_generation_prompt=True) for chat in CHATS[1::2]]

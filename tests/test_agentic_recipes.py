@@ -269,6 +269,36 @@ def test_an_unknown_chat_template_fails_before_any_model(guess_files, tools):
             grpo.run(cfg)
 
 
+class CountedEnv:
+    """An environment that counts its constructions (a user's class: its constructor may be
+    slow or have effects)."""
+
+    built = 0
+
+    def __init__(self, secret_field: str = "secret"):
+        type(self).built += 1
+        self.secret_field = secret_field
+
+    def reset(self, example):
+        return "Guess."
+
+    def step(self, text):
+        return None, 0.0, True, {}
+
+
+def test_the_environment_is_built_once_when_the_config_is_read(guess_files):
+    """check_agentic builds the environment to check it; a config's __post_init__ runs again
+    on every dataclasses.replace, the constructor does not."""
+    env = EnvConfig(name=f"{__name__}:CountedEnv", kwargs={"secret_field": "secret"})
+    cfg = guess_config(guess_files, "counted", env=env)
+    for iterations in (3, 4):
+        cfg = dataclasses.replace(cfg, iterations=iterations)
+    assert CountedEnv.built == 1
+    other = EnvConfig(name=f"{__name__}:CountedEnv", kwargs={"secret_field": "answer"})
+    dataclasses.replace(cfg, env=other)  # other kwargs: checked again
+    assert CountedEnv.built == 2
+
+
 def test_single_turn_needs_rewards():
     tool = ROOT / "configs" / "grpo" / "calculator-tool.yaml"
     with pytest.raises(ConfigFileError, match=r"rewards=\(\) is invalid with env: single_turn"):

@@ -292,11 +292,19 @@ def test_the_thread_stops_on_keyboard_interrupt(files):  # noqa: F811
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
+    timeouts, close = [], AsyncProducer.close
+
+    def recorded_close(self, timeout=None):
+        timeouts.append(timeout)
+        return close(self, timeout)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(grpo, "minibatches", minibatches)
+        patch.setattr(AsyncProducer, "close", recorded_close)
         with pytest.raises(KeyboardInterrupt):
             grpo.run(cfg)
     assert not producer_threads()
+    assert timeouts[0] == asynchronous.ABORT_JOIN_TIMEOUT_S  # left early: the shorter wait
 
 
 EXIT_SCRIPT = """
@@ -572,3 +580,34 @@ def test_a_restart_never_runs_beside_a_thread_that_did_not_stop(monkeypatch):
         time.sleep(0.01)
     assert not producer_threads()  # its own stop event was set: it ended after batch 3
     assert [i for i, _ in inner.drawn] == [1, 2, 3]  # no batch 4, no second draw of 2
+
+
+def test_a_second_ctrl_c_stops_waiting_for_the_thread(capsys):
+    """Ctrl-C while close() waits for a phase: the wait ends at once, the producer is let go
+    (no second wait at interpreter exit), and the thread still stops at its next phase."""
+    module = Marker(-1.0)
+    inner = TwoPhases(module)
+    producer = AsyncProducer(inner, module=module, max_staleness=0)
+    policy = Marker(0.0)
+    producer.start(policy, {id(policy.w.get_value())}, 1, 3)
+    deadline = time.monotonic() + 10
+    while not inner.entered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    drains, drain = [], producer._drain
+
+    def interrupted_drain():
+        drains.append(1)
+        if len(drains) == 3:  # a few polls into the wait
+            raise KeyboardInterrupt
+        drain()
+
+    producer._drain = interrupted_drain
+    with pytest.raises(KeyboardInterrupt):
+        producer.close()
+    assert not producer.running and producer not in asynchronous._LIVE
+    assert "stopped waiting for the rollout producer thread" in capsys.readouterr().err
+    inner.release.set()
+    deadline = time.monotonic() + 10
+    while producer_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not producer_threads() and inner.entered == ["generate"]

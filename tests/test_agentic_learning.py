@@ -7,7 +7,7 @@ whose greedy answer is a guess: held-out accuracy near 0. GRPO with `env: single
 `tools: [calculator]` and an exact-match reward must then, within a few iterations, raise
 greedy held-out accuracy by at least `MIN_GAIN`, make the greedy policy call the tool, and
 raise the sampled tool-call rate while the sampled tool-call error rate falls. With
-`optimizer.learning_rate=0` the same run fails these checks (tried by hand: see
+`optimizer.learning_rate=1e-12` (0 is refused) the same run fails these checks (by hand: see
 `LEARNING_RATE_ZERO`), so they measure learning, not the warm start.
 
 The shipped configs' shapes with fewer SFT steps, iterations and held-out prompts.
@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SFT_STEPS = 300
 GRPO = ["iterations=8", "eval_data.limit=32", "eval.every=0"]
 MIN_GAIN = 0.3
-# By hand, GRPO with learning rate 0 from the same SFT model (these checks then fail):
-LEARNING_RATE_ZERO = [*GRPO, "optimizer.learning_rate=0.0"]
+# By hand, GRPO with a learning rate of 1e-12 (0 is refused) from the same SFT model: these
+# checks then fail.
+LEARNING_RATE_ZERO = [*GRPO, "optimizer.learning_rate=1e-12"]
 
 
 def load_demo():

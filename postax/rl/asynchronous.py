@@ -36,12 +36,12 @@ it; besides the trainer's, the producer's current version and up to k
 published ahead of it are alive, and when the trainer publishes the version
 the producer needs next the producer still holds its previous one until it
 wakes: max(k + 1, 2) extra copies of the parameters at worst (2 in the
-lockstep k = 0 case). With LoRA only the adapters are copied. The producer's sampler also allocates its own KV cache
-while it decodes.
+lockstep k = 0 case). With LoRA only the adapters are copied. The
+producer's sampler also allocates its own KV cache while it decodes.
 
-The loss correction (k > 0 requires it; `postax.recipes.rl_common.config.check_staleness`):
-the batch's
-sampler log-probs come from the stale behaviour policy mu (version i - 1 - k).
+The loss correction (k > 0 requires it: `check_staleness` in
+`postax.recipes.rl_common.config`): the batch's sampler log-probs come from
+the stale behaviour policy mu (version i - 1 - k).
 `update.old_logprobs: recompute` scores the batch with the trainer's current
 weights (version i - 1) before the updates: that is the proximal policy
 pi_prox the clipped ratio pi_theta / pi_prox is taken against, and

@@ -26,6 +26,7 @@ from postax.data.sources import DataError
 from postax.host_memory import release_freed_buffers
 from postax.models.safetensors_io import CheckpointError
 from postax.rl.asynchronous import RolloutProducerError
+from postax.rl.envs.protocol import EpisodeError
 from postax.sampling.config import SamplingError
 from postax.tokenizer.jinja_env import ChatTemplateError
 from postax.validation import ConfigError
@@ -77,6 +78,9 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DataError,
     ChatTemplateError,
     SamplingError,
+    # an environment that raised or returned something malformed (the message names it, the
+    # episode and the turn; --debug shows the environment's own traceback)
+    EpisodeError,
     # a path the user gave that is missing, a directory (or not one), or not readable/writable
     FileNotFoundError,
     FileExistsError,

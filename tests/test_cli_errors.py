@@ -599,3 +599,23 @@ def test_a_mistake_found_while_sampling_is_one_line(max_staleness, inputs, capsy
     prefix = "postax grpo: " + ("" if max_staleness is None else "rollout producer: ")
     assert lines[0].startswith(prefix), lines[0]
     assert "stop_token_ids=(99999,) is invalid: ids must be < 320" in lines[0], lines[0]
+
+
+def test_an_environment_that_raises_is_one_line(inputs, capsys, monkeypatch):
+    """An environment raising at reset (here guess_number on prompts without its `secret`
+    field) is one line naming the environment's error, exit 2; --debug adds the traceback."""
+    monkeypatch.chdir(ROOT)
+    argv = [
+        *recipe_case("grpo", "typo", inputs)[0][:-1],
+        *[p.format(**inputs) for p in RECIPES["grpo"].paths],
+        "eval_data=null",
+        "rewards=[]",
+        "env=guess_number",
+    ]
+    code, err = run(argv, capsys)
+    lines = [line for line in err.splitlines() if not line.startswith("data: ")]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("postax grpo: "), lines[0]
+    assert "reset() raised ConfigError" in lines[0] and "'secret'" in lines[0], lines[0]
+    code, err = run([*argv, "--debug"], capsys)
+    assert code == 2 and "Traceback" in err

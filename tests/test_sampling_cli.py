@@ -218,3 +218,18 @@ def test_cli_rejects_bad_defaults_and_missing_checkpoints(checkpoint, tmp_path, 
     assert "top_p=2.0 is invalid" in capsys.readouterr().err
     assert postax.cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "config.json: not found" in capsys.readouterr().err
+
+
+def test_cli_system_message_goes_before_each_chat_prompt(checkpoint, sampler, capsys):
+    argv = ["generate", "--model", str(checkpoint), "--prompt", "Hello world", "--json"]
+    argv += ["--max-new-tokens", "4", "--temperature", "0", "--chat", "--system", "Be brief."]
+    assert postax.cli.main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello world"},
+    ]
+    expected = sampler.generate([chat], max_new_tokens=4, temperature=0)[0]
+    assert record["token_ids"] == list(expected.token_ids)
+    assert postax.cli.main([*argv[:-3], "--system", "x"]) == 2  # without --chat
+    assert "--system needs --chat" in capsys.readouterr().err

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", type=Path, help="JSONL requests, one per line")
     p.add_argument("--output", type=Path, help="JSONL results (default: stdout)")
     p.add_argument("--chat", action="store_true", help="send --prompt as a user chat message")
+    p.add_argument(
+        "--system", help="with --chat: a system message before each prompt (as in training)"
+    )
     p.add_argument("--json", action="store_true", help="print --prompt results as JSON lines")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -219,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"postax generate: {failed} of {len(results)} requests failed", file=sys.stderr)
         return 1 if failed else 0
 
-    prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat (it is the conversation's system message)")
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    prompts = [[*system, {"role": "user", "content": p}] if args.chat else p for p in args.prompt]
     completions = sampler.generate(prompts, SamplingConfig(**defaults))
     texts = []
     for c in completions:

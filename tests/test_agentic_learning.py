@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,15 @@ def load_demo():
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     return demo
+
+
+# The SFT warm start (800 steps) makes this module take ~7-13 minutes on 2 cores, beyond the
+# suite's 15-minute budget: it runs when POSTAX_LEARNING_TESTS=1 (the skip reason says so in
+# every report; it is not counted as CI coverage).
+pytestmark = pytest.mark.skipif(
+    os.environ.get("POSTAX_LEARNING_TESTS") != "1",
+    reason="learning test (~10 min): set POSTAX_LEARNING_TESTS=1 to run it",
+)
 
 
 @pytest.fixture(scope="module")

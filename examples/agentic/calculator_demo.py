@@ -6,7 +6,7 @@
    guess (30%); a tokenizer whose chat template names the tools in one system line.
 2. SFT (`configs/sft/calculator-tool-sft.yaml`): a ~0.4M-parameter Qwen3-architecture model
    from scratch on those demonstrations.
-3. GRPO (`configs/grpo/calculator-tool-learn.yaml`): `env: single_turn` with
+3. GRPO (`configs/grpo/calculator-tool.yaml`): `env: single_turn` with
    `tools: [calculator]`; a tool call's result comes back as a tool message and only the
    exact product after "####" is rewarded.
 4. Before/after: greedy held-out accuracy, tool calls per episode and tool error rate on
@@ -80,7 +80,7 @@ def run_grpo(out: Path, sft_out: Path, overrides: list[str] = ()) -> dict:
     data = sft_out / "data"
     config = load_config(
         grpo.GRPOConfig,
-        ROOT / "configs" / "grpo" / "calculator-tool-learn.yaml",
+        ROOT / "configs" / "grpo" / "calculator-tool.yaml",
         [
             f"output_dir={out / 'grpo'}",
             f"model.path={sft_out / 'sft' / 'final'}",

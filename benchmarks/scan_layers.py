@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -59,6 +57,7 @@ def make_trainer(cfg, scan: bool, args):
 def main(argv: list[str] | None = None) -> int:
     import jax
     from common import format_table, machine_description, smollm2_135m_config
+    from sft import synthetic_batch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=30)
@@ -70,15 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = dataclasses.replace(smollm2_135m_config(), num_layers=args.layers, layer_types=None)
-    rs = np.random.RandomState(0)
-    tokens = rs.randint(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    batch = {
-        "tokens": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "loss_mask": np.ones((args.batch, args.seq), np.float32),
-        "positions": np.tile(np.arange(args.seq, dtype=np.int32), (args.batch, 1)),
-        "segment_ids": np.ones((args.batch, args.seq), np.int32),
-    }
+    batch = synthetic_batch(args.batch, args.seq, cfg.vocab_size)
     names = {True: "scanned", False: "list"}
     trainers, first = {}, {}
     for scan in (True, False):

@@ -537,9 +537,8 @@ class TwoPhases:
         pass
 
 
-def test_a_stop_leaves_the_batch_at_its_next_phase_and_says_it_waits(capsys):
-    """close() while the thread is inside a phase: a notice at once (not silence for up to
-    JOIN_TIMEOUT_S), and the thread leaves at the next phase boundary (`reward` never runs)."""
+def inside_a_phase() -> tuple[TwoPhases, AsyncProducer]:
+    """A started producer whose thread waits inside its first phase (`inner.release` ends it)."""
     module = Marker(-1.0)
     inner = TwoPhases(module)
     producer = AsyncProducer(inner, module=module, max_staleness=0)
@@ -548,6 +547,13 @@ def test_a_stop_leaves_the_batch_at_its_next_phase_and_says_it_waits(capsys):
     deadline = time.monotonic() + 10
     while not inner.entered and time.monotonic() < deadline:
         time.sleep(0.01)
+    return inner, producer
+
+
+def test_a_stop_leaves_the_batch_at_its_next_phase_and_says_it_waits(capsys):
+    """close() while the thread is inside a phase: a notice at once (not silence for up to
+    JOIN_TIMEOUT_S), and the thread leaves at the next phase boundary (`reward` never runs)."""
+    inner, producer = inside_a_phase()
     threading.Timer(1.0, inner.release.set).start()  # the phase ends after the notice
     began = time.monotonic()
     assert producer.close() is True
@@ -585,14 +591,7 @@ def test_a_restart_never_runs_beside_a_thread_that_did_not_stop(monkeypatch):
 def test_a_second_ctrl_c_stops_waiting_for_the_thread(capsys):
     """Ctrl-C while close() waits for a phase: the wait ends at once, the producer is let go
     (no second wait at interpreter exit), and the thread still stops at its next phase."""
-    module = Marker(-1.0)
-    inner = TwoPhases(module)
-    producer = AsyncProducer(inner, module=module, max_staleness=0)
-    policy = Marker(0.0)
-    producer.start(policy, {id(policy.w.get_value())}, 1, 3)
-    deadline = time.monotonic() + 10
-    while not inner.entered and time.monotonic() < deadline:
-        time.sleep(0.01)
+    inner, producer = inside_a_phase()
     drains, drain = [], producer._drain
 
     def interrupted_drain():

@@ -33,9 +33,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def released_mb(mode: str) -> tuple[bool, float]:
+def released_mb(mode: str, script: str = SCRIPT, *args: str) -> tuple[bool, float]:
+    """Runs `script` with `mode` ("on" or "off"): (whether it changed malloc, MB released)."""
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode],
+        [sys.executable, "-c", script, mode, *args],
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -85,17 +86,7 @@ TRIM_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_trim_heap_returns_freed_small_blocks():
-    def released(mode: str) -> tuple[bool, float]:
-        out = subprocess.run(
-            [sys.executable, "-c", TRIM_SCRIPT, mode, host_memory.__file__],
-            env={"PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        return out[0] == "True", float(out[1])
-
-    trimmed, mb = released("on")
+    trimmed, mb = released_mb("on", TRIM_SCRIPT, host_memory.__file__)
     assert trimmed and mb > 150  # ~200 MB of freed 1 KiB blocks given back
-    _, kept = released("off")
+    _, kept = released_mb("off", TRIM_SCRIPT, host_memory.__file__)
     assert kept < 20  # without the trim the heap keeps them

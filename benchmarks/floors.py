@@ -13,10 +13,14 @@ q/k/v (no norms, rope, attention, softmax, cross-entropy or optimizer):
     batch of single rows through every layer and the head (the weights the
     sampler streams per generated token).
 
+A third line is the machine's memory read rate (one jitted sum over 1 GiB)
+and the decoding bound it sets: every weight read once per step.
+
 Compare with `benchmarks/sft.py` and `benchmarks/generate.py` on the same
 machine: the gap is the time spent outside the products.
 
     python -m benchmarks.floors
+    python -m benchmarks.floors --shape smollm2-135m --batch 16 --seq 128
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 try:
-    from benchmarks import common
+    from benchmarks import common, phases
 except ImportError:  # run as a script from benchmarks/
     import common  # type: ignore[no-redef]
+    import phases  # type: ignore[no-redef]
 
 from postax.models.layers import matmul_transposed
 
@@ -89,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256, help="training rows = batch * seq")
     p.add_argument("--steps", type=int, default=128, help="decoding steps per timed call")
     p.add_argument("--repeats", type=int, default=5)
+    phases.add_model_arguments(p)
     args = p.parse_args(argv)
-    cfg = common.bench_config()
+    cfg = common.model_choice(args).config()
     layers, head = layer_weights(cfg, seed=0)
     rng = np.random.RandomState(1)
 
@@ -109,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         loop = jax.jit(lambda x: jax.lax.fori_loop(0, args.steps, decode_step, x))
         decode_s = median_seconds(lambda: loop(tokens), args.repeats) / args.steps
 
+        # the machine's streaming read rate: one reduction over 1 GiB of float32
+        block = jnp.ones((1 << 28,), jnp.float32)
+        total = jax.jit(jnp.sum)
+        read_s = median_seconds(lambda: total(block), args.repeats)
+
     n_tokens = args.batch * args.seq
     weight_bytes = 4 * (sum(w.size for layer in layers for w in layer.values()) + head.size)
     print(common.machine_description())
@@ -120,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         f"decoding products only, batch {args.batch}: {decode_s * 1e3:.2f} ms per step, "
         f"weights streamed at {weight_bytes / decode_s / 1e9:.1f} GB/s, "
         f"{args.batch / decode_s:,.0f} tokens/s upper bound (prefill excluded)"
+    )
+    bandwidth = block.nbytes / read_s
+    print(
+        f"memory read rate (sum of 1 GiB): {bandwidth / 1e9:.1f} GB/s; streaming the "
+        f"{weight_bytes / 1e6:,.0f} MB of weights once per step at that rate: "
+        f"{weight_bytes / bandwidth * 1e3:.2f} ms, {args.batch * bandwidth / weight_bytes:,.0f} "
+        "tokens/s"
     )
     return 0
 

@@ -44,12 +44,15 @@ def load_demo():
     return demo
 
 
-# The SFT warm start (800 steps) makes this module take ~7-13 minutes on 2 cores, beyond the
-# suite's 15-minute budget: it runs when POSTAX_LEARNING_TESTS=1 (the skip reason says so in
-# every report; it is not counted as CI coverage).
+# The learning tier: the SFT warm start (800 steps) makes this module take ~5 minutes on 2
+# quiet cores (9-13 on a shared machine), beyond the suite's 15-minute budget, so
+# `scripts/test.sh` skips it (the reason says so in every report) and CI runs it as a stage of
+# its own after the suite (`.ci/run`: POSTAX_LEARNING_TESTS=1); a failure there fails CI.
+# Shorter warm starts measured (shared machine): 300 steps at seq_len 128 passes (0% -> 44%,
+# 9 min); 150 packed steps at seq_len 128 does not copy digits yet (SFT loss 0.74, no reward).
 pytestmark = pytest.mark.skipif(
     os.environ.get("POSTAX_LEARNING_TESTS") != "1",
-    reason="learning test (~10 min): set POSTAX_LEARNING_TESTS=1 to run it",
+    reason="learning tier (~5 min; CI runs it after the suite): POSTAX_LEARNING_TESTS=1",
 )
 
 

@@ -38,9 +38,15 @@ def config():
 def reward(config):
     """The shipped config's code_tests reward (its extraction and test format) with a longer
     limit per program than the config's 5 s: the suite runs on a loaded machine."""
-    (spec,) = build_reward_specs(config["rewards"])
-    assert spec.name == config["eval"]["metric"] == "code_tests"
-    assert spec.fn.extract == "first" and spec.fn.mode == "pass"
+    specs = build_reward_specs(config["rewards"])
+    try:
+        assert [s.name for s in specs] == ["code_tests", "code_tests_first"]
+        assert [s.weight for s in specs] == [1.0, 0.0]
+        assert config["eval"]["metric"] == "code_tests"
+        assert [(s.fn.extract, s.fn.mode) for s in specs] == [("last", "pass"), ("first", "pass")]
+    finally:
+        for spec in specs:
+            spec.fn.close()
     fn = code_tests_reward(**config["rewards"][0]["kwargs"] | {"timeout_s": 30})
     yield fn
     fn.close()
@@ -117,3 +123,17 @@ def test_every_problem_kind_makes_valid_problems(make_code_data):
         exec(problem.solution, namespace)
         for test in problem.tests:
             exec(test, namespace)
+
+
+def test_a_usage_example_after_the_function_fails_the_trained_reward(config, reward):
+    """The system prompt asks for one block and nothing else: the trained reward reads the
+    last block, here a usage example, so the answer fails; the logged first-block one passes."""
+    row = read("code_eval.jsonl")[0]
+    call = row["tests"][0].removeprefix("assert ").partition(" == ")[0]
+    answer = f"```python\n{row['solution']}```\nExample usage:\n```python\nprint({call})\n```\n"
+    assert reward([answer], [answer], tests=[row["tests"]]) == [0.0]
+    first = code_tests_reward(**config["rewards"][1]["kwargs"] | {"timeout_s": 30})
+    try:
+        assert first([answer], [answer], tests=[row["tests"]]) == [1.0]
+    finally:
+        first.close()

@@ -22,7 +22,9 @@ parameters (kind, function name, argument names, constant), so no prompt is in b
 
 The mix (`MIX`) was chosen from the instruct model's greedy pass rate per kind (`--probe`,
 see the note above `MIX`) so that it solves some held-out problems before training but not
-most, and so that sampled groups often hold a passing and a failing completion.
+most. On the 48 held-out problems it passes 37.5% greedy with the config's reward (the last
+fenced block: a usage-example block after the function fails, as the system prompt asks for
+one block and nothing else) and 58.3% when the first block is taken (the config logs both).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ def _invalid(field: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"data.{field}={value!r} is invalid: {allowed}")
 
 
+# the call formats of `postax.rl.tools.CALL_FORMATS` (not imported: data stays below rl)
+TOOLS_FORMATS = ("hermes", "llama3_json")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Supervised fine-tuning data.
@@ -29,6 +33,16 @@ class DataConfig:
             "prompt_completion" (`prompt_field`, `completion_field`), "text" (`text_field`), or
             "auto": the first record decides, in that order of preference.
         messages_field, prompt_field, completion_field, text_field: Record field names.
+        tools_field: Optional field of chat records ("messages" and conversational
+            "prompt_completion"): the tools offered in that conversation, a list of JSON-schema
+            tool descriptions (`{"type": "function", "function": {name, description,
+            parameters}}`, or the bare function objects) or a JSON string of one, rendered into
+            the chat template's tools section (`tools=` of `apply_chat_template`); for a
+            template without one, into the system message in the `tools_format` call format
+            (`postax.rl.tools.render.with_tools`): the same ids as an RL prompt with `tools:`
+            and that parser. Records without the field render without tools.
+        tools_format: The call format the tools block names when the template has no tools
+            section: "hermes" or "llama3_json" (`postax.rl.tools.CALL_FORMATS`).
         seq_len: Model input positions per row. A document of n tokens uses n - 1 positions
             (inputs are its tokens but the last, targets its tokens but the first).
         batch_size: Rows per (global) batch.
@@ -61,6 +75,8 @@ class DataConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     text_field: str = "text"
+    tools_field: str = "tools"
+    tools_format: str = "hermes"
     seq_len: int = 2048
     batch_size: int = 8
     packing: bool = True
@@ -82,11 +98,18 @@ class DataConfig:
             ("format", FORMATS),
             ("overlong", OVERLONG),
             ("on_bad_record", ON_BAD_RECORD),
+            ("tools_format", TOOLS_FORMATS),
         )
         for field, allowed in choices:
             if getattr(self, field) not in allowed:
                 raise _invalid(field, getattr(self, field), f"one of {allowed}")
-        for field in ("messages_field", "prompt_field", "completion_field", "text_field"):
+        for field in (
+            "messages_field",
+            "prompt_field",
+            "completion_field",
+            "text_field",
+            "tools_field",
+        ):
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
                 raise _invalid(field, value, "a non-empty field name")

@@ -23,6 +23,7 @@ Validation errors name the record and the field, e.g.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,35 @@ def _messages(value: Any, where: str, location: str) -> list[dict[str, Any]]:
     return list(value)
 
 
+def _tools(fields: dict[str, Any], name: str, location: str) -> list[dict[str, Any]] | None:
+    """The record's tool descriptions (see `DataConfig.tools_field`), or None without any."""
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecordError(
+                f"{location}: field {name!r} is a string but not JSON ({error.msg} at character "
+                f"{error.pos}): a list of tool descriptions, or a JSON string of one"
+            ) from error
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
+        raise RecordError(
+            f"{location}: field {name!r} must be a list of tool descriptions (JSON objects, "
+            f"e.g. {{'type': 'function', 'function': {{'name': ...}}}}), got {_type(value)}"
+        )
+    for i, tool in enumerate(value):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RecordError(
+                f"{location}: field {name!r}[{i}] has no function name: a tool description "
+                "is {'type': 'function', 'function': {'name': ..., 'parameters': ...}} or "
+                "the function object itself"
+            )
+    return [t if "function" in t else {"type": "function", "function": t} for t in value]
+
+
 def _require_assistant(messages: list[dict[str, Any]], where: str, location: str) -> None:
     if not any(message["role"] == ASSISTANT for message in messages):
         raise RecordError(
@@ -166,6 +196,18 @@ class Encoder:
         except (ValueError, TypeError) as error:  # ChatTemplateError is a ValueError
             raise RecordError(f"{location}: field {where}: {error}") from error
 
+    def _with_tools(self, messages: list, tools: list | None, location: str):
+        """(messages, tools) as an RL prompt with these tools renders them: the template's
+        tools section, else a system-message block (`postax.rl.tools.render.with_tools`)."""
+        if not tools:
+            return messages, None
+        from postax.rl.tools.render import with_tools  # data does not import rl at load time
+
+        try:
+            return with_tools(self.tokenizer, messages, tools, call_format=self.config.tools_format)
+        except (ValueError, TypeError) as error:  # a system message whose content is no text
+            raise RecordError(f"{location}: field {self.config.tools_field!r}: {error}") from error
+
     # -- formats: a Document, or the strings to encode ------------------------------------------
 
     def _messages(self, record: Record) -> Document:
@@ -173,7 +215,9 @@ class Encoder:
         where = repr(name)
         messages = _messages(_field(record.fields, name, record.location), where, record.location)
         _require_assistant(messages, where, record.location)
-        encoding = self._chat(messages, where, record.location)
+        tools = _tools(record.fields, self.config.tools_field, record.location)
+        messages, tools = self._with_tools(messages, tools, record.location)
+        encoding = self._chat(messages, where, record.location, tools=tools)
         return _document(encoding.ids, encoding.assistant_mask)
 
     def _text(self, record: Record) -> tuple[str]:
@@ -186,7 +230,8 @@ class Encoder:
         prompt = _field(record.fields, prompt_name, location)
         completion = _field(record.fields, completion_name, location)
         if isinstance(prompt, (list, tuple)):
-            return self._conversational(prompt, completion, location)
+            tools = _tools(record.fields, self.config.tools_field, location)
+            return self._conversational(prompt, completion, location, tools)
         prompt = _string(prompt, repr(prompt_name), location, empty_ok=True)
         completion = _string(completion, repr(completion_name), location)
         if not self.config.chat_template:
@@ -198,7 +243,9 @@ class Encoder:
         encoding = self._chat(messages, f"{prompt_name!r}/{completion_name!r}", location)
         return _document(encoding.ids, encoding.assistant_mask)
 
-    def _conversational(self, prompt: Any, completion: Any, location: str) -> Document:
+    def _conversational(
+        self, prompt: Any, completion: Any, location: str, tools: list | None = None
+    ) -> Document:
         prompt_where = repr(self.config.prompt_field)
         completion_where = repr(self.config.completion_field)
         prompt = _messages(prompt, prompt_where, location)
@@ -208,8 +255,9 @@ class Encoder:
         else:
             completion = _messages(completion, completion_where, location)
             _require_assistant(completion, completion_where, location)
-        head = self._chat(prompt, prompt_where, location, add_generation_prompt=True)
-        full = self._chat(prompt + completion, completion_where, location)
+        prompt, tools = self._with_tools(prompt, tools, location)
+        head = self._chat(prompt, prompt_where, location, add_generation_prompt=True, tools=tools)
+        full = self._chat(prompt + completion, completion_where, location, tools=tools)
         if full.ids[: len(head.ids)] != head.ids:
             raise RecordError(
                 f"{location}: field {prompt_where}: the tokens of the rendered prompt (with the "

@@ -94,16 +94,16 @@ def test_reference_solutions_pass_and_wrong_or_empty_functions_fail(reward):
     fenced = [f"Here it is:\n```python\n{r['solution']}```\nIt returns the value." for r in rows]
     scores = reward(fenced, fenced, tests=tests)
     assert scores == [1.0] * len(rows), (reward.last_counts, reward.last_error)
-    # for the held-out rows: a body that returns a constant (the first test's answer); for
-    # some, a body that returns None, and no code at all
+    # for every third held-out row: a body that returns a constant (the first test's answer);
+    # for every twelfth, also a body that returns None, and no code at all
     wrong, wrong_tests = [], []
-    for i, row in enumerate(rows[:48]):
+    for i, row in enumerate(rows[:48:3]):
         header = row["solution"].splitlines()[0]
         expected = row["tests"][0].rpartition(" == ")[2]
         wrong.append(f"```python\n{header}\n    return {expected}\n```")
-        if i % 6 == 0:
+        if i % 4 == 0:
             wrong += [f"```python\n{header}\n    pass\n```", ""]
-        wrong_tests += [row["tests"]] * (3 if i % 6 == 0 else 1)
+        wrong_tests += [row["tests"]] * (3 if i % 4 == 0 else 1)
     scores = reward(wrong, wrong, tests=wrong_tests)
     assert scores == [0.0] * len(wrong), (reward.last_counts, reward.last_error)
     assert reward.counts["timeout"] == reward.counts["memory"] == 0

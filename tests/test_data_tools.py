@@ -17,8 +17,13 @@ import numpy as np
 import pytest
 
 from postax.data import DataConfig, RecordError, SFTDataset
+from postax.data.config import TOOLS_FORMATS
+from postax.rl.envs.render import ChatRenderer
+from postax.rl.envs.tools import ToolEnv
+from postax.rl.tools import CALL_FORMATS
 from postax.rl.tools.builtin import calculator_tool
-from postax.rl.tools.render import tools_system_prompt, with_tools
+from postax.rl.tools.render import tools_system_prompt
+from postax.rl.tools.runner import ToolRunner
 from postax.tokenizer import build_tokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,27 +58,50 @@ def dataset(tmp_path: Path, records: list, tokenizer, **overrides) -> SFTDataset
     return SFTDataset(DataConfig(path=str(path), **{**settings, **overrides}), tokenizer)
 
 
+class AskOnce:
+    """An environment whose first observation is USER (its steps are never taken here)."""
+
+    def reset(self, example):
+        return [USER]
+
+    def step(self, turn_text):
+        raise AssertionError("not stepped")
+
+
 def rl_prompt_ids(tokenizer, call_format: str = "hermes") -> list[int]:
-    """The ids of the RL prompt for USER with the calculator tool (as `ToolEnv` renders it)."""
-    messages, tools = with_tools(tokenizer, [USER], [SCHEMA], call_format=call_format)
-    return tokenizer.encode_chat(messages, tools=tools, add_generation_prompt=True)
+    """The ids an RL episode with `tools: [calculator]` starts from: `ToolEnv.reset` then the
+    episode renderer, as `postax grpo` runs them."""
+    env = ToolEnv(
+        AskOnce(),
+        ToolRunner([calculator_tool()], parser=call_format),
+        tokenizer=tokenizer,
+        call_format=call_format,
+    )
+    return ChatRenderer(tokenizer, tools=env.tools).prompt_ids(env.reset({}))
 
 
 @pytest.mark.parametrize("template", ["with_section", "without_section"])
 def test_tools_render_as_the_rl_prompt_and_carry_no_loss(template, request, tmp_path):
     tokenizer = request.getfixturevalue(template)
+    function = SCHEMA["function"]
+    reordered = {"parameters": function["parameters"], "name": function["name"]}
+    if function["description"]:
+        reordered["description"] = function["description"]
     forms = [
         {"messages": DIALOGUE, "tools": [SCHEMA]},
         {"messages": DIALOGUE, "tools": json.dumps([SCHEMA])},  # a JSON string column
         {"messages": DIALOGUE, "tools": [SCHEMA["function"]]},  # the bare function object
+        {"messages": DIALOGUE, "tools": [reordered]},  # other key order, no description
         {"messages": DIALOGUE},
+        {"messages": DIALOGUE, "tools": ""},  # an empty column value: no tools
     ]
     data = dataset(tmp_path, forms, tokenizer)
-    (ids, labels), *others = [data.document(i) for i in range(4)]
-    for other_ids, other_labels in others[:2]:
+    (ids, labels), *others = [data.document(i) for i in range(len(forms))]
+    for other_ids, other_labels in others[:3]:
         np.testing.assert_array_equal(other_ids, ids)
         np.testing.assert_array_equal(other_labels, labels)
-    plain_ids, plain_labels = others[2]
+    plain_ids, plain_labels = others[3]
+    np.testing.assert_array_equal(others[4][0], plain_ids)
 
     prompt = rl_prompt_ids(tokenizer)
     assert ids[: len(prompt)].tolist() == prompt  # the SFT conversation starts as RL's prompt
@@ -94,12 +122,26 @@ def test_conversational_prompt_completion_takes_tools(with_section, tmp_path):
     assert labels[len(prompt) :].any()
 
 
+def test_templated_string_prompt_completion_takes_tools(without_section, tmp_path):
+    record = {"prompt": USER["content"], "completion": "#### 29842", "tools": [SCHEMA]}
+    ids, labels = dataset(tmp_path, [record], without_section, chat_template=True).document(0)
+    prompt = rl_prompt_ids(without_section)
+    assert ids[: len(prompt)].tolist() == prompt and not labels[: len(prompt)].any()
+
+
+def test_tools_field_null_turns_the_feature_off(without_section, tmp_path):
+    records = [{"messages": DIALOGUE, "tools": [SCHEMA]}, {"messages": DIALOGUE}]
+    data = dataset(tmp_path, records, without_section, tools_field=None)
+    np.testing.assert_array_equal(data.document(0)[0], data.document(1)[0])
+
+
 def test_tools_format_names_the_call_format(without_section, tmp_path):
     record = {"messages": DIALOGUE, "tools": [SCHEMA]}
     ids, _ = dataset(tmp_path, [record], without_section, tools_format="llama3_json").document(0)
     prompt = rl_prompt_ids(without_section, "llama3_json")
     assert ids[: len(prompt)].tolist() == prompt
     assert prompt != rl_prompt_ids(without_section, "hermes")
+    assert tuple(CALL_FORMATS) == TOOLS_FORMATS  # data's copy of the parsers' formats
     with pytest.raises(ValueError, match=r"data\.tools_format='xml' is invalid: one of"):
         DataConfig(path="x.jsonl", tools_format="xml")
     # a custom field name

@@ -40,7 +40,9 @@ class DataConfig:
             the chat template's tools section (`tools=` of `apply_chat_template`); for a
             template without one, into the system message in the `tools_format` call format
             (`postax.rl.tools.render.with_tools`): the same ids as an RL prompt with `tools:`
-            and that parser. Records without the field render without tools.
+            and that parser. Records without the field (or with null, "" or []) render
+            without tools; null turns the feature off. A record's schemas are written in
+            `Tool.schema`'s form (type, then name, description, parameters).
         tools_format: The call format the tools block names when the template has no tools
             section: "hermes" or "llama3_json" (`postax.rl.tools.CALL_FORMATS`).
         seq_len: Model input positions per row. A document of n tokens uses n - 1 positions
@@ -75,7 +77,7 @@ class DataConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     text_field: str = "text"
-    tools_field: str = "tools"
+    tools_field: str | None = "tools"
     tools_format: str = "hermes"
     seq_len: int = 2048
     batch_size: int = 8
@@ -108,7 +110,7 @@ class DataConfig:
             "prompt_field",
             "completion_field",
             "text_field",
-            "tools_field",
+            *(["tools_field"] if self.tools_field is not None else []),
         ):
             value = getattr(self, field)
             if not isinstance(value, str) or not value:

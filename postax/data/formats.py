@@ -110,12 +110,13 @@ def _messages(value: Any, where: str, location: str) -> list[dict[str, Any]]:
     return list(value)
 
 
-def _tools(fields: dict[str, Any], name: str, location: str) -> list[dict[str, Any]] | None:
-    """The record's tool descriptions (see `DataConfig.tools_field`), or None without any."""
-    value = fields.get(name)
-    if value is None:
-        return None
+def _tools(fields: dict[str, Any], name: str | None, location: str) -> list[dict] | None:
+    """The record's tool descriptions (see `DataConfig.tools_field`) in `Tool.schema`'s form
+    and key order, or None when it offers none (no field, null, "" or [])."""
+    value = None if name is None else fields.get(name)
     if isinstance(value, str):
+        if not value.strip():
+            return None
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
@@ -123,11 +124,14 @@ def _tools(fields: dict[str, Any], name: str, location: str) -> list[dict[str, A
                 f"{location}: field {name!r} is a string but not JSON ({error.msg} at character "
                 f"{error.pos}): a list of tool descriptions, or a JSON string of one"
             ) from error
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
         raise RecordError(
             f"{location}: field {name!r} must be a list of tool descriptions (JSON objects, "
             f"e.g. {{'type': 'function', 'function': {{'name': ...}}}}), got {_type(value)}"
         )
+    tools = []
     for i, tool in enumerate(value):
         function = tool.get("function", tool)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -136,7 +140,21 @@ def _tools(fields: dict[str, Any], name: str, location: str) -> list[dict[str, A
                 "is {'type': 'function', 'function': {'name': ..., 'parameters': ...}} or "
                 "the function object itself"
             )
-    return [t if "function" in t else {"type": "function", "function": t} for t in value]
+        # Tool.schema's form: the same JSON text whatever the record's key order or omissions
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        rest = {k: v for k, v in function.items() if k not in ("name", "description", "parameters")}
+        tools.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": function["name"],
+                    "description": function.get("description") or "",
+                    "parameters": parameters,
+                    **rest,
+                },
+            }
+        )
+    return tools
 
 
 def _require_assistant(messages: list[dict[str, Any]], where: str, location: str) -> None:
@@ -167,6 +185,7 @@ class Encoder:
             "prompt_completion": self._prompt_completion,
             "text": self._text,
         }
+        self._renders_tools: dict[tuple[str, ...], bool] = {}
 
     def encode(self, records: Sequence[Record], format: str) -> list[Document | RecordError]:
         """The document of each record in `format`, or the `RecordError` it raised."""
@@ -201,10 +220,21 @@ class Encoder:
         tools section, else a system-message block (`postax.rl.tools.render.with_tools`)."""
         if not tools:
             return messages, None
-        from postax.rl.tools.render import with_tools  # data does not import rl at load time
+        # rl.tools.render needs only the tokenizer; imported here so that postax.data loads
+        # without postax.rl
+        from postax.rl.tools.render import template_renders_tools, with_tools
 
+        key = tuple(json.dumps(t, sort_keys=True) for t in tools)
+        if key not in self._renders_tools:  # one probe per tool list, not per record
+            self._renders_tools[key] = template_renders_tools(self.tokenizer, tools)
         try:
-            return with_tools(self.tokenizer, messages, tools, call_format=self.config.tools_format)
+            return with_tools(
+                self.tokenizer,
+                messages,
+                tools,
+                call_format=self.config.tools_format,
+                in_template=self._renders_tools[key],
+            )
         except (ValueError, TypeError) as error:  # a system message whose content is no text
             raise RecordError(f"{location}: field {self.config.tools_field!r}: {error}") from error
 
@@ -240,7 +270,10 @@ class Encoder:
             {"role": "user", "content": prompt},
             {"role": ASSISTANT, "content": completion},
         ]
-        encoding = self._chat(messages, f"{prompt_name!r}/{completion_name!r}", location)
+        tools = _tools(record.fields, self.config.tools_field, location)
+        messages, tools = self._with_tools(messages, tools, location)
+        where = f"{prompt_name!r}/{completion_name!r}"
+        encoding = self._chat(messages, where, location, tools=tools)
         return _document(encoding.ids, encoding.assistant_mask)
 
     def _conversational(

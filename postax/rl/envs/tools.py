@@ -83,6 +83,7 @@ class ToolEnv:
             self.runner.schemas,
             call_format=self.call_format,
             template_name=self.template_name,
+            in_template=self.tools is not None,
         )
         return messages
 

@@ -97,16 +97,20 @@ def with_tools(
     *,
     call_format: str = "hermes",
     template_name: str | None = None,
+    in_template: bool | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(messages, tools) to render: unchanged when the template renders tools itself (or
     there are none), else the messages with `tools_system_prompt` in the system message and
     no tools. Use: `messages, tools = with_tools(tok, messages, schemas);
-    tok.encode_chat(messages, tools=tools, add_generation_prompt=True)`."""
+    tok.encode_chat(messages, tools=tools, add_generation_prompt=True)`. `in_template`: the
+    answer of `template_renders_tools` when the caller has it (None: probe the template)."""
     messages = [dict(m) for m in messages]
     if not tools:
         return messages, None
     tools = [dict(t) for t in tools]
-    if template_renders_tools(tokenizer, tools, template_name=template_name):
+    if in_template is None:
+        in_template = template_renders_tools(tokenizer, tools, template_name=template_name)
+    if in_template:
         return messages, tools
     block = tools_system_prompt(tools, call_format)
     if messages and messages[0].get("role") == "system":

@@ -426,16 +426,22 @@ def test_every_directory_under_configs_has_a_runner():
     assert {p.parent.relative_to(CONFIGS).as_posix() for p in SHIPPED} <= set(DIRECTORY_COMMANDS)
 
 
-# Configs that CI's learning tier runs whole (tests/test_agentic_learning.py: SFT, then GRPO
-# until the model has learned the tool; `.ci/run`): here only their header is checked.
-LEARNING_TIER = {"sft/calculator-tool-sft.yaml", "grpo/calculator-tool.yaml"}
+# Configs that CI's learning tier runs through their demos (tests/test_agentic_learning.py,
+# after the suite in `.ci/run`: the calculator's SFT then GRPO until the tool is learned, the
+# guess-number demo cut short): here only their headers are checked.
+LEARNING_TIER = {
+    "sft/calculator-tool-sft.yaml": "calculator_demo.py",
+    "grpo/calculator-tool.yaml": "calculator_demo.py",
+    "sft/guess-number-sft.yaml": "guess_demo.py",
+    "grpo/guess-number.yaml": "guess_demo.py",
+}
 
 
 def test_learning_tier_configs_are_the_ones_it_runs():
-    demo = (CONFIGS.parent / "examples" / "agentic" / "calculator_demo.py").read_text()
     learning = (CONFIGS.parent / "tests" / "test_agentic_learning.py").read_text()
-    assert "calculator_demo.py" in learning and "run_sft" in learning and "run_grpo" in learning
-    for rel in sorted(LEARNING_TIER):
+    for rel, demo_file in sorted(LEARNING_TIER.items()):
+        demo = (CONFIGS.parent / "examples" / "agentic" / demo_file).read_text()
+        assert f'"{demo_file}"' in learning, demo_file
         directory, name = rel.split("/")
         assert f'"{directory}" / "{name}"' in demo, rel
         header_command(CONFIGS / rel)

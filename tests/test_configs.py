@@ -442,8 +442,7 @@ def test_learning_tier_configs_are_the_ones_it_runs():
     for rel, demo_file in sorted(LEARNING_TIER.items()):
         demo = (CONFIGS.parent / "examples" / "agentic" / demo_file).read_text()
         assert f'"{demo_file}"' in learning, demo_file
-        directory, name = rel.split("/")
-        assert f'"{directory}" / "{name}"' in demo, rel
+        assert f'config="{rel}"' in demo, rel
         header_command(CONFIGS / rel)
 
 

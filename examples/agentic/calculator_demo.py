@@ -23,82 +23,49 @@ Exits with status 1 if GRPO raised held-out accuracy by less than `--min-gain` (
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 import calculator_data  # noqa: E402
-
-from postax.configs import load_config  # noqa: E402
-from postax.recipes import grpo, sft  # noqa: E402
+import demo_steps  # noqa: E402
 
 REQUIRED_GAIN = 0.30
 SAMPLED = ("tool_calls", "tool_error_rate", "reward")
 
 
-def sampled_rates(metrics_path: Path, window: int = 3) -> tuple[dict, dict]:
-    """Mean of the sampled-episode metrics over the first and the last `window` iterations."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if all(k in r for k in SAMPLED)]
-    first = {k: float(np.mean([r[k] for r in rows[:window]])) for k in SAMPLED}
-    last = {k: float(np.mean([r[k] for r in rows[-window:]])) for k in SAMPLED}
-    return first, last
-
-
 def run_sft(out: Path, overrides: list[str] = (), data_kwargs: dict | None = None) -> dict:
-    """Writes the data under `out/data` and fine-tunes `out/sft` (the SFT config plus
-    `overrides`); returns the SFT summary with `data` (the data directory) and `seconds`."""
-    start = time.perf_counter()
-    data = calculator_data.write(out / "data", **(data_kwargs or {}))
-    config = load_config(
-        sft.SFTConfig,
-        ROOT / "configs" / "sft" / "calculator-tool-sft.yaml",
-        [
-            f"output_dir={out / 'sft'}",
-            f"tokenizer={data / 'calc_tokenizer'}",
-            f"data.path={data / 'calc_sft.jsonl'}",
-            "trainer.progress=false",
-            *overrides,
-        ],
+    """Writes the data under `out/data` and fine-tunes `out/sft`
+    (`configs/sft/calculator-tool-sft.yaml` plus `overrides`); returns the SFT
+    summary with `data` (the data directory) and `seconds`."""
+    return demo_steps.run_sft(
+        out,
+        config="sft/calculator-tool-sft.yaml",
+        write_data=calculator_data.write,
+        tokenizer="calc_tokenizer",
+        demonstrations="calc_sft.jsonl",
+        overrides=overrides,
+        data_kwargs=data_kwargs,
     )
-    summary = sft.run(config)
-    return {**summary, "data": data, "seconds": time.perf_counter() - start}
 
 
 def run_grpo(out: Path, sft_out: Path, overrides: list[str] = ()) -> dict:
-    """GRPO from `sft_out/sft/final` on the data in `sft_out/data` into `out/grpo` (the GRPO
-    config plus `overrides`); returns the before/after numbers (see `main`)."""
-    start = time.perf_counter()
-    data = sft_out / "data"
-    config = load_config(
-        grpo.GRPOConfig,
-        ROOT / "configs" / "grpo" / "calculator-tool.yaml",
-        [
-            f"output_dir={out / 'grpo'}",
-            f"model.path={sft_out / 'sft' / 'final'}",
-            f"data.path={data / 'calc_train.jsonl'}",
-            f"eval_data.path={data / 'calc_eval.jsonl'}",
-            *overrides,
-        ],
+    """GRPO from `sft_out/sft/final` on the data in `sft_out/data` into `out/grpo`
+    (`configs/grpo/calculator-tool.yaml` plus `overrides`); returns the before/after numbers
+    (see `main`)."""
+    return demo_steps.run_grpo(
+        out,
+        sft_out,
+        config="grpo/calculator-tool.yaml",
+        train="calc_train.jsonl",
+        held_out="calc_eval.jsonl",
+        sampled=SAMPLED,
+        overrides=overrides,
     )
-    summary = grpo.run(config)
-    first, last = sampled_rates(out / "grpo" / "metrics.jsonl")
-    return {
-        "before": summary["eval_before"],
-        "after": summary["eval_after"],
-        "sampled_first": first,
-        "sampled_last": last,
-        "plot": summary.get("plot"),
-        "seconds": time.perf_counter() - start,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

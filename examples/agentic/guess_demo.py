@@ -23,23 +23,17 @@ Exits with status 1 if GRPO raised the greedy win rate by less than `--min-gain`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
+import demo_steps  # noqa: E402
 import guess_data  # noqa: E402
-
-from postax.configs import load_config  # noqa: E402
-from postax.recipes import grpo, sft  # noqa: E402
 
 REQUIRED_GAIN = 0.30
 SAMPLED = ("done", "turns", "reward")  # done: the share of episodes won (only a win ends one)
@@ -55,61 +49,34 @@ def guesses_per_win(evaluation: dict, max_turns: int = guess_data.MAX_TURNS) -> 
     return (evaluation["turns"] - max_turns * (1 - won)) / won
 
 
-def sampled_rates(metrics_path: Path, window: int = 3) -> tuple[dict, dict]:
-    """Mean of the sampled-episode metrics over the first and the last `window` iterations."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if all(k in r for k in SAMPLED)]
-    first = {k: float(np.mean([r[k] for r in rows[:window]])) for k in SAMPLED}
-    last = {k: float(np.mean([r[k] for r in rows[-window:]])) for k in SAMPLED}
-    return first, last
-
-
 def run_sft(out: Path, overrides: list[str] = (), data_kwargs: dict | None = None) -> dict:
-    """Writes the data under `out/data` and fine-tunes `out/sft` (the SFT config plus
-    `overrides`); returns the SFT summary with `data` (the data directory) and `seconds`."""
-    start = time.perf_counter()
-    data = guess_data.write(out / "data", **(data_kwargs or {}))
-    config = load_config(
-        sft.SFTConfig,
-        ROOT / "configs" / "sft" / "guess-number-sft.yaml",
-        [
-            f"output_dir={out / 'sft'}",
-            f"tokenizer={data / 'guess_tokenizer'}",
-            f"data.path={data / 'guess_sft.jsonl'}",
-            "trainer.progress=false",
-            *overrides,
-        ],
+    """Writes the data under `out/data` and fine-tunes `out/sft`
+    (`configs/sft/guess-number-sft.yaml` plus `overrides`); returns the SFT
+    summary with `data` (the data directory) and `seconds`."""
+    return demo_steps.run_sft(
+        out,
+        config="sft/guess-number-sft.yaml",
+        write_data=guess_data.write,
+        tokenizer="guess_tokenizer",
+        demonstrations="guess_sft.jsonl",
+        overrides=overrides,
+        data_kwargs=data_kwargs,
     )
-    summary = sft.run(config)
-    return {**summary, "data": data, "seconds": time.perf_counter() - start}
 
 
 def run_grpo(out: Path, sft_out: Path, overrides: list[str] = ()) -> dict:
-    """GRPO from `sft_out/sft/final` on the data in `sft_out/data` into `out/grpo` (the GRPO
-    config plus `overrides`); returns the before/after numbers (see `main`)."""
-    start = time.perf_counter()
-    data = sft_out / "data"
-    config = load_config(
-        grpo.GRPOConfig,
-        ROOT / "configs" / "grpo" / "guess-number.yaml",
-        [
-            f"output_dir={out / 'grpo'}",
-            f"model.path={sft_out / 'sft' / 'final'}",
-            f"data.path={data / 'guess_train.jsonl'}",
-            f"eval_data.path={data / 'guess_eval.jsonl'}",
-            *overrides,
-        ],
+    """GRPO from `sft_out/sft/final` on the data in `sft_out/data` into `out/grpo`
+    (`configs/grpo/guess-number.yaml` plus `overrides`); returns the before/after numbers
+    (see `main`)."""
+    return demo_steps.run_grpo(
+        out,
+        sft_out,
+        config="grpo/guess-number.yaml",
+        train="guess_train.jsonl",
+        held_out="guess_eval.jsonl",
+        sampled=SAMPLED,
+        overrides=overrides,
     )
-    summary = grpo.run(config)
-    first, last = sampled_rates(out / "grpo" / "metrics.jsonl")
-    return {
-        "before": summary["eval_before"],
-        "after": summary["eval_after"],
-        "sampled_first": first,
-        "sampled_last": last,
-        "plot": summary.get("plot"),
-        "seconds": time.perf_counter() - start,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

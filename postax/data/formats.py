@@ -110,6 +110,11 @@ def _messages(value: Any, where: str, location: str) -> list[dict[str, Any]]:
     return list(value)
 
 
+def _never_called(**_: Any) -> None:
+    """The function of a tool described in data: SFT only renders its schema."""
+    raise AssertionError("a tool of an SFT record is never called")
+
+
 def _tools(fields: dict[str, Any], name: str | None, location: str) -> list[dict] | None:
     """The record's tool descriptions (see `DataConfig.tools_field`) in `Tool.schema`'s form
     and key order, or None when it offers none (no field, null, "" or [])."""
@@ -140,20 +145,14 @@ def _tools(fields: dict[str, Any], name: str | None, location: str) -> list[dict
                 "is {'type': 'function', 'function': {'name': ..., 'parameters': ...}} or "
                 "the function object itself"
             )
-        # Tool.schema's form: the same JSON text whatever the record's key order or omissions
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        rest = {k: v for k, v in function.items() if k not in ("name", "description", "parameters")}
-        tools.append(
-            {
-                "type": "function",
-                "function": {
-                    "name": function["name"],
-                    "description": function.get("description") or "",
-                    "parameters": parameters,
-                    **rest,
-                },
-            }
-        )
+        # Tool.schema's form (what an RL prompt renders): the same JSON text whatever the
+        # record's key order or omissions
+        from postax.rl.tools.schema import Tool  # data does not import rl at load time
+
+        try:
+            tools.append(Tool.from_schema(_never_called, function).schema)
+        except ValueError as error:
+            raise RecordError(f"{location}: field {name!r}[{i}]: {error}") from error
     return tools
 
 

@@ -1,6 +1,6 @@
 """Model families, presets and Hugging Face checkpoint interop."""
 
-from postax.models import gemma, llama, qwen
+from postax.models import gemma, llama, moe, qwen, qwen3_moe
 from postax.models.config import ConfigError, ModelConfig, RopeConfig
 from postax.models.hf import (
     abstract_model,
@@ -23,7 +23,12 @@ from postax.models.quant import param_bytes, quantize
 from postax.models.safetensors_io import CheckpointError
 from postax.models.transformer import CausalLM, KVCache
 
-PRESETS: dict[str, ModelConfig] = {**llama.PRESETS, **qwen.PRESETS, **gemma.PRESETS}
+PRESETS: dict[str, ModelConfig] = {
+    **llama.PRESETS,
+    **qwen.PRESETS,
+    **qwen3_moe.PRESETS,
+    **gemma.PRESETS,
+}
 
 
 # GGUF support needs the optional `gguf` package (extra `postax[gguf]`): imported on first use.
@@ -74,6 +79,7 @@ __all__ = [
     "load_model",
     "lora_disabled",
     "merge_lora",
+    "moe",
     "param_bytes",
     "preset",
     "quantize",

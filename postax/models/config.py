@@ -16,6 +16,7 @@ from postax.validation import require as _require
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+MLP_TYPES = ("dense", "sparse")
 ROPE_KINDS = ("default", "linear", "llama3")
 
 
@@ -91,6 +92,11 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    mlp_types: tuple[str, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -139,6 +145,48 @@ class ModelConfig:
         for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "None or > 0")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        _require(
+            isinstance(self.num_experts, int) and self.num_experts >= 0,
+            "num_experts",
+            self.num_experts,
+            "an integer >= 0 (0: no sparse layers)",
+        )
+        if not self.mlp_types:
+            kind = "sparse" if self.num_experts else "dense"
+            object.__setattr__(self, "mlp_types", (kind,) * self.num_layers)
+        object.__setattr__(self, "mlp_types", tuple(self.mlp_types))
+        _require(
+            len(self.mlp_types) == self.num_layers,
+            "mlp_types",
+            self.mlp_types,
+            f"one entry per layer ({self.num_layers})",
+        )
+        for kind in self.mlp_types:
+            _require(kind in MLP_TYPES, "mlp_types", kind, f"entries in {MLP_TYPES}")
+        if "sparse" not in self.mlp_types:
+            return
+        _require(
+            self.num_experts > 0,
+            "num_experts",
+            self.num_experts,
+            "a positive integer when any layer is 'sparse'",
+        )
+        _require(
+            isinstance(self.num_experts_per_tok, int)
+            and 0 < self.num_experts_per_tok <= self.num_experts,
+            "num_experts_per_tok",
+            self.num_experts_per_tok,
+            f"an integer in [1, num_experts={self.num_experts}]",
+        )
+        _require(
+            isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
+            "moe_intermediate_size",
+            self.moe_intermediate_size,
+            "a positive integer when any layer is 'sparse'",
+        )
 
     @property
     def attention_scale(self) -> float:
@@ -150,6 +198,10 @@ class ModelConfig:
         if self.layer_types[index] == "sliding_attention" and self.local_rope is not None:
             return self.local_rope
         return self.rope
+
+    def is_sparse(self, index: int) -> bool:
+        """Whether layer `index` has a mixture-of-experts MLP."""
+        return self.mlp_types[index] == "sparse"
 
     def window_for_layer(self, index: int) -> int | None:
         return self.sliding_window if self.layer_types[index] == "sliding_attention" else None

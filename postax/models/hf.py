@@ -4,7 +4,9 @@
 builds the module abstractly (no memory), then streams tensors from the
 safetensors file(s) one at a time straight into parameters of the requested
 dtype. Module paths equal Hugging Face tensor names, so the only per-family
-table is `checkpoint_name` (e.g. Gemma 3's multimodal prefixes).
+tables are `checkpoint_name` (e.g. Gemma 3's multimodal prefixes) and, for
+parameters stored as several tensors (Qwen3-MoE's experts, one tensor each),
+`joined_tensor` (load) and `split_tensor` (save).
 
 `save_model(model, path)` writes `config.json` and safetensors (sharded with
 `model.safetensors.index.json` past `max_shard_bytes`) that
@@ -17,16 +19,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from postax.models import gemma, llama, qwen
+from postax.models import gemma, llama, qwen, qwen3_moe
 from postax.models.config import ConfigError, ModelConfig
 from postax.models.safetensors_io import (
     CheckpointError,
@@ -38,12 +41,13 @@ from postax.models.safetensors_io import (
 from postax.models.stack import unstacked_copy
 from postax.models.transformer import CausalLM
 
-FAMILY_MODULES: tuple[ModuleType, ...] = (llama, qwen, gemma)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, qwen, qwen3_moe, gemma)
 MODEL_TYPES: dict[str, ModuleType] = {t: m for m in FAMILY_MODULES for t in m.MODEL_TYPES}
 FAMILY_OF_CONFIG: dict[str, ModuleType] = {
     "llama": llama,
     "qwen2": qwen,
     "qwen3": qwen,
+    "qwen3_moe": qwen3_moe,
     "gemma": gemma,
     "gemma2": gemma,
     "gemma3": gemma,
@@ -52,6 +56,7 @@ ARCHITECTURE_MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
@@ -189,26 +194,45 @@ def load_model(
 def load_weights(path: str | os.PathLike, abstract: nnx.Module) -> nnx.Module:
     """Fills an abstract module (with a `config`) from the checkpoint's tensors, streamed.
 
-    Module paths are the tensor names (after the family's `checkpoint_name`);
-    a missing, unexpected or mis-shaped tensor is an error naming it.
+    Module paths are the tensor names (after the family's `checkpoint_name`), or
+    the family's `joined_tensor` says which tensors form a parameter; a missing,
+    unexpected or mis-shaped tensor is an error naming it.
     """
     path = Path(path)
     cfg = abstract.config
     family = FAMILY_OF_CONFIG[cfg.family]
     naming = getattr(family, "checkpoint_name", lambda name: name)
+    joined_tensor = getattr(family, "joined_tensor", lambda name, shape, tensors: None)
     graphdef, abstract_state = nnx.split(abstract)
     expected = {param_name(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
 
     found: dict[str, TensorInfo] = {}
-    unexpected = []
+    original: dict[str, str] = {}
     for name, info in _checkpoint_tensors(path).items():
         target = naming(name)
         if target is None or (cfg.tie_word_embeddings and target == "lm_head.weight"):
             continue
-        if target not in expected:
-            unexpected.append(name)
         found[target] = info
-    missing = sorted(set(expected) - set(found))
+        original[target] = name
+    joined: dict[str, Callable[[np.dtype], np.ndarray]] = {}
+    used: set[str] = set()
+    missing = []
+    for name, (_, variable) in expected.items():
+        plan = joined_tensor(name, tuple(variable.shape), found)
+        if plan is None:
+            if name not in found:
+                missing.append(name)
+            continue
+        sources, read = plan
+        if read is None:
+            missing.extend(sources)
+            continue
+        used.update(sources)
+        joined[name] = read
+    unexpected = [
+        original[t] for t in found if t not in used and (t not in expected or t in joined)
+    ]
+    missing = sorted(missing)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: checkpoint does not match {cfg.family} config: "
@@ -217,6 +241,11 @@ def load_weights(path: str | os.PathLike, abstract: nnx.Module) -> nnx.Module:
         )
     flat = []
     for name, (param_path, variable) in expected.items():
+        if name in joined:
+            array = joined[name](np.dtype(variable.dtype))
+            flat.append((param_path, variable.replace(jax.device_put(array))))
+            del array
+            continue
         info = found[name]
         want = tuple(variable.shape)
         if info.shape != want:
@@ -277,17 +306,18 @@ def write_checkpoint(
     reference: the abstract plain module whose parameter names the checkpoint must hold.
     """
     path = Path(path)
-    tensors = model_tensors(unstacked_copy(model))
+    params = model_tensors(unstacked_copy(model))
     expected = {param_name(p) for p, _ in nnx.to_flat_state(nnx.state(reference, nnx.Param))}
-    if set(tensors) != expected:
+    if set(params) != expected:
         raise CheckpointError(
             f"cannot save to {path}: the model's parameters do not form a plain {model.config.family} "
-            f"checkpoint (extra {sorted(set(tensors) - expected)[:4]}, missing {sorted(expected - set(tensors))[:4]}); "
+            f"checkpoint (extra {sorted(set(params) - expected)[:4]}, missing {sorted(expected - set(params))[:4]}); "
             "merge LoRA adapters (postax.models.lora.merge_lora) or dequantise first"
         )
     path.mkdir(parents=True, exist_ok=True)
-    target = {name: np.dtype(_dtype(dtype) if dtype else a.dtype) for name, a in tensors.items()}
-    sizes = {name: math.prod(a.shape) * target[name].itemsize for name, a in tensors.items()}
+    tensors = _checkpoint_outputs(FAMILY_OF_CONFIG[model.config.family], params)
+    target = {name: np.dtype(_dtype(dtype) if dtype else t.dtype) for name, t in tensors.items()}
+    sizes = {name: math.prod(t.shape) * target[name].itemsize for name, t in tensors.items()}
     shards: list[list[str]] = [[]]
     shard_bytes = 0
     for name in tensors:
@@ -307,7 +337,7 @@ def write_checkpoint(
                 n,
                 tuple(tensors[n].shape),
                 target[n],
-                lambda n=n: np.asarray(jax.device_get(tensors[n])).astype(target[n], copy=False),
+                lambda n=n: tensors[n].read().astype(target[n], copy=False),
             )
             for n in names
         ]
@@ -327,6 +357,36 @@ def write_checkpoint(
         if stale.name not in files:
             stale.unlink()
     return path
+
+
+class _Output(NamedTuple):
+    """A checkpoint tensor to write: shape, dtype and a function giving its host array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+
+
+def _checkpoint_outputs(family: ModuleType, params: dict[str, jax.Array]) -> dict[str, _Output]:
+    """Checkpoint tensor name -> _Output; the family's `split_tensor` writes a parameter
+    as several tensors (each sliced on the device, then read)."""
+    split_tensor = getattr(family, "split_tensor", lambda name, shape: None)
+    outputs = {}
+    for name, array in params.items():
+        dtype = np.dtype(array.dtype)
+        parts = split_tensor(name, tuple(array.shape))
+        if parts is None:
+            outputs[name] = _Output(
+                tuple(array.shape), dtype, lambda a=array: np.asarray(jax.device_get(a))
+            )
+            continue
+        for part_name, shape, take in parts:
+            outputs[part_name] = _Output(
+                shape,
+                dtype,
+                lambda a=array, take=take: np.asarray(jax.device_get(take(a))),
+            )
+    return outputs
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -36,6 +36,7 @@ from postax.models.layers import (
     make_attention_mask,
     matmul_transposed,
 )
+from postax.models.moe import SparseMLP
 from postax.models.stack import REMAT_POLICIES, LayerStack
 
 
@@ -82,11 +83,14 @@ class Intermediates(NamedTuple):
     hidden: final normed hidden states [b, t, embed] (the input of `logits`).
     layer_hidden: {k: residual stream after k layers [b, t, embed]}.
     attention: {layer: float32 attention probabilities [b, heads, t, t]}.
+    router_logits: float32 router logits [sparse layers, b, t, experts] of the
+        mixture-of-experts layers, in layer order (None unless asked for).
     """
 
     hidden: jax.Array
     layer_hidden: dict[int, jax.Array]
     attention: dict[int, jax.Array]
+    router_logits: jax.Array | None = None
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -129,7 +133,8 @@ class DecoderLayer(nnx.Module):
     Attribute names follow Hugging Face: in Llama-style blocks
     `post_attention_layernorm` is the norm *before* the MLP; in sandwich
     blocks it is applied to the attention output and the MLP gets
-    `pre_feedforward_layernorm` / `post_feedforward_layernorm`.
+    `pre_feedforward_layernorm` / `post_feedforward_layernorm`. A "sparse" layer
+    (`cfg.mlp_types`) has a mixture-of-experts `mlp` (`moe.SparseMLP`).
     """
 
     def __init__(self, cfg: ModelConfig, index: int, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -143,7 +148,9 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.self_attn = Attention(cfg, index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.sparse = cfg.is_sparse(index)
+        mlp = SparseMLP if self.sparse else MLP
+        self.mlp = mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
@@ -157,12 +164,22 @@ class DecoderLayer(nnx.Module):
         return x + out, extra
 
     def _mlp_out(self, x):
+        """(x + MLP block, float32 router logits [b, t, experts] of a sparse MLP or None)."""
         if self.sandwich:
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x + self.mlp(self.post_attention_layernorm(x))
+            y, router = self._mlp(self.pre_feedforward_layernorm(x))
+            return x + self.post_feedforward_layernorm(y), router
+        y, router = self._mlp(self.post_attention_layernorm(x))
+        return x + y, router
+
+    def _mlp(self, x):
+        return self.mlp(x) if self.sparse else (self.mlp(x), None)
 
     def __call__(self, x, positions, masks):
         """masks: {window (0 for full attention): [b, t, t] bool}, shared across layers."""
+        return self.with_router(x, positions, masks)[0]
+
+    def with_router(self, x, positions, masks):
+        """`__call__` that also returns the router logits (None for a dense MLP)."""
         attn = self.self_attn
 
         def attend(q, k, v):
@@ -173,7 +190,8 @@ class DecoderLayer(nnx.Module):
         return self._mlp_out(x)
 
     def with_attention(self, x, positions, masks):
-        """`__call__` that also returns the float32 attention probabilities [b, heads, t, t]."""
+        """`__call__` that also returns the float32 attention probabilities [b, heads, t, t]
+        and the router logits (None for a dense MLP)."""
         attn = self.self_attn
 
         def attend(q, k, v):
@@ -181,7 +199,8 @@ class DecoderLayer(nnx.Module):
             return attn.attend_with_probabilities(q, k, v, masks[attn.window or 0])
 
         x, probs = self._attention_out(x, positions, attend)
-        return self._mlp_out(x), probs
+        x, router = self._mlp_out(x)
+        return x, probs, router
 
     def decode(self, x, positions, write_at, valid, store):
         """Attends this step's tokens over the cache; `store(k, v)` writes their keys and
@@ -197,7 +216,7 @@ class DecoderLayer(nnx.Module):
             return out, cache
 
         x, cache = self._attention_out(x, positions, attend)
-        return self._mlp_out(x), cache
+        return self._mlp_out(x)[0], cache
 
 
 class Decoder(nnx.Module):
@@ -241,47 +260,62 @@ class Decoder(nnx.Module):
         *,
         hidden_layers: tuple[int, ...] = (),
         attention_layers: tuple[int, ...] = (),
+        router_logits: bool = False,
     ) -> Intermediates:
         """The layer stack of a full forward pass, then the final norm.
 
         Each layer is rematerialised in the backward pass when `self.remat` is set
         (`set_remat`), except the `attention_layers`, which also return their float32
         attention probabilities. `hidden_layers` picks residual streams to keep (see
-        `CausalLM.intermediates`).
+        `CausalLM.intermediates`); `router_logits` keeps the sparse layers' router logits.
         """
         if isinstance(self.layers, LayerStack):
-            return self._run_stack(x, positions, masks, hidden_layers, attention_layers)
+            return self._run_stack(
+                x, positions, masks, hidden_layers, attention_layers, router_logits
+            )
         hidden = {0: x} if 0 in hidden_layers else {}
         attention = {}
+        routers = []
+        call = DecoderLayer.with_router if router_logits else DecoderLayer.__call__
         for i, layer in enumerate(self.layers):
+            router = None
             if i in attention_layers:
-                x, attention[i] = layer.with_attention(x, positions, masks)
+                x, attention[i], router = layer.with_attention(x, positions, masks)
             elif self.remat:
-                x = nnx.remat(DecoderLayer.__call__, policy=REMAT_POLICIES[self.remat_policy])(
+                x = nnx.remat(call, policy=REMAT_POLICIES[self.remat_policy])(
                     layer, x, positions, masks
                 )
             else:
-                x = layer(x, positions, masks)
+                x = call(layer, x, positions, masks)
+            if router_logits:
+                if i not in attention_layers:
+                    x, router = x
+                if router is not None:
+                    routers.append(router)
             if i + 1 in hidden_layers:
                 hidden[i + 1] = x
-        return Intermediates(self.norm(x), hidden, attention)
+        stacked = jnp.stack(routers) if routers else None
+        return Intermediates(self.norm(x), hidden, attention, stacked)
 
-    def _run_stack(self, x, positions, masks, hidden_layers, attention_layers) -> Intermediates:
+    def _run_stack(
+        self, x, positions, masks, hidden_layers, attention_layers, router_logits
+    ) -> Intermediates:
         """`run_layers` over a LayerStack: one scan, or, when attention probabilities are
         asked for, a scan between each chosen layer and the next."""
         stack: LayerStack = self.layers
         hidden = {0: x} if 0 in hidden_layers else {}
         attention = {}
+        routers = []
         keep = bool(set(hidden_layers) - {0})
 
         def step(layer, x, _):
-            x = layer(x, positions, masks)
-            return x, (x if keep else None)
+            x, router = layer.with_router(x, positions, masks)
+            return x, (x if keep else None, router if router_logits else None)
 
         start = 0
         for stop in [*sorted(set(attention_layers)), len(stack)]:
             if stop > start:
-                x, outputs = stack.scan(
+                x, (outputs, router) = stack.scan(
                     step,
                     x,
                     start=start,
@@ -292,14 +326,19 @@ class Decoder(nnx.Module):
                 for k in hidden_layers:
                     if start < k <= stop:
                         hidden[k] = outputs[k - start - 1]
+                if router is not None:
+                    routers.append(router)
             if stop < len(stack):
-                x, attention[stop] = stack.call_layer(
+                x, attention[stop], router = stack.call_layer(
                     stop, lambda layer, x: layer.with_attention(x, positions, masks), x
                 )
+                if router_logits and router is not None:
+                    routers.append(router[None])
                 if stop + 1 in hidden_layers:
                     hidden[stop + 1] = x
                 start = stop + 1
-        return Intermediates(self.norm(x), hidden, attention)
+        stacked = jnp.concatenate(routers) if routers else None
+        return Intermediates(self.norm(x), hidden, attention, stacked)
 
     @property
     def windows(self) -> set[int]:
@@ -482,6 +521,7 @@ class CausalLM(nnx.Module):
         *,
         hidden_layers: tuple[int, ...] = (),
         attention_layers: tuple[int, ...] = (),
+        router_logits: bool = False,
         **kwargs,
     ) -> Intermediates:
         """A full forward pass that also returns chosen per-layer hidden states and attention
@@ -493,6 +533,9 @@ class CausalLM(nnx.Module):
         attention_layers: indices in [0, num_layers): float32 softmax probabilities
             [b, num_heads, t, t] of that layer (query heads; keys a query cannot see get 0).
             These layers attend without query blocking (same result, more score work).
+        router_logits: also return the float32 router logits [sparse layers, b, t, experts]
+            of the mixture-of-experts layers (`moe.load_balancing_loss`, `moe.router_z_loss`
+            and `moe.expert_load` take them); None for a model without sparse layers.
         kwargs: positions, attention_mask, segment_ids, branch_ids as in `hidden_states`.
         """
         count = self.config.num_layers
@@ -513,6 +556,7 @@ class CausalLM(nnx.Module):
             masks,
             hidden_layers=hidden_layers,
             attention_layers=attention_layers,
+            router_logits=router_logits,
         )
 
     def __call__(self, tokens: jax.Array, **kwargs) -> jax.Array:

@@ -24,6 +24,8 @@ PUBLISHED_BILLIONS = {
     "Qwen3-0.6B": "0.6",
     "Qwen3-1.7B": "1.7",
     "Qwen3-8B": "8.2",
+    "Qwen3-30B-A3B": "30.5",
+    "Qwen3-235B-A22B": "235",
     "Gemma-2B": "2.51",
     "Gemma-2-2B": "2.61",
     "Gemma-2-9B": "9.24",
@@ -48,7 +50,7 @@ def test_preset_parameter_count(name):
     cfg = postax.preset(name)
     count = abstract_count(cfg)
     published = PUBLISHED_BILLIONS[name]
-    digits = len(published.split(".")[1])
+    digits = len(published.partition(".")[2])
     assert abs(count / 1e9 - float(published)) <= 10.0**-digits, count
     hf_config = transformers.AutoConfig.for_model(**config_to_hf(cfg))
     with torch.device("meta"):

@@ -25,8 +25,22 @@ versions, unlike `Generator.permutation`). Batch `(epoch, step)` is a pure funct
 the config and those two numbers, so an iterator's state is `{epoch, step}` plus a seed and a
 fingerprint of the data that `restore` checks.
 
-Multi-host: every process builds the same dataset and sees the same global batch; slice your
-process's rows out of it.
+Several processes (`jax.distributed`). Global row `r` of a batch belongs to the processes whose
+devices hold it under the trainer's batch sharding (`postax.train.processes.process_rows`; the
+trainer tells the iterator through `DataIterator.select_rows`). Each process then lays out only
+those rows (`batch(epoch, step, rows=...)`: their documents are gathered and shifted into the
+arrays), while the order, the batch boundaries and the pad bucket stay those of the global batch,
+so the global batch is the single-process one whatever the process count. `rows_read` and
+`documents_read` count what a process laid out.
+
+What stays global, and why: every process reads and tokenises the whole data set when it builds
+the dataset. Packing (best-fit decreasing over the documents' token counts), the pad buckets, the
+number of steps per epoch, the statistics and the fingerprint a resume checks all need every
+document's token count, and a token count is only known after tokenising; reading every record is
+also what lets every data error surface before anything is compiled. What each process keeps is
+the flat token arrays (about 5 bytes per token); what it does per step is local. Tokenising
+a share per process and exchanging the counts would need collectives in the data layer and a
+second tokenisation of the documents that land in another process's rows; it is not done.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -206,6 +220,8 @@ class SFTDataset:
         )
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._fingerprint: str | None = None
+        self.rows_read = 0  # rows laid out into batches by this process
+        self.documents_read = 0  # documents copied into those rows
 
     def _read(self, config: DataConfig, tokenizer: Tokenizer) -> tuple[list[Document], dict]:
         encoder = Encoder(config, tokenizer)
@@ -309,8 +325,11 @@ class SFTDataset:
         self._order_cache = (epoch, order)
         return order
 
-    def batch(self, epoch: int, step: int) -> Batch:
-        """Batch `step` (0-based) of epoch `epoch`."""
+    reads_rows = True  # `batch` lays out a selection of rows (DataIterator.select_rows)
+
+    def batch(self, epoch: int, step: int, rows: np.ndarray | None = None) -> Batch:
+        """Batch `step` (0-based) of epoch `epoch`; with `rows` (global row indices within the
+        batch, ascending) only those rows, in that order, with the global batch's width."""
         if not 0 <= step < self.steps_per_epoch or epoch < 0:
             raise IndexError(
                 f"no batch (epoch={epoch}, step={step}): steps run from 0 to "
@@ -322,8 +341,16 @@ class SFTDataset:
         if not self.config.packing:
             longest = int(self._row_lengths[chosen].max())
             width = next(b for b in self.config.buckets if b >= longest)
-        rows = [self.row(int(r)) for r in chosen]
-        arrays = layout(rows, self._ids, self._labels, self._starts, width, size, self.pad_token_id)
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= size)):
+                raise IndexError(f"rows {rows.tolist()} outside a batch of {size} rows")
+            size = len(rows)
+            chosen = chosen[rows[rows < len(chosen)]]  # rows past the data are padding
+        picked = [self.row(int(r)) for r in chosen]
+        self.rows_read += len(picked)
+        self.documents_read += sum(len(row) for row in picked)
+        arrays = layout(picked, self._ids, self._labels, self._starts, width, size, self.pad_token_id)
         return Batch(**arrays)
 
     def iterator(
@@ -346,6 +373,19 @@ class SFTDataset:
                 digest.update(np.ascontiguousarray(array).tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+
+def rows_of(batch: Any, rows: np.ndarray) -> Any:
+    """`rows` of a batch dataclass whose arrays all lead with the batch axis (absent optional
+    arrays, None, stay None)."""
+    return dataclasses.replace(
+        batch,
+        **{
+            field.name: value[rows]
+            for field in dataclasses.fields(batch)
+            if (value := getattr(batch, field.name)) is not None
+        },
+    )
 
 
 class EpochDataset(Protocol[BatchT]):
@@ -384,8 +424,29 @@ class DataIterator(Generic[BatchT]):
         self.num_epochs = num_epochs
         self.epoch = 0
         self.step = 0
+        self.rows: np.ndarray | None = None  # this process's rows of each batch; None: all
         if state is not None:
             self.restore(state)
+
+    def select_rows(self, rows_for: Callable[[int], np.ndarray] | None) -> None:
+        """From now on yield only rows `rows_for(batch_size)` of each global batch (global row
+        indices, ascending: a process's rows, `postax.train.processes.process_rows`); None
+        yields whole batches again. A dataset that can lay out a selection (`reads_rows`)
+        reads only those rows; from any other the global batch is built and cut. The
+        position (`state()`) is the global one either way, so a run resumes on any number of
+        processes."""
+        if rows_for is None:
+            self.rows = None
+            return
+        rows = np.asarray(rows_for(self.dataset.config.batch_size), dtype=np.int64)
+        self.rows = rows
+
+    def _batch(self, epoch: int, step: int) -> BatchT:
+        if self.rows is None:
+            return self.dataset.batch(epoch, step)
+        if getattr(self.dataset, "reads_rows", False):
+            return self.dataset.batch(epoch, step, rows=self.rows)
+        return rows_of(self.dataset.batch(epoch, step), self.rows)
 
     def __iter__(self) -> Iterator[BatchT]:
         return self
@@ -393,7 +454,7 @@ class DataIterator(Generic[BatchT]):
     def __next__(self) -> BatchT:
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
-        batch = self.dataset.batch(self.epoch, self.step)
+        batch = self._batch(self.epoch, self.step)
         self.step += 1
         if self.step == self.dataset.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0

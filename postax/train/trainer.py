@@ -36,6 +36,19 @@ their own batches (the RL recipes: a rollout batch, then minibatch updates)
 goes through the same restore, save, metrics and progress paths:
 `start_iterations` (resumes once, returns the iterations left), `run_steps`,
 `end_iteration` (metrics, progress, checkpoint when due) and `end_training`.
+
+Several processes (`jax.distributed`, `postax.train.processes`): every process runs the same
+trainer over the same global mesh. `fit` asks its data iterator for this process's rows only
+(`DataIterator.select_rows(trainer.local_rows)`: the rows its devices hold under the batch
+sharding), and the global batch is assembled from those process-local rows
+(`processes.global_array`), never sent whole from one process. A batch handed to `train_step`,
+`run_steps` or `evaluate` is global unless `local=True` says it holds this process's rows
+(`local_rows(global_rows)`, ascending); a global batch is cut to those rows first, so every
+process must pass the same one. Everything computed inside the jitted step (loss, normaliser,
+metrics) is already over the global batch; the token count `fit` logs is summed on the devices.
+Metrics files, TensorBoard, W&B and the progress line are written by process 0 only;
+checkpoints by every process (`postax.train.checkpoint`). With one process none of this
+applies: the batch is placed with `jax.device_put` as before.
 """
 
 from __future__ import annotations
@@ -67,6 +80,7 @@ from postax.train.metrics import (
     matmul_peak_flops,
 )
 from postax.train.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
+from postax.train.processes import global_array, is_primary, multi_process, process_rows
 
 Batch = Mapping[str, Any]
 
@@ -239,7 +253,9 @@ class Trainer:
         self._progress: ProgressBar | None = None  # the running loop's progress line
         self.checkpoint_config = checkpoint
         self.checkpoints = CheckpointManager(checkpoint) if checkpoint else None
-        self.metrics = MetricsLogger(metrics) if metrics else None
+        self.metrics = MetricsLogger(metrics) if metrics and is_primary() else None
+        self._local_rows: dict[int, np.ndarray] = {}
+        self._count_tokens = jax.jit(lambda segment_ids: jnp.count_nonzero(segment_ids))
 
     # ------------------------------------------------------------------ jitted
 
@@ -339,30 +355,72 @@ class Trainer:
 
     # -------------------------------------------------------------------- host
 
-    def _device_batch(self, batch: Batch) -> dict[str, jax.Array]:
-        return {
-            k: jax.device_put(np.asarray(v), self._batch_sharding) for k, v in dict(batch).items()
-        }
+    def local_rows(self, global_rows: int) -> np.ndarray:
+        """The rows of a global batch of `global_rows` rows that this process's devices hold
+        (ascending; all of them with one process): what a process-local batch holds."""
+        if global_rows not in self._local_rows:
+            self._local_rows[global_rows] = process_rows(self._batch_sharding, global_rows)
+        return self._local_rows[global_rows]
 
-    def train_step(self, batch: Batch) -> dict[str, jax.Array]:
-        """One optimizer step on a global batch; returns device metrics (no host sync)."""
+    def _global_rows(self, local_count: int) -> int:
+        found = [g for g, rows in self._local_rows.items() if len(rows) == local_count]
+        if len(found) != 1:
+            raise ValueError(
+                f"a process-local batch of {local_count} rows, but no global batch size asked "
+                f"of local_rows() gives this process {local_count} rows (asked: "
+                f"{sorted(self._local_rows) or 'none'}): call trainer.local_rows(global_rows) "
+                "and lay out those rows"
+            )
+        return found[0]
+
+    def _device_batch(self, batch: Batch, *, local: bool = False) -> dict[str, jax.Array]:
+        """The global device batch: `batch` placed whole (one process), or assembled from this
+        process's rows (`local=True`: `batch` holds them; else they are cut out of `batch`)."""
+        batch = dict(batch)
+        if not multi_process():
+            return {k: jax.device_put(np.asarray(v), self._batch_sharding) for k, v in batch.items()}
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, jax.Array) and not v.is_fully_addressable:
+                out[k] = v  # already global (fit assembles it before the step)
+                continue
+            v = np.asarray(v)
+            if local:
+                global_rows = self._global_rows(v.shape[0])
+                rows = self.local_rows(global_rows)
+            else:
+                global_rows = v.shape[0]
+                rows = self.local_rows(global_rows)
+                v = v[rows]
+            out[k] = global_array(v, self._batch_sharding, rows, global_rows)
+        return out
+
+    def train_step(self, batch: Batch, *, local: bool = False) -> dict[str, jax.Array]:
+        """One optimizer step on a global batch (or this process's rows of it, `local=True`);
+        returns device metrics (no host sync)."""
         frozen = self.state.frozen
         donated = dataclasses.replace(self.state, frozen=None)
         compiles = self.compiles
-        new_state, metrics = self._step_fn(donated, frozen, self._device_batch(batch))
+        new_state, metrics = self._step_fn(donated, frozen, self._device_batch(batch, local=local))
         self.state = dataclasses.replace(new_state, frozen=frozen)
         nnx.update(self.model, self.state.params, self.state.mutable)
         if self.compiles != compiles:
             trim_heap()  # the compiler's freed memory back to the OS (postax.host_memory)
         return metrics
 
-    def evaluate(self, batches) -> dict[str, float]:
+    def evaluate(self, batches, *, local: bool = False) -> dict[str, float]:
         """Evaluation over `batches`: totals (`*_sum`, `*_tokens`, `*_count`) add up; the loss
-        and every other metric are averaged weighted by each batch's normalizer."""
+        and every other metric are averaged weighted by each batch's normalizer.
+
+        `batches` yields dicts or objects with `as_dict()`; a data iterator with
+        `select_rows` (several processes) is asked for this process's rows only."""
+        local = local or self._select_local_rows(batches)
         totals: dict[str, float] = {}
         weight = 0.0
         for batch in batches:
-            norm, out = jax.device_get(self._eval_fn(self.state, self._device_batch(batch)))
+            batch = batch.as_dict() if hasattr(batch, "as_dict") else batch
+            device = self._device_batch(batch, local=local)
+            norm, out = jax.device_get(self._eval_fn(self.state, device))
             norm = float(norm)
             weight += norm
             for k, v in out.items():
@@ -423,9 +481,10 @@ class Trainer:
             self.metrics.log(step, row)
 
     def _start_progress(self, total: int, unit: str = "step") -> None:
-        """The progress line of a loop of `total` units; an iteration (minutes of sampling
-        and updates) gets a line of its own even when the output is not a terminal."""
-        if not self.config.progress:
+        """The progress line of a loop of `total` units (process 0 only); an iteration
+        (minutes of sampling and updates) gets a line of its own even when the output is not
+        a terminal."""
+        if not self.config.progress or not is_primary():
             self._progress = None
             return
         interval = 0.0 if unit == "iteration" else None
@@ -466,9 +525,12 @@ class Trainer:
         self._start_progress(total, unit="iteration")
         return range(self.step // steps_per_iteration + 1, total + 1), resumed
 
-    def run_steps(self, batches: Iterable[Batch]) -> list[dict[str, jax.Array]]:
-        """One optimizer step per batch, in order; each step's device metrics (no host sync)."""
-        return [self.train_step(batch) for batch in batches]
+    def run_steps(
+        self, batches: Iterable[Batch], *, local: bool = False
+    ) -> list[dict[str, jax.Array]]:
+        """One optimizer step per batch, in order; each step's device metrics (no host sync).
+        `local`: the batches hold this process's rows (`local_rows`), not global batches."""
+        return [self.train_step(batch, local=local) for batch in batches]
 
     def end_iteration(
         self, iteration: int, row: Mapping[str, float], data_iterator: Resumable | None = None
@@ -492,6 +554,7 @@ class Trainer:
         """Runs until `config.steps`; resumes first if a checkpoint exists. Returns logged rows."""
         cfg = self.config
         self.restore(batches)
+        local = self._select_local_rows(batches)
         self._start_progress(cfg.steps)
         peak = (
             matmul_peak_flops(str(jax.tree.leaves(self.state.params)[0].dtype))
@@ -504,18 +567,29 @@ class Trainer:
         while self.step < cfg.steps:
             batch = next(batches).as_dict()
             step = self.step + 1
-            tokens = (
-                int(np.count_nonzero(np.asarray(batch["segment_ids"])))
-                if "segment_ids" in batch
-                else int(np.asarray(batch["tokens"]).size)
-            )
-            pending.append((step, tokens, self.train_step(batch)))
-            window_tokens += tokens
+            if multi_process():  # the rows are spread over the processes: count on the devices
+                batch = self._device_batch(batch, local=local)
+                tokens = (
+                    self._count_tokens(batch["segment_ids"])
+                    if "segment_ids" in batch
+                    else int(np.prod(batch["tokens"].shape))
+                )
+            else:
+                tokens = (
+                    int(np.count_nonzero(np.asarray(batch["segment_ids"])))
+                    if "segment_ids" in batch
+                    else int(np.asarray(batch["tokens"]).size)
+                )
+            pending.append((step, tokens, self.train_step(batch, local=local)))
             due_eval = cfg.eval_every and step % cfg.eval_every == 0 and eval_fn is not None
             if step % cfg.log_every == 0 or step == cfg.steps or due_eval or self._save_due(step):
-                fetched = jax.device_get([m for _, _, m in pending])
+                fetched, counts = jax.device_get(
+                    ([m for _, _, m in pending], [n for _, n, _ in pending])
+                )
+                window_tokens = sum(int(n) for n in counts)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                for (s, n, _), values in zip(pending, fetched, strict=True):
+                for (s, _, _), n, values in zip(pending, counts, fetched, strict=True):
+                    n = int(n)
                     check_finite(s, float(values["loss"]) if values["finite"] else float("nan"))
                     row = {k: float(v) for k, v in values.items() if k != "finite"}
                     row["tokens"] = n
@@ -535,6 +609,14 @@ class Trainer:
                 self.save(batches)
         self.end_training(batches)
         return rows
+
+    def _select_local_rows(self, batches: Any) -> bool:
+        """With several processes, asks `batches` (a data iterator with `select_rows`) for this
+        process's rows; returns whether its batches are now process-local."""
+        if not multi_process() or not hasattr(batches, "select_rows"):
+            return False
+        batches.select_rows(self.local_rows)
+        return True
 
     def _save_due(self, step: int) -> bool:
         ckpt = self.checkpoint_config

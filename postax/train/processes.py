@@ -1,0 +1,122 @@
+"""Several JAX processes, one program: who owns which batch rows, and global arrays from them.
+
+A multi-process run (`jax.distributed`: one process per host, or several local processes on
+CPU with gloo collectives) executes the same program everywhere. Each process holds only the
+shards of a global array that live on its own (addressable) devices. For a batch, that means:
+
+- `process_rows(sharding, rows)`: the global rows of a `[rows, ...]` batch that this process's
+  devices hold under `sharding`. It is derived from the sharding itself
+  (`Sharding.addressable_devices_indices_map`), not from an assumed device order, so any mesh
+  layout works: rows split over the `data` and `fsdp` axes and replicated over `tensor` are
+  owned by every process that has one of their devices (then by more than one). Every process
+  computes its own rows from the same (global) mesh, so the assignment is deterministic and
+  needs no communication; each global row has at least one owner.
+- `global_array(local, sharding, rows, global_rows)`: the global array whose rows `rows` (this
+  process's, ascending) are `local`, built from one single-device array per addressable device
+  (`jax.make_array_from_single_device_arrays`): no process ever sends or receives a whole
+  batch.
+- `local_rows_of(array)`: the rows of a batch-sharded global array this process holds, back on
+  the host, in `process_rows` order (reading per-row results of a global computation).
+
+With one process every device is addressable: `process_rows` is every row and the trainer keeps
+its single-process path (`jax.device_put` of the whole batch), bitwise as before.
+
+`is_primary()` is process 0: it alone writes files that are not sharded (metrics, TensorBoard,
+plots, the progress line, the Hugging Face export). `agree(flag)` is a collective: whether the
+flag holds on every process (for decisions all processes must take together, e.g. whether a
+cache is found or has to be computed by a collective pass).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Sharding
+
+
+def is_primary() -> bool:
+    """Whether this is process 0 (the only one in a single-process run)."""
+    return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+    """Whether the run spans more than one JAX process."""
+    return jax.process_count() > 1
+
+
+def _row_span(index: tuple, rows: int) -> range:
+    first = index[0] if index else slice(None)
+    return range(*first.indices(rows))
+
+
+def process_rows(sharding: Sharding, rows: int) -> np.ndarray:
+    """The global row indices (ascending, int64) of a `[rows, ...]` array under `sharding` that
+    this process's devices hold; every row with one process."""
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows={rows!r} is invalid: a positive integer")
+    held: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((rows,)).values():
+        held.update(_row_span(index, rows))
+    return np.asarray(sorted(held), dtype=np.int64)
+
+
+def global_array(
+    local: np.ndarray, sharding: Sharding, rows: np.ndarray, global_rows: int
+) -> jax.Array:
+    """The `[global_rows, ...]` array under `sharding` whose rows `rows` (this process's rows,
+    `process_rows(sharding, global_rows)`) are `local`; every other row lives on other processes.
+    """
+    local = np.asarray(local)
+    rows = np.asarray(rows)
+    if local.shape[0] != len(rows):
+        raise ValueError(
+            f"a process-local batch of {local.shape[0]} rows for {len(rows)} rows of this "
+            f"process (of {global_rows} global rows)"
+        )
+    position = {int(r): i for i, r in enumerate(rows)}
+    shape = (global_rows, *local.shape[1:])
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        span = _row_span(index, global_rows)
+        try:
+            picked = [position[r] for r in span]
+        except KeyError as error:
+            raise ValueError(
+                f"row {error.args[0]} lives on {device} of this process but is not among its "
+                "rows: the batch was cut for another sharding"
+            ) from None
+        shard = local[np.asarray(picked, dtype=np.int64)][(slice(None), *index[1:])]
+        arrays.append(jax.device_put(shard, device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def local_rows_of(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global `[rows, ...]` array, in `process_rows` order, on the
+    host (a fully addressable array comes back whole)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    rows = process_rows(array.sharding, array.shape[0])
+    position = {int(r): i for i, r in enumerate(rows)}
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    for shard in array.addressable_shards:
+        span = _row_span(shard.index, array.shape[0])
+        picked = np.asarray([position[r] for r in span], dtype=np.int64)
+        out[(picked, *shard.index[1:])] = np.asarray(shard.data)
+    return out
+
+
+def agree(flag: bool) -> bool:
+    """Whether `flag` is true on every process (a collective: every process must call it)."""
+    if not multi_process():
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
+    return bool(np.all(flags))
+
+
+def gather_to_host(array: jax.Array) -> np.ndarray:
+    """The whole value of `array` on every process (a collective when it is not fully
+    addressable: every process must call it, in the same order)."""
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -1,13 +1,15 @@
 """One process of a (possibly) multi-process tiny SFT run; tests/test_multiprocess.py starts it.
 
-    python tests/scripts/multiprocess_sft.py OUT --process-id I --num-processes N --port P
-        [--steps 3] [--save-every 1] [--resume-from CKPT_DIR --resume-step S]
+    python tests/scripts/multiprocess_sft.py RUN [RUN ...] --process-id I --num-processes N
+        --port P [--steps 3] [--resume-step S]
 
+Each RUN is `OUT` (a run from scratch into OUT) or `OUT=CKPT_DIR` (a run that resumes from
+step S of the checkpoints in CKPT_DIR, written by a run with any process count, perhaps still
+going: it waits for the committed step directory and copies it into OUT/ckpt); the runs go one
+after the other in this process.
 With N > 1 the process joins a local coordinator at 127.0.0.1:P (gloo collectives on CPU);
 set XLA_FLAGS=--xla_force_host_platform_device_count=K for K devices per process. The mesh is
-always fsdp=4 x tensor=2 (8 devices in all). `--resume-from` copies that checkpoint directory
-with only the steps <= S into OUT/ckpt first, so the run resumes from step S (a checkpoint
-written by a run with another process count).
+always fsdp=4 x tensor=2 (8 devices in all); a checkpoint is saved at step 2 and at the end.
 
 Process 0 writes OUT/losses.json ({step: loss}) and OUT/params.npz (final params, gathered);
 every process writes OUT/counters-I.json (rows and documents its dataset laid out, its rows).
@@ -19,21 +21,22 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import jax
 
+WAIT_S = 200
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
+    parser.add_argument("runs", nargs="+")
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--save-every", type=int, default=1)
-    parser.add_argument("--resume-from", type=Path)
-    parser.add_argument("--resume-step", type=int)
+    parser.add_argument("--resume-step", type=int, default=2)
     args = parser.parse_args()
     if args.num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -44,6 +47,12 @@ def main() -> None:
             initialization_timeout=60,
         )
 
+    for run in args.runs:
+        out, _, resume_from = run.partition("=")
+        train(Path(out), Path(resume_from) if resume_from else None, args)
+
+
+def train(out: Path, resume_from: Path | None, args: argparse.Namespace) -> None:
     import numpy as np
     from flax import nnx
 
@@ -59,22 +68,20 @@ def main() -> None:
     from postax.train.processes import gather_to_host, is_primary
     from postax.train.trainer import Trainer, TrainerConfig
 
-    out = args.out
     texts = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(5)]
     data_path = out / "train.jsonl"
     if is_primary():
         out.mkdir(parents=True, exist_ok=True)
         data_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         build_tokenizer(texts, out / "tokenizer", vocab_size=300)
-        if args.resume_from is not None:
-            shutil.copytree(
-                args.resume_from,
-                out / "ckpt",
-                ignore=lambda d, names: [
-                    n for n in names if Path(d) == args.resume_from and n.isdigit()
-                    and int(n) > args.resume_step
-                ],
-            )
+        if resume_from is not None:  # its run may still be going: wait for the commit
+            step_dir = resume_from / str(args.resume_step)
+            deadline = time.monotonic() + WAIT_S
+            while not step_dir.is_dir():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no checkpoint {step_dir} after {WAIT_S} s")
+                time.sleep(0.2)
+            shutil.copytree(step_dir, out / "ckpt" / step_dir.name)
     if args.num_processes > 1:
         from jax.experimental import multihost_utils
 
@@ -101,7 +108,7 @@ def main() -> None:
         ),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
         checkpoint=CheckpointConfig(
-            directory=str((out / "ckpt").resolve()), save_every=args.save_every, keep_last=5
+            directory=str((out / "ckpt").resolve()), save_every=2, keep_last=5
         ),
         metrics=MetricsConfig(directory=str(out)),
     )

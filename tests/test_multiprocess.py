@@ -1,0 +1,159 @@
+"""Several JAX processes (gloo collectives on CPU) equal one: data, trainer, checkpoints.
+
+Two local processes with 4 fake devices each run the same tiny SFT as one process with 8
+devices, over the same fsdp=4 x tensor=2 mesh (tests/scripts/multiprocess_sft.py), started
+together: each runs from scratch (3 steps, checkpoints at steps 2 and 3), then resumes from the
+other's step-2 checkpoint (2 -> 1 and 1 -> 2, waiting for it to be committed), and the pair
+also from its own.
+
+What is bitwise and what is not: gradients and losses are sums over the devices of all
+processes; across processes the sum runs through gloo, within one process through XLA's CPU
+all-reduce, in another order. Losses agree to float32 rounding (1 ulp of the loss, relative
+1e-6), parameters to 1e-6; a checkpoint resumed on the same process count continues bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_sft.py"
+TIMEOUT = 240
+LOGS = ("one-0", "two-0", "two-1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(runs: list[str], *, processes: int, logs: Path, label: str) -> list[subprocess.Popen]:
+    """`processes` processes of the script over `runs`, 8 devices in all; their output goes to
+    `logs/<label>-<process>.txt`."""
+    env = dict(os.environ)
+    devices = 8 // processes
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    )
+    port = free_port()
+    procs = []
+    for pid in range(processes):
+        command = [sys.executable, str(SCRIPT), *runs]
+        command += [
+            "--process-id",
+            str(pid),
+            "--num-processes",
+            str(processes),
+            "--port",
+            str(port),
+        ]
+        with (logs / f"{label}-{pid}.txt").open("w") as log:
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        try:
+            proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+    for proc in procs:
+        if proc.returncode:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}")
+
+
+def run_all(runs_one: list[str], runs_two: list[str], logs: Path) -> None:
+    """The runs `runs_one` on one process of 8 devices beside `runs_two` on two of 4."""
+    procs = start(runs_one, processes=1, logs=logs, label="one")
+    procs += start(runs_two, processes=2, logs=logs, label="two")
+    try:
+        wait(procs)
+    except AssertionError as error:
+        text = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
+        raise AssertionError(f"{error}\n{text}") from None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("multiprocess")
+    logs = root / "logs"
+    logs.mkdir()
+    run_all(
+        [str(root / "one"), f"{root / 'two_to_one'}={root / 'two' / 'ckpt'}"],
+        [
+            str(root / "two"),
+            f"{root / 'one_to_two'}={root / 'one' / 'ckpt'}",
+            f"{root / 'two_to_two'}={root / 'two' / 'ckpt'}",
+        ],
+        logs,
+    )
+    return root
+
+
+def losses(run: Path) -> dict[str, float]:
+    return json.loads((run / "losses.json").read_text())
+
+
+def params(run: Path) -> dict[str, np.ndarray]:
+    with np.load(run / "params.npz") as f:
+        return {name: f[name] for name in f.files}
+
+
+def assert_close_params(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys() and len(a) > 5
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol, err_msg=name)
+
+
+def test_two_processes_of_four_devices_equal_one_of_eight(runs):
+    one, two = losses(runs / "one"), losses(runs / "two")
+    assert one.keys() == two.keys() == {"1", "2", "3"}
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-6 * abs(one[step]), step
+    assert one["3"] < one["1"]  # it trains
+    assert_close_params(params(runs / "one"), params(runs / "two"), 1e-6)
+    # metrics and the progress line come from process 0 only
+    lines = (runs / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    logs = runs / "logs"
+    shown = {name: "step 3/3" in (logs / f"{name}.txt").read_text() for name in LOGS}
+    assert shown == {"one-0": True, "two-0": True, "two-1": False}
+
+
+def test_each_process_reads_only_its_rows(runs):
+    single = json.loads((runs / "one" / "counters-0.json").read_text())
+    parts = [json.loads((runs / "two" / f"counters-{i}.json").read_text()) for i in (0, 1)]
+    assert single["rows"] is None  # one process reads whole batches
+    # fsdp=4 x tensor=2: process 0 holds fsdp shards 0 and 1, i.e. rows 0-3 of the 8
+    assert parts[0]["rows"] == [0, 1, 2, 3] and parts[1]["rows"] == [4, 5, 6, 7]
+    assert sum(p["rows_read"] for p in parts) == single["rows_read"] > 0
+    assert sum(p["documents_read"] for p in parts) == single["documents_read"]
+    assert all(0 < p["documents_read"] < single["documents_read"] for p in parts)
+
+
+def test_checkpoints_resume_on_another_process_count(runs):
+    straight = losses(runs / "one")
+    for name in ("two_to_one", "one_to_two", "two_to_two"):
+        resumed = losses(runs / name)
+        assert resumed.keys() == {"3"}, name  # resumed after step 2
+        assert abs(resumed["3"] - straight["3"]) <= 1e-6 * abs(straight["3"]), name
+        assert_close_params(params(runs / "one"), params(runs / name), 1e-6)
+    # the same process count continues bitwise
+    assert losses(runs / "two_to_two")["3"] == losses(runs / "two")["3"]
+    a, b = params(runs / "two"), params(runs / "two_to_two")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # every process wrote its own shards of the 2-process checkpoint
+    state = runs / "two" / "ckpt" / "3" / "state"
+    assert {p.name for p in state.glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}

@@ -4,7 +4,7 @@ Two local processes with 4 fake devices each run the same tiny SFT as one proces
 devices, over the same fsdp=4 x tensor=2 mesh (tests/scripts/multiprocess_sft.py), started
 together: each runs from scratch (3 steps, checkpoints at steps 2 and 3), then resumes from the
 other's step-2 checkpoint (2 -> 1 and 1 -> 2, waiting for it to be committed), and the pair
-also from its own.
+also from its own; then each runs DPO with a reference cache.
 
 What is bitwise and what is not: gradients and losses are sums over the devices of all
 processes; across processes the sum runs through gloo, within one process through XLA's CPU
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_sft.py"
+SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_train.py"
 TIMEOUT = 240
 LOGS = ("one-0", "two-0", "two-1")
 
@@ -90,11 +90,16 @@ def runs(tmp_path_factory) -> Path:
     logs = root / "logs"
     logs.mkdir()
     run_all(
-        [str(root / "one"), f"{root / 'two_to_one'}={root / 'two' / 'ckpt'}"],
         [
-            str(root / "two"),
-            f"{root / 'one_to_two'}={root / 'one' / 'ckpt'}",
-            f"{root / 'two_to_two'}={root / 'two' / 'ckpt'}",
+            f"sft:{root / 'one'}",
+            f"sft:{root / 'two_to_one'}={root / 'two' / 'ckpt'}",
+            f"dpo:{root / 'dpo_one'}",
+        ],
+        [
+            f"sft:{root / 'two'}",
+            f"sft:{root / 'one_to_two'}={root / 'one' / 'ckpt'}",
+            f"sft:{root / 'two_to_two'}={root / 'two' / 'ckpt'}",
+            f"dpo:{root / 'dpo_two'}",
         ],
         logs,
     )
@@ -157,3 +162,20 @@ def test_checkpoints_resume_on_another_process_count(runs):
     # every process wrote its own shards of the 2-process checkpoint
     state = runs / "two" / "ckpt" / "3" / "state"
     assert {p.name for p in state.glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
+
+
+def test_dpo_with_its_reference_cache_on_two_processes_equals_one(runs):
+    one = json.loads((runs / "dpo_one" / "result.json").read_text())
+    two = json.loads((runs / "dpo_two" / "result.json").read_text())
+    for result in (one, two):
+        assert result["computed"] == [True, False]  # written, then found again
+        assert result["same_path"]
+        assert result["on_the_fly_error"] <= 1e-5  # this process's rows scored on the fly
+        assert result["local_eval"].keys() == result["global_eval"].keys()
+        for name, value in result["local_eval"].items():
+            assert value == pytest.approx(result["global_eval"][name], rel=1e-6, abs=1e-7), name
+    assert (runs / "dpo_two" / "reference").is_dir()
+    np.testing.assert_allclose(one["reference"], two["reference"], rtol=1e-6)
+    np.testing.assert_allclose(one["losses"], two["losses"], rtol=1e-6)
+    assert one["losses"][-1] < one["losses"][0]
+    assert_close_params(params(runs / "dpo_one"), params(runs / "dpo_two"), 1e-6)

@@ -15,6 +15,9 @@ shards of a global array that live on its own (addressable) devices. For a batch
   process's, ascending) are `local`, built from one single-device array per addressable device
   (`jax.make_array_from_single_device_arrays`): no process ever sends or receives a whole
   batch.
+- `host_batch(batch, mesh, rows=..., global_rows=...)`: the inputs of a jitted function that
+  is not the training step (reference and teacher scoring): a global batch that every process
+  holds whole is placed replicated; a process-local one is assembled as above.
 - `local_rows_of(array)`: the rows of a batch-sharded global array this process holds, back on
   the host, in `process_rows` order (reading per-row results of a global computation).
 
@@ -29,10 +32,15 @@ cache is found or has to be computed by a collective pass).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import PartitionSpec as P
+
+from postax.parallel import batch_sharding
 
 
 def is_primary() -> bool:
@@ -91,6 +99,48 @@ def global_array(
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
+class BatchPlacer:
+    """Global batches under `sharding` from host batches that every process holds whole, or
+    that hold only this process's rows (`rows(global_rows)`, ascending)."""
+
+    def __init__(self, sharding: Sharding):
+        self.sharding = sharding
+        self._rows: dict[int, np.ndarray] = {}
+
+    def rows(self, global_rows: int) -> np.ndarray:
+        """This process's rows of a global batch of `global_rows` rows (`process_rows`)."""
+        if global_rows not in self._rows:
+            self._rows[global_rows] = process_rows(self.sharding, global_rows)
+        return self._rows[global_rows]
+
+    def _global_rows(self, local_count: int) -> int:
+        found = [g for g, rows in self._rows.items() if len(rows) == local_count]
+        if len(found) != 1:
+            raise ValueError(
+                f"a process-local batch of {local_count} rows, but no global batch size asked "
+                f"of rows() gives this process {local_count} rows (asked: "
+                f"{sorted(self._rows) or 'none'}): ask for rows(global_rows) (the trainer's "
+                "local_rows) and lay out those rows"
+            )
+        return found[0]
+
+    def place(self, batch: Any, *, local: bool) -> dict[str, jax.Array]:
+        """`batch` (name -> array) as global arrays: from its rows when `local`, else from this
+        process's rows cut out of it. Values that already are global arrays pass through."""
+        out = {}
+        for name, value in dict(batch).items():
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                out[name] = value
+                continue
+            value = np.asarray(value)
+            global_rows = self._global_rows(value.shape[0]) if local else value.shape[0]
+            rows = self.rows(global_rows)
+            out[name] = global_array(
+                value if local else value[rows], self.sharding, rows, global_rows
+            )
+        return out
+
+
 def local_rows_of(array: jax.Array) -> np.ndarray:
     """This process's rows of a global `[rows, ...]` array, in `process_rows` order, on the
     host (a fully addressable array comes back whole)."""
@@ -120,3 +170,29 @@ def gather_to_host(array: jax.Array) -> np.ndarray:
     if array.is_fully_addressable or array.is_fully_replicated:
         return np.asarray(array)
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def mesh_of(tree: Any) -> Mesh:
+    """The mesh of the first leaf of `tree` placed with a `NamedSharding` (a sharded model)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    raise ValueError("no array of this tree is placed on a mesh (NamedSharding)")
+
+
+def host_batch(
+    batch: dict[str, np.ndarray],
+    mesh: Mesh,
+    *,
+    rows: np.ndarray | None = None,
+    global_rows: int | None = None,
+) -> dict[str, jax.Array]:
+    """Global arrays for a jitted function on `mesh`: a global batch (`rows` None, the same on
+    every process) replicated, or this process's `rows` of a `global_rows` batch sharded like
+    the trainer's batches (`global_array`)."""
+    if rows is None:
+        replicated = NamedSharding(mesh, P())
+        return {k: jax.device_put(np.asarray(v), replicated) for k, v in batch.items()}
+    sharding = batch_sharding(mesh)
+    return {k: global_array(v, sharding, rows, global_rows) for k, v in batch.items()}

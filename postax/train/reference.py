@@ -21,6 +21,16 @@ those sums for any model on the batch layout of `postax.data.preference`
 The reference log-probs reach the loss as batch entries (`ref_logp`, and
 `ref_kl_logp` for KTO's mismatched pairs), so micro-batching splits them with
 their examples.
+
+Several processes (`postax.train.processes`). The caching pass is a collective: every process
+scores the same global batches (placed replicated on the mesh) and ends with the whole table,
+and every process writes it to its own `cache_dir` (atomic rename; on a shared file system the
+processes write the same bytes to the same name, on per-host disks each host keeps a copy).
+Whether the cache is loaded or computed is decided together (`processes.agree`): it is loaded
+only when every process finds it, so a host that lacks the file never leaves the others waiting
+in a pass it skips. The reference digest gathers sharded weights (a collective too). On the fly,
+a `ReferenceIterator` whose trainer asked for process-local rows (`select_rows`) scores this
+process's rows as part of the global batch.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from postax.models.lora import lora_disabled, lora_modules
+from postax.train.processes import agree, gather_to_host, host_batch, mesh_of, multi_process
 
 CACHE_VERSION = 1
 
@@ -94,7 +105,7 @@ def reference_digest(model) -> str:
         array = value.get_value()
         if not isinstance(array, jax.Array | np.ndarray):
             continue
-        host = np.asarray(array)
+        host = gather_to_host(array) if isinstance(array, jax.Array) else array
         digest.update("/".join(str(p) for p in path).encode())
         digest.update(f"{host.dtype}{host.shape}".encode())
         digest.update(np.ascontiguousarray(host).view(np.uint8).tobytes())
@@ -109,8 +120,15 @@ def cache_key(model, data_fingerprint: str, chunk_size: int) -> str:
     return digest.hexdigest()
 
 
-def _scorer(model, *, prefix: str, chunk_size: int) -> Callable[[dict], jax.Array]:
-    """A jitted batch -> summed log-probs function over `model`'s current weights."""
+Local = tuple[np.ndarray, int]  # (this process's rows, global rows) of a process-local batch
+
+
+def _scorer(model, *, prefix: str, chunk_size: int) -> Callable[..., jax.Array | np.ndarray]:
+    """A jitted `score(batch, local=None)` -> summed log-probs over `model`'s current weights.
+
+    One process: a device array for the batch. Several: the host values of a global batch
+    (every process passes the same), or with `local=(rows, global_rows)` of this process's
+    rows of a global batch."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -119,7 +137,15 @@ def _scorer(model, *, prefix: str, chunk_size: int) -> Callable[[dict], jax.Arra
         with lora_disabled(merged):  # no-op without adapters
             return sequence_logps(merged, batch, prefix=prefix, chunk_size=chunk_size)[0]
 
-    return lambda batch: score(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    def run(batch: dict, local: Local | None = None):
+        if not multi_process():
+            return score(state, {k: jnp.asarray(v) for k, v in batch.items()})
+        rows, global_rows = local if local is not None else (None, None)
+        placed = host_batch(batch, mesh_of(state), rows=rows, global_rows=global_rows)
+        values = gather_to_host(score(state, placed))
+        return values if rows is None else values[rows]
+
+    return run
 
 
 def frozen_copy(model):
@@ -176,10 +202,13 @@ def load_or_compute(
     """(per-example reference log-probs, cache file, whether it was computed now)."""
     key = cache_key(model, dataset.fingerprint(), chunk_size)
     path = Path(cache_dir) / f"reference_logps-{key}.npz"
+    found = None
     if path.exists():
         with np.load(path) as f:
             if str(f["key"]) == key and f["logps"].shape[0] == dataset.num_examples:
-                return f["logps"], path, False
+                found = f["logps"]
+    if agree(found is not None):  # every process loads, or every process joins the pass
+        return found, path, False
     batches = (b.as_dict() for b in dataset.examples(batch_size))
     logps = compute_dataset_logps(model, batches, dataset.num_examples, chunk_size=chunk_size)
     _write_atomic(path, key, logps)
@@ -199,7 +228,7 @@ class WithEntries:
 class ReferenceIterator:
     """Wraps a data iterator; each batch gains reference log-probs (state/restore pass through)."""
 
-    def __init__(self, iterator, attach: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
+    def __init__(self, iterator, attach: Callable[..., dict[str, np.ndarray]]):
         self.iterator = iterator
         self.attach = attach
 
@@ -208,7 +237,19 @@ class ReferenceIterator:
 
     def __next__(self) -> WithEntries:
         batch = next(self.iterator)
-        return WithEntries(batch, self.attach(batch.as_dict()))
+        return WithEntries(batch, self.attach(batch.as_dict(), local=self.local()))
+
+    def select_rows(self, rows_for: Callable[[int], np.ndarray] | None) -> None:
+        """Process-local rows (`DataIterator.select_rows`): passed to the wrapped iterator."""
+        self.iterator.select_rows(rows_for)
+
+    def local(self) -> Local | None:
+        """(this process's rows, global rows) when the wrapped iterator yields process-local
+        rows, else None."""
+        rows = getattr(self.iterator, "rows", None)
+        if rows is None:
+            return None
+        return rows, self.iterator.dataset.config.batch_size
 
     def state(self) -> dict[str, Any]:
         return self.iterator.state()
@@ -217,10 +258,12 @@ class ReferenceIterator:
         self.iterator.restore(state)
 
 
-def lookup(cached: np.ndarray) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Batch -> {"ref_logp": cached[index]} (zeros for filler rows, index -1)."""
+def lookup(cached: np.ndarray) -> Callable[..., dict[str, np.ndarray]]:
+    """Batch -> {"ref_logp": cached[index]} (zeros for filler rows, index -1); a process-local
+    batch carries its own `index` rows."""
 
-    def attach(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def attach(batch: dict[str, np.ndarray], local: Local | None = None) -> dict[str, np.ndarray]:
+        del local
         index = np.asarray(batch["index"])
         values = cached[np.maximum(index, 0)]
         values = np.where((index >= 0).reshape(index.shape + (1,) * (values.ndim - 1)), values, 0)
@@ -232,14 +275,15 @@ def lookup(cached: np.ndarray) -> Callable[[dict[str, np.ndarray]], dict[str, np
 def score_each_batch(
     reference_model, *, chunk_size: int = 0, kl_rows: bool = False
 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Batch -> {"ref_logp"[, "ref_kl_logp"]} from a frozen reference model, per batch."""
+    """Batch -> {"ref_logp"[, "ref_kl_logp"]} from a frozen reference model, per batch
+    (`local`: the batch holds this process's rows of a global batch, `ReferenceIterator`)."""
     score = _scorer(reference_model, prefix="", chunk_size=chunk_size)
     score_kl = _scorer(reference_model, prefix="kl_", chunk_size=chunk_size) if kl_rows else None
 
-    def attach(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {"ref_logp": np.asarray(score(batch), np.float32)}
+    def attach(batch: dict[str, np.ndarray], local: Local | None = None) -> dict[str, np.ndarray]:
+        out = {"ref_logp": np.asarray(score(batch, local), np.float32)}
         if score_kl is not None:
-            out["ref_kl_logp"] = np.asarray(score_kl(batch), np.float32)
+            out["ref_kl_logp"] = np.asarray(score_kl(batch, local), np.float32)
         return out
 
     return attach

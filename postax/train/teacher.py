@@ -21,6 +21,13 @@ leaves a partial cache behind. `TopKIterator` attaches each batch's rows to
 the batch (`teacher_topk_values`, `teacher_topk_ids`), so micro-batching
 splits them with their rows. Disk use: 8 bytes x k per position of every
 row.
+
+Several processes (`postax.train.processes`): the scoring pass is a collective over the same
+global batches (placed replicated), so every process ends with the whole cache and writes it
+under its own `cache_dir` (on a shared file system the first rename wins and the others find
+the same files in place); it is loaded only when every process finds it (`processes.agree`).
+`TopKIterator` attaches the entries of this process's rows when its trainer asked for
+process-local rows.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from postax.losses.distill import teacher_top_k
 from postax.losses.numerics import map_sequence_chunks
 from postax.models.layers import make_param
 from postax.models.transformer import CausalLM
+from postax.train.processes import agree, gather_to_host, host_batch, mesh_of, multi_process
 from postax.train.reference import ReferenceIterator, WithEntries, reference_digest
 
 CACHE_VERSION = 1
@@ -145,10 +153,18 @@ def top_k_scorer(teacher: CausalLM, k: int, *, chunk_size: int = 0):
     graphdef, state = nnx.split(teacher)
 
     def run(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        arrays = (jnp.asarray(batch[n]) for n in ("tokens", "positions", "segment_ids"))
-        values, ids = jax.device_get(
-            _score_top_k(graphdef, state, *arrays, k=k, chunk_size=chunk_size)
-        )
+        names = ("tokens", "positions", "segment_ids")
+        if multi_process():  # the same global batch on every process: placed replicated
+            placed = host_batch({n: batch[n] for n in names}, mesh_of(state))
+            out = _score_top_k(
+                graphdef, state, *(placed[n] for n in names), k=k, chunk_size=chunk_size
+            )
+            values, ids = (gather_to_host(x) for x in out)
+        else:
+            arrays = (jnp.asarray(batch[n]) for n in names)
+            values, ids = jax.device_get(
+                _score_top_k(graphdef, state, *arrays, k=k, chunk_size=chunk_size)
+            )
         return np.asarray(values, np.float32), np.asarray(ids, np.int32)
 
     return run
@@ -221,7 +237,11 @@ def load_or_compute_top_k(
     """
     key = topk_cache_key(teacher, fingerprint, k)
     path = Path(cache_dir) / f"teacher_topk-{key}"
-    if (path / "key.txt").exists() and (path / "key.txt").read_text() == key:
+
+    def found() -> bool:
+        return (path / "key.txt").exists() and (path / "key.txt").read_text() == key
+
+    if agree(found()):  # every process loads, or every process joins the scoring pass
         return TopKCache(path), False
     values, ids = compute_top_k(teacher, batches(), num_rows, k=k, chunk_size=chunk_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,9 +250,14 @@ def load_or_compute_top_k(
         np.save(tmp / "values.npy", values)
         np.save(tmp / "ids.npy", ids)
         (tmp / "key.txt").write_text(key)
-        if path.exists():  # an incomplete or foreign directory of the same name
+        if path.exists() and not found():  # an incomplete or foreign directory of the name
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not found():
+                raise
+            shutil.rmtree(tmp)  # another process of this run wrote the same cache first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -243,7 +268,8 @@ class TopKIterator(ReferenceIterator):
     """Wraps an `SFTDataset` iterator; each batch gains its rows' cached top-k teacher logits.
 
     The rows of batch (epoch, step) are `dataset.epoch_order(epoch)[step * B : (step + 1) * B]`
-    (how `SFTDataset.batch` chooses them); `state` and `restore` pass through.
+    (how `SFTDataset.batch` chooses them; of those, this process's, after `select_rows`);
+    `state` and `restore` pass through.
     """
 
     def __init__(self, iterator, dataset, cache: TopKCache):
@@ -260,5 +286,8 @@ class TopKIterator(ReferenceIterator):
         batch = next(self.iterator)
         size = self.dataset.config.batch_size
         rows = self.dataset.epoch_order(epoch)[step * size : (step + 1) * size]
+        if (local := self.local()) is not None:  # this process's rows of the batch
+            mine = local[0]
+            rows, size = rows[mine[mine < len(rows)]], len(mine)
         width = batch.tokens.shape[1]
         return WithEntries(batch, self.cache.for_rows(rows, width, size))

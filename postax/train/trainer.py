@@ -80,7 +80,7 @@ from postax.train.metrics import (
     matmul_peak_flops,
 )
 from postax.train.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
-from postax.train.processes import global_array, is_primary, multi_process, process_rows
+from postax.train.processes import BatchPlacer, is_primary, multi_process
 
 Batch = Mapping[str, Any]
 
@@ -254,7 +254,7 @@ class Trainer:
         self.checkpoint_config = checkpoint
         self.checkpoints = CheckpointManager(checkpoint) if checkpoint else None
         self.metrics = MetricsLogger(metrics) if metrics and is_primary() else None
-        self._local_rows: dict[int, np.ndarray] = {}
+        self._placer = BatchPlacer(self._batch_sharding)
         self._count_tokens = jax.jit(lambda segment_ids: jnp.count_nonzero(segment_ids))
 
     # ------------------------------------------------------------------ jitted
@@ -358,42 +358,17 @@ class Trainer:
     def local_rows(self, global_rows: int) -> np.ndarray:
         """The rows of a global batch of `global_rows` rows that this process's devices hold
         (ascending; all of them with one process): what a process-local batch holds."""
-        if global_rows not in self._local_rows:
-            self._local_rows[global_rows] = process_rows(self._batch_sharding, global_rows)
-        return self._local_rows[global_rows]
-
-    def _global_rows(self, local_count: int) -> int:
-        found = [g for g, rows in self._local_rows.items() if len(rows) == local_count]
-        if len(found) != 1:
-            raise ValueError(
-                f"a process-local batch of {local_count} rows, but no global batch size asked "
-                f"of local_rows() gives this process {local_count} rows (asked: "
-                f"{sorted(self._local_rows) or 'none'}): call trainer.local_rows(global_rows) "
-                "and lay out those rows"
-            )
-        return found[0]
+        return self._placer.rows(global_rows)
 
     def _device_batch(self, batch: Batch, *, local: bool = False) -> dict[str, jax.Array]:
         """The global device batch: `batch` placed whole (one process), or assembled from this
         process's rows (`local=True`: `batch` holds them; else they are cut out of `batch`)."""
-        batch = dict(batch)
         if not multi_process():
-            return {k: jax.device_put(np.asarray(v), self._batch_sharding) for k, v in batch.items()}
-        out = {}
-        for k, v in batch.items():
-            if isinstance(v, jax.Array) and not v.is_fully_addressable:
-                out[k] = v  # already global (fit assembles it before the step)
-                continue
-            v = np.asarray(v)
-            if local:
-                global_rows = self._global_rows(v.shape[0])
-                rows = self.local_rows(global_rows)
-            else:
-                global_rows = v.shape[0]
-                rows = self.local_rows(global_rows)
-                v = v[rows]
-            out[k] = global_array(v, self._batch_sharding, rows, global_rows)
-        return out
+            return {
+                k: jax.device_put(np.asarray(v), self._batch_sharding)
+                for k, v in dict(batch).items()
+            }
+        return self._placer.place(batch, local=local)
 
     def train_step(self, batch: Batch, *, local: bool = False) -> dict[str, jax.Array]:
         """One optimizer step on a global batch (or this process's rows of it, `local=True`);

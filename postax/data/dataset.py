@@ -350,7 +350,9 @@ class SFTDataset:
         picked = [self.row(int(r)) for r in chosen]
         self.rows_read += len(picked)
         self.documents_read += sum(len(row) for row in picked)
-        arrays = layout(picked, self._ids, self._labels, self._starts, width, size, self.pad_token_id)
+        arrays = layout(
+            picked, self._ids, self._labels, self._starts, width, size, self.pad_token_id
+        )
         return Batch(**arrays)
 
     def iterator(

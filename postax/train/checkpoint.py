@@ -29,9 +29,22 @@ design; not exercised by the CPU tests); on CPU Orbax may still hold the
 buffers until the write ends, and JAX then silently declines the donation
 (the step allocates fresh buffers) rather than corrupting the checkpoint.
 The next `save`, `wait()`, `restore()` and `close()` wait for the save in
-flight and re-raise its error. With several JAX processes every
-process calls `save`/`restore` (Orbax synchronises them and each writes its
-own shards); the JSON items are written by the primary process.
+flight and re-raise its error.
+
+Several JAX processes (`jax.distributed`; tests/test_multiprocess.py): every
+process opens a manager on the same directory (shared storage) and calls
+`save`/`restore` with the same steps. Orbax synchronises them through the
+coordination service: each process writes the shards its devices hold into
+its own OCDBT files (`state/ocdbt.process_<i>`), the primary process (0)
+writes the JSON items and the metadata, and the commit (the rename above) runs
+once, after every process has written, so the checkpoint appears whole or not
+at all. Only the primary deletes the tmp directories a killed run left. A
+checkpoint restores onto any process count and mesh over the same global
+shapes (saved by 2 processes x 4 devices, restored by 1 x 8 and the other way
+round): each process reads the parts of the arrays its devices need. The data
+position in `extra` is global (the trainer's iterator state names the next
+global batch, not a process's rows), so it is the same on every process and
+valid for any process count.
 
 Atomicity (verified against orbax-checkpoint 0.12.8, local file systems):
 

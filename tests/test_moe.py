@@ -90,9 +90,7 @@ _intermediates = nnx.jit(
 def test_logits_router_logits_and_aux_loss_match_transformers(kind, checkpoints):
     hf, path = checkpoints[kind]
     model = postax.load_model(path)
-    assert model.config.mlp_types == (
-        ("sparse", "sparse") if kind == "sparse" else ("sparse", "dense", "sparse")
-    )
+    assert model.config.mlp_types == (() if kind == "sparse" else ("sparse", "dense", "sparse"))
     logits, routers, aux = hf_outputs(hf, TOKENS, MASK)
     if kind == "sparse":
         assert stack_layers(model) == []  # all-sparse layers scan

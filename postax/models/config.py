@@ -154,19 +154,16 @@ class ModelConfig:
             self.num_experts,
             "an integer >= 0 (0: no sparse layers)",
         )
-        if not self.mlp_types:
-            kind = "sparse" if self.num_experts else "dense"
-            object.__setattr__(self, "mlp_types", (kind,) * self.num_layers)
         object.__setattr__(self, "mlp_types", tuple(self.mlp_types))
         _require(
-            len(self.mlp_types) == self.num_layers,
+            len(self.mlp_types) in (0, self.num_layers),
             "mlp_types",
             self.mlp_types,
-            f"one entry per layer ({self.num_layers})",
+            f"one entry per layer ({self.num_layers}), or () for all alike",
         )
         for kind in self.mlp_types:
             _require(kind in MLP_TYPES, "mlp_types", kind, f"entries in {MLP_TYPES}")
-        if "sparse" not in self.mlp_types:
+        if not any(self.is_sparse(i) for i in range(self.num_layers)):
             return
         _require(
             self.num_experts > 0,
@@ -201,6 +198,8 @@ class ModelConfig:
 
     def is_sparse(self, index: int) -> bool:
         """Whether layer `index` has a mixture-of-experts MLP."""
+        if not self.mlp_types:
+            return self.num_experts > 0
         return self.mlp_types[index] == "sparse"
 
     def window_for_layer(self, index: int) -> int | None:

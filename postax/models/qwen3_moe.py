@@ -38,12 +38,16 @@ _EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_
 
 
 def _mlp_types(hf: dict[str, Any], num_layers: int, num_experts: int) -> tuple[str, ...]:
+    """Each layer's MLP kind as transformers decides it; () when all are alike."""
     dense_only = set(hf.get("mlp_only_layers") or [])
     step = int(hf.get("decoder_sparse_step", 1) or 1)
-    return tuple(
+    types = tuple(
         "sparse" if num_experts > 0 and i not in dense_only and (i + 1) % step == 0 else "dense"
         for i in range(num_layers)
     )
+    if len(set(types)) == 1 and (types[0] == "sparse") == (num_experts > 0):
+        return ()
+    return types
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -94,7 +98,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "moe_intermediate_size": cfg.moe_intermediate_size,
         "norm_topk_prob": cfg.norm_topk_prob,
         "decoder_sparse_step": 1,
-        "mlp_only_layers": [i for i, kind in enumerate(cfg.mlp_types) if kind == "dense"],
+        "mlp_only_layers": [i for i in range(cfg.num_layers) if not cfg.is_sparse(i)],
         "output_router_logits": False,
         "router_aux_loss_coef": 0.001,
     }

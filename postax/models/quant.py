@@ -68,6 +68,7 @@ from flax import nnx
 
 from postax.models.config import ConfigError
 from postax.models.layers import Linear, matmul_transposed
+from postax.models.moe import SparseMLP
 from postax.models.stack import require_layer_list
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -269,8 +270,15 @@ def check_targets(model: nnx.Module, targets: Sequence[str], field: str = "targe
                 f"{UNSUPPORTED_TARGETS[target]}; available: {available}"
             )
         if target not in available:
+            experts = any(isinstance(m, SparseMLP) for _, m in nnx.iter_modules(model))
+            hint = (
+                " (the experts of mixture-of-experts layers are stacked parameters, "
+                "mlp.experts.*, which are not wrapped)"
+                if experts and target in ("gate_proj", "up_proj", "down_proj")
+                else ""
+            )
             raise ConfigError(
-                f"{field} contains {target!r}, which matches no projection of this model; "
+                f"{field} contains {target!r}, which matches no projection of this model{hint}; "
                 f"available: {available}"
             )
 

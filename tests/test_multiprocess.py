@@ -21,8 +21,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from postax.data import DataConfig, PreferenceDataConfig, PreferenceDataset, SFTDataset
+from postax.tokenizer import build_tokenizer, load_tokenizer
+from postax.train.processes import BatchPlacer, global_array, local_rows_of, process_rows
 
 SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_train.py"
 TIMEOUT = 240
@@ -179,3 +186,99 @@ def test_dpo_with_its_reference_cache_on_two_processes_equals_one(runs):
     np.testing.assert_allclose(one["losses"], two["losses"], rtol=1e-6)
     assert one["losses"][-1] < one["losses"][0]
     assert_close_params(params(runs / "dpo_one"), params(runs / "dpo_two"), 1e-6)
+
+
+# -- in one process: the pieces the runs above put together ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rows")
+    texts = [f"{a} plus {b} is {a + b}." + " Yes." * (a % 4) for a in range(10) for b in range(3)]
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pairs = [
+        {"prompt": f"Is {a} small?", "chosen": " Yes." * (1 + a % 3), "rejected": " No."}
+        for a in range(11)
+    ]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    tokenizer = load_tokenizer(build_tokenizer(texts * 2, root / "bpe", vocab_size=300))
+    return root, tokenizer
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_selected_rows_are_those_rows_of_the_global_batch(tiny_data, packing):
+    """A process's rows, laid out alone (padding bucket and partial last batch included), equal
+    the same rows of the whole batch; the counters count only what was laid out."""
+    root, tokenizer = tiny_data
+    settings = dict(path=str(root / "text.jsonl"), batch_size=8, seed=3, packing=packing)
+    buckets = {} if packing else {"pad_buckets": (8, 16, 32)}
+    dataset = SFTDataset(DataConfig(seq_len=32, **buckets, **settings), tokenizer)
+    assert dataset.num_rows % 8  # the last batch of an epoch has filler rows
+    for step in range(dataset.steps_per_epoch):
+        whole = dataset.batch(1, step).as_dict()
+        read = dataset.rows_read, dataset.documents_read
+        for rows in ([0, 1, 2, 3], [4, 5, 6, 7], [1, 6]):
+            part = dataset.batch(1, step, rows=np.asarray(rows)).as_dict()
+            for name, array in whole.items():
+                np.testing.assert_array_equal(part[name], array[rows], err_msg=name)
+        real = [r for r in (0, 1, 2, 3, 4, 5, 6, 7, 1, 6) if r < dataset.num_rows - 8 * step]
+        assert dataset.rows_read - read[0] == len(real)
+        assert dataset.documents_read > read[1]
+    with pytest.raises(IndexError, match="outside a batch of 8 rows"):
+        dataset.batch(0, 0, rows=np.asarray([8]))
+
+
+def test_iterator_yields_the_selected_rows_of_any_dataset(tiny_data):
+    """`select_rows`: a dataset that lays out rows reads only them; a preference dataset's
+    global batch is cut. The position stays global, so a state restores after a selection."""
+    root, tokenizer = tiny_data
+    pairs = PreferenceDataset(
+        PreferenceDataConfig(path=str(root / "pairs.jsonl"), seq_len=24, batch_size=4),
+        tokenizer,
+    )
+    whole, part = pairs.iterator(), pairs.iterator()
+    assert part.select_rows(lambda size: np.arange(size)[2:]) is True
+    for _ in range(2 * pairs.steps_per_epoch):
+        a, b = next(whole).as_dict(), next(part).as_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(b[name], a[name][2:], err_msg=name)
+    assert part.state() == whole.state()
+    assert part.select_rows(None) is False and part.rows is None
+
+
+class HalfOfAMesh:
+    """What `process_rows` reads of a sharding: the index map of this process's devices, here
+    2 of 4 row shards (rows 2-3 and 6-7, not contiguous), each on 2 devices (a tensor axis)."""
+
+    def addressable_devices_indices_map(self, shape):
+        quarter = shape[0] // 4
+        spans = [slice(q * quarter, (q + 1) * quarter) for q in (1, 1, 3, 3)]
+        return {f"device{i}": (span,) for i, span in enumerate(spans)}
+
+
+def test_process_rows_are_the_rows_of_this_process_devices():
+    np.testing.assert_array_equal(process_rows(HalfOfAMesh(), 8), [2, 3, 6, 7])
+    np.testing.assert_array_equal(process_rows(HalfOfAMesh(), 16), [4, 5, 6, 7, 12, 13, 14, 15])
+    with pytest.raises(ValueError, match="rows=0 is invalid"):
+        process_rows(HalfOfAMesh(), 0)
+
+
+def test_global_arrays_round_trip_through_process_rows():
+    """On this process's devices (all of them here): an array assembled from its rows reads
+    back the same, whole and as its rows, and a batch placer cuts a global batch."""
+    devices = np.asarray(jax.devices())[::-1]  # any device order
+    sharding = NamedSharding(Mesh(devices.reshape(-1, 1), ("fsdp", "tensor")), P("fsdp"))
+    rows = len(devices) * 2
+    np.testing.assert_array_equal(process_rows(sharding, rows), np.arange(rows))
+    local = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    array = global_array(local, sharding, np.arange(rows), rows)
+    assert array.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(array), local)
+    np.testing.assert_array_equal(local_rows_of(array), local)
+    placer = BatchPlacer(sharding)
+    np.testing.assert_array_equal(np.asarray(placer.place({"x": local}, local=False)["x"]), local)
+    with pytest.raises(ValueError, match="no global batch size"):
+        placer.place({"x": local[:1]}, local=True)
+    with pytest.raises(ValueError, match="a process-local batch of 1 rows"):
+        global_array(local[:1], sharding, np.arange(rows), rows)

@@ -430,18 +430,18 @@ class DataIterator(Generic[BatchT]):
         if state is not None:
             self.restore(state)
 
-    def select_rows(self, rows_for: Callable[[int], np.ndarray] | None) -> None:
+    def select_rows(self, rows_for: Callable[[int], np.ndarray] | None) -> bool:
         """From now on yield only rows `rows_for(batch_size)` of each global batch (global row
         indices, ascending: a process's rows, `postax.train.processes.process_rows`); None
         yields whole batches again. A dataset that can lay out a selection (`reads_rows`)
         reads only those rows; from any other the global batch is built and cut. The
         position (`state()`) is the global one either way, so a run resumes on any number of
-        processes."""
+        processes. Returns whether the batches are now process-local."""
         if rows_for is None:
             self.rows = None
-            return
-        rows = np.asarray(rows_for(self.dataset.config.batch_size), dtype=np.int64)
-        self.rows = rows
+            return False
+        self.rows = np.asarray(rows_for(self.dataset.config.batch_size), dtype=np.int64)
+        return True
 
     def _batch(self, epoch: int, step: int) -> BatchT:
         if self.rows is None:

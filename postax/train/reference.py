@@ -239,9 +239,11 @@ class ReferenceIterator:
         batch = next(self.iterator)
         return WithEntries(batch, self.attach(batch.as_dict(), local=self.local()))
 
-    def select_rows(self, rows_for: Callable[[int], np.ndarray] | None) -> None:
-        """Process-local rows (`DataIterator.select_rows`): passed to the wrapped iterator."""
-        self.iterator.select_rows(rows_for)
+    def select_rows(self, rows_for: Callable[[int], np.ndarray] | None) -> bool:
+        """Process-local rows (`DataIterator.select_rows`), when the wrapped iterator can
+        select them; returns whether the batches are now process-local."""
+        select = getattr(self.iterator, "select_rows", None)
+        return bool(select is not None and select(rows_for))
 
     def local(self) -> Local | None:
         """(this process's rows, global rows) when the wrapped iterator yields process-local

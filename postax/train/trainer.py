@@ -587,11 +587,10 @@ class Trainer:
 
     def _select_local_rows(self, batches: Any) -> bool:
         """With several processes, asks `batches` (a data iterator with `select_rows`) for this
-        process's rows; returns whether its batches are now process-local."""
-        if not multi_process() or not hasattr(batches, "select_rows"):
-            return False
-        batches.select_rows(self.local_rows)
-        return True
+        process's rows; returns whether its batches are now process-local (else they are
+        global batches, the same on every process, cut here)."""
+        select = getattr(batches, "select_rows", None)
+        return bool(multi_process() and select is not None and select(self.local_rows))
 
     def _save_due(self, step: int) -> bool:
         ckpt = self.checkpoint_config

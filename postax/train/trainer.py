@@ -45,7 +45,8 @@ sharding), and the global batch is assembled from those process-local rows
 `run_steps` or `evaluate` is global unless `local=True` says it holds this process's rows
 (`local_rows(global_rows)`, ascending); a global batch is cut to those rows first, so every
 process must pass the same one. Everything computed inside the jitted step (loss, normaliser,
-metrics) is already over the global batch; the token count `fit` logs is summed on the devices.
+metrics) is already over the global batch; the token count `fit` logs is summed on the devices,
+and `fraction_of_peak` divides by the sum of every process's measured matmul peak.
 Metrics files, TensorBoard, W&B and the progress line are written by process 0 only;
 checkpoints by every process (`postax.train.checkpoint`). With one process none of this
 applies: the batch is placed with `jax.device_put` as before.
@@ -63,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -536,6 +538,8 @@ class Trainer:
             if flops_per_token
             else None
         )
+        if peak and multi_process():  # the tokens are global: so is the peak (each host's)
+            peak = float(np.sum(multihost_utils.process_allgather(np.float64(peak))))
         pending: list[tuple[int, int, dict]] = []
         rows: list[dict[str, float]] = []
         window_start, window_tokens = time.perf_counter(), 0

@@ -13,6 +13,14 @@ anywhere on the command line, prints the traceback for user errors as well
 (the exit status stays the same). Ctrl-C prints `postax <command>: interrupted`
 and exits 130. Command modules raise; they do not print their own errors.
 argparse's own errors (a usage line, exit 2) pass through.
+
+In a multi-process run (`postax.parallel.join`) every message says which process it comes
+from (`postax sft: process 1 of 2: ...`). A process that fails by itself (any error above,
+Ctrl-C) ends at once, without JAX's shutdown barrier, so the others fail at their next
+collective rather than wait for it. A collective that failed because another process ended
+reads as such (no traceback without `--debug`); this process then leaves through JAX's
+shutdown barrier, which names the process that stopped (`Task 1 heartbeat timeout`) and
+aborts within `distributed.heartbeat_timeout` seconds.
 """
 
 from __future__ import annotations
@@ -21,10 +29,14 @@ import importlib
 import sys
 import traceback
 
+from jax.errors import JaxRuntimeError
+
 from postax.configs import ConfigFileError
 from postax.data.sources import DataError
 from postax.host_memory import release_freed_buffers
+from postax.launch import UsageError
 from postax.models.safetensors_io import CheckpointError
+from postax.parallel import DistributedError, exit_without_shutdown, process_count
 from postax.rl.asynchronous import RolloutProducerError
 from postax.rl.envs.protocol import EpisodeError
 from postax.sampling.config import SamplingError
@@ -59,6 +71,10 @@ COMMANDS = {
         "postax.models.gguf_export_cli",
         "Write a checkpoint as a GGUF file (f32, f16, bf16, q8_0) for llama.cpp.",
     ),
+    "launch": (
+        "postax.launch",
+        "Run a command as N local processes of one multi-process run (-n N -- command).",
+    ),
 }
 
 
@@ -81,6 +97,10 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     # an environment that raised or returned something malformed (the message names it, the
     # episode and the turn; --debug shows the environment's own traceback)
     EpisodeError,
+    # a multi-process run that did not form (the message names the process and the setting)
+    DistributedError,
+    # `postax launch`'s own command line
+    UsageError,
     # a path the user gave that is missing, a directory (or not one), or not readable/writable
     FileNotFoundError,
     FileExistsError,
@@ -157,18 +177,52 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: not an error (a recipe run resumes from its checkpoint)
         if debug:
             traceback.print_exc()
-        print(f"postax {command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"postax {command}: {where()}interrupted", file=sys.stderr)
+        return failed(130)
     except Exception as error:
         message = user_message(error)
         if message is not None and not debug:
-            print(f"postax {command}: {message}", file=sys.stderr)
-            return 2
+            print(f"postax {command}: {where()}{message}", file=sys.stderr)
+            return failed(2)
+        if message is None and not debug and (peer := peer_failure(error)) is not None:
+            print(f"postax {command}: {where()}{peer}", file=sys.stderr)
+            return 1  # JAX's shutdown barrier then names the process that stopped
         traceback.print_exc()
         if message is None:  # a bug of postax, not of the input
-            print(f"postax {command}: internal error (traceback above)", file=sys.stderr)
-            return 1
-        return 2
+            print(f"postax {command}: {where()}internal error (traceback above)", file=sys.stderr)
+            return failed(1)
+        return failed(2)
+
+
+def where() -> str:
+    """`process I of N: ` in a multi-process run (each process prints its own errors), else
+    nothing."""
+    count = process_count()
+    if count < 2:
+        return ""
+    import jax
+
+    return f"process {jax.process_index()} of {count}: "
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The one-line message of a collective that failed in a multi-process run because another
+    process ended (gloo reports the closed connection; the coordination service a missing
+    task), else None."""
+    if process_count() < 2 or not isinstance(error, JaxRuntimeError):
+        return None
+    return (
+        "a collective with the other processes failed: another process has probably failed or "
+        f"died ({one_line(error)}); JAX names the process that stopped once its heartbeats are "
+        "missed for distributed.heartbeat_timeout seconds, then ends this one"
+    )
+
+
+def failed(status: int) -> int:
+    """`status`; in a multi-process run the process ends here, without JAX's shutdown barrier
+    (`postax.parallel.exit_without_shutdown`), so the others are not kept waiting for it."""
+    exit_without_shutdown(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -272,6 +272,8 @@ def other_case(command: str, case: str, inputs: dict[str, Path]) -> tuple[list[s
             ["export-gguf", str(inputs["corrupt"]), str(inputs["out"] / "x.gguf")],
             [str(inputs["corrupt"] / "config.json")],
         ),
+        ("launch", "invalid value"): (["launch", "-n", "0", "--", "true"], ["-n=0 is invalid"]),
+        ("launch", "missing command"): (["launch", "-n", "1", "--", "/no/such"], ["/no/such"]),
     }[command, case]
 
 
@@ -286,6 +288,7 @@ OTHER_CASES = {
     ),
     "convert": ("missing checkpoint", "corrupt checkpoint"),
     "export-gguf": ("missing checkpoint", "corrupt checkpoint"),
+    "launch": ("invalid value", "missing command"),
 }
 CASES = [(c, case) for c in RECIPES for case in RECIPE_CASES] + [
     (c, case) for c, cases in OTHER_CASES.items() if c in COMMANDS for case in cases

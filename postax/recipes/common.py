@@ -4,6 +4,14 @@ command line.
 
 A recipe reads top to bottom (DESIGN.md principle 5); these helpers keep the
 parts that are the same in every recipe written once.
+
+Several processes (docs/multihost.md): `start_run` joins the run its `distributed:` section
+and the environment describe (`postax.parallel.join`) before anything touches a device; every
+process then runs the whole recipe. Files that are not sharded are written by process 0 only:
+config.json, the Hugging Face export (`final/`, `adapter/`; every process takes part in
+gathering the weights, `gathered`), the plot and summary.json; the summary is printed by
+process 0 only. Every process creates `output_dir` (the same directory on shared storage, or
+one per host) and writes its checkpoint shards there (`postax.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from postax.configs import load_config, to_dict
@@ -29,10 +38,12 @@ from postax.models.hf import FAMILY_OF_CONFIG, read_hf_config
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from postax.models.quant import MODES, quantize
 from postax.models.safetensors_io import CheckpointError
+from postax.parallel import join
 from postax.sampling.cli import load_checked_tokenizer
 from postax.tokenizer import copy_tokenizer_files
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, cache_dir, training_flops_per_token
+from postax.train.processes import gather_to_host, is_primary, multi_process
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
@@ -220,8 +231,11 @@ def resolve_model_paths(cfg):
 
 
 def start_run(cfg) -> Path:
-    """Checks the optional packages the config asks for and the model directories it names,
-    creates `cfg.output_dir` and writes the resolved config to its config.json."""
+    """Joins the multi-process run `cfg.distributed` and the environment describe (nothing
+    to join on a single machine; before any device is touched), checks the optional packages
+    the config asks for and the model directories it names, creates `cfg.output_dir` (every
+    process) and writes the resolved config to its config.json (process 0)."""
+    join(cfg.distributed)
     check_optional_packages(cfg.metrics)
     check_model_paths(cfg)
     out = Path(cfg.output_dir)
@@ -229,7 +243,8 @@ def start_run(cfg) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, no permission, a read-only file system
         raise ConfigError(f"output_dir={str(out)!r} cannot be created: {e.strerror}") from e
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    if is_primary():
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return out
 
 
@@ -322,24 +337,52 @@ def finish_run(
     plot: Callable[[], Path] | None = None,
 ) -> dict:
     """The end of every run: dropout off, the export (`export(trained_model)`, its result in
-    `summary["export"]`), the trainer closed (metrics flushed), the plot (`plot()`, its path in
-    `summary["plot"]`), out/summary.json written; returns `summary`. The plot comes after
-    everything else is written."""
+    `summary["export"]`; called on every process, it writes on process 0), the trainer closed
+    (metrics flushed), the plot (`plot()`, its path in `summary["plot"]`) and out/summary.json
+    written by process 0; returns `summary`. The plot comes after everything else is
+    written."""
     trainer.model.eval()
     exported = None if export is None else export(trainer.model)
     if exported is not None:
         summary["export"] = str(exported)
     trainer.close()
+    if not is_primary():
+        return summary
     if plot is not None:
         summary["plot"] = str(plot())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def gathered(model: nnx.Module) -> nnx.Module:
+    """`model` itself in a single-process run. With several processes a copy whose arrays are
+    whole on every process (`gather_to_host` of each array that spans processes; random keys
+    stay as they are): what a writer that reads whole arrays needs. A collective: every process
+    calls it, in the same order; then process 0 alone writes."""
+    if not multi_process():
+        return model
+    graphdef, state = nnx.split(model)
+
+    def whole(x):
+        if (
+            isinstance(x, jax.Array)
+            and not x.is_fully_addressable
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        ):
+            return gather_to_host(x)
+        return x
+
+    return nnx.merge(graphdef, jax.tree.map(whole, state))
+
+
 def export(model, cfg, tokenizer_dir: Path, out: Path) -> Path:
     """Writes the trained model as a Hugging Face checkpoint in out/final (LoRA merged;
-    the adapter alone in out/adapter)."""
+    the adapter alone in out/adapter). Every process calls it (the weights are `gathered`);
+    process 0 writes."""
     final = out / "final"
+    model = gathered(model)
+    if not is_primary():
+        return final
     if cfg.lora:
         save_adapter(model, out / "adapter")
         model = merge_lora(model)
@@ -359,5 +402,6 @@ def recipe_main(
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     summary = run(resolve_model_paths(load_config(config_class, args.config, args.overrides)))
-    print(json.dumps(summary, indent=2))
+    if is_primary():
+        print(json.dumps(summary, indent=2))
     return 0

@@ -50,12 +50,14 @@ from postax.losses.distill import (
 from postax.losses.numerics import map_sequence_chunks, token_logprobs
 from postax.losses.sft import sft_normalizer
 from postax.models import ModelConfig, preset, read_config, save_model
+from postax.parallel import DistributedConfig
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
     ModelSource,
     build_causal_lm,
     check_vocab,
+    gathered,
     load_data,
     make_trainer,
     recipe_main,
@@ -66,6 +68,7 @@ from postax.sampling import Sampler, SamplingConfig, SamplingError
 from postax.tokenizer import copy_tokenizer_files
 from postax.train import teacher as teachers
 from postax.train.optim import OptimizerConfig
+from postax.train.processes import is_primary
 from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError, is_int, is_number, require
 
@@ -158,6 +161,7 @@ class DistillConfig:
     logits_chunk_size: int = 0
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -449,9 +453,13 @@ def run(cfg: DistillConfig) -> dict:
 
 
 def export(model: teachers.Distiller, tokenizer_dir: Path, out: Path) -> Path:
-    """Writes the student alone as a Hugging Face checkpoint in out/final."""
+    """Writes the student alone as a Hugging Face checkpoint in out/final (every process
+    gathers its weights; process 0 writes)."""
     final = out / "final"
-    save_model(model.student, final)
+    student = gathered(model.student)
+    if not is_primary():
+        return final
+    save_model(student, final)
     copy_tokenizer_files(tokenizer_dir, final)
     return final
 

@@ -46,6 +46,7 @@ from flax import nnx
 from postax.losses.numerics import aggregation_normalizer
 from postax.losses.policy import PolicyLossConfig, policy_loss
 from postax.models.lora import LoRAConfig
+from postax.parallel import DistributedConfig
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
@@ -112,6 +113,7 @@ class GRPOConfig:
     run: RunSettings = dataclasses.field(default_factory=RunSettings)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export: bool = True
 
     def __post_init__(self) -> None:

@@ -52,6 +52,7 @@ from postax.losses.value import value_loss
 from postax.models.lora import LoRAConfig
 from postax.models.reward import load_reward_model
 from postax.models.value import CRITICS, ActorCritic, critic_from_policy
+from postax.parallel import DistributedConfig
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
@@ -166,6 +167,7 @@ class PPOConfig:
     run: RunSettings = dataclasses.field(default_factory=RunSettings)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export: bool = True
 
     def __post_init__(self) -> None:

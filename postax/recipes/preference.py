@@ -34,6 +34,7 @@ from postax.losses.kto import KTOConfig, kto_loss, kto_reference_point
 from postax.losses.orpo import ORPOConfig, orpo_loss
 from postax.losses.simpo import SimPOConfig, simpo_loss
 from postax.models.lora import LoRAConfig, lora_disabled
+from postax.parallel import DistributedConfig
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
@@ -93,6 +94,7 @@ class PreferenceConfig:
     logits_chunk_size: int = 0
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export: bool = True
 
     def __post_init__(self) -> None:

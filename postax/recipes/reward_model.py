@@ -23,11 +23,13 @@ from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.losses.reward import bradley_terry_loss
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora
 from postax.models.reward import RewardModel, load_reward_model, save_reward_model
+from postax.parallel import DistributedConfig
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
     ModelSource,
     build_causal_lm,
+    gathered,
     load_data,
     make_trainer,
     recipe_main,
@@ -36,6 +38,7 @@ from postax.recipes.common import (
 )
 from postax.tokenizer import copy_tokenizer_files
 from postax.train.optim import OptimizerConfig
+from postax.train.processes import is_primary
 from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError
 
@@ -64,6 +67,7 @@ class RewardModelConfig:
     lora: LoRAConfig | None = None
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -157,6 +161,9 @@ def run(cfg: RewardModelConfig) -> dict:
 
     def export(model) -> None:
         final = out / "final"
+        model = gathered(model)  # every process takes part; process 0 writes
+        if not is_primary():
+            return
         model = merge_lora(model) if cfg.lora else model
         save_reward_model(model, final, pad_token_id=tokenizer.pad_token_id)
         copy_tokenizer_files(tokenizer_dir, final)

@@ -15,6 +15,7 @@ from flax import nnx
 from postax.data import DataConfig, SFTDataset
 from postax.losses.sft import sft_loss, sft_normalizer
 from postax.models.lora import LoRAConfig
+from postax.parallel import DistributedConfig
 from postax.recipes.common import (
     CheckpointSettings,
     MetricsSettings,
@@ -47,6 +48,7 @@ class SFTConfig:
     logits_chunk_size: int = 0
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export: bool = True
 
     def __post_init__(self) -> None:

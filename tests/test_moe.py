@@ -209,7 +209,11 @@ def test_grouped_dispatch_equals_dense_values_and_gradients(checkpoints):
         assert relative_error(g[...], flat_dense[path][...]) <= 1e-5, path
 
 
-@pytest.mark.parametrize("sizes", [(5, 0, 3, 9, 0, 1, 2, 4), (0, 0, 24, 0, 0, 0, 0, 0)])
+@pytest.mark.parametrize(
+    "sizes",
+    [(5, 0, 3, 9, 0, 1, 2, 4), (0, 0, 24, 0, 0, 0, 0, 0), (100, 0, 150, 50)],
+    ids=["gathered weights", "one group", "one-hot weights"],
+)
 def test_blocked_grouped_matmul_equals_ragged_dot(sizes):
     rng = np.random.default_rng(2)
     group_sizes = jnp.asarray(sizes, jnp.int32)

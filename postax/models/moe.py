@@ -54,6 +54,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from postax.models.config import ModelConfig
@@ -78,6 +79,35 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
     return weights, experts.astype(jnp.int32)
 
 
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """y[i] = x[index[i]], where index[i] == len(x) reads a zero row.
+
+    `inverse` is the map back: every row j of x is read by at most one output row,
+    inverse[j] (len(y) when none). The gradient is then a gather too,
+    dx[j] = dy[inverse[j]]; autodiff would transpose the gather into a scatter-add,
+    which XLA:CPU runs one element at a time (it dominated the training step).
+    """
+    return _pad_row(x)[index]
+
+
+def _pad_row(x: jax.Array) -> jax.Array:
+    return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+
+
+def _gather_rows_fwd(x, index, inverse):
+    return gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(residuals, dy):
+    index, inverse = residuals
+    zero = np.zeros(index.shape, jax.dtypes.float0)
+    return _pad_row(dy)[inverse], zero, np.zeros(inverse.shape, jax.dtypes.float0)
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def _block_rows(rows: int, num_groups: int) -> int:
     """A power of two near rows / (4 groups), in [1, MAX_BLOCK_ROWS]."""
     target = rows / (4 * num_groups)
@@ -86,29 +116,33 @@ def _block_rows(rows: int, num_groups: int) -> int:
 
 def _blocked_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """`ragged_dot` as expert-aligned blocks: each group padded to a multiple of `block`
-    rows, every block multiplied by its group's weight (one batched product)."""
+    rows, every block multiplied by its group's weight (one batched product).
+
+    Rows move by `gather_rows` both ways; with at most `block` groups each block's
+    weight is chosen by a product with a one-hot [blocks, groups] matrix (no more work
+    than the blocks' product), so the backward pass has no scatter-add at all.
+    """
     rows, groups = x.shape[0], w.shape[0]
     block = _block_rows(rows, groups)
     num_blocks = -(-(rows + groups * (block - 1)) // block)  # bound on sum ceil(size / block)
+    padded_rows = num_blocks * block
     padded = -(-group_sizes // block) * block
     padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
     start = jnp.cumsum(group_sizes) - group_sizes
     group_of_row = jnp.repeat(
         jnp.arange(groups, dtype=jnp.int32), group_sizes, total_repeat_length=rows
     )
-    slot = padded_start[group_of_row] + jnp.arange(rows) - start[group_of_row]
-    x_blocks = jnp.zeros((num_blocks * block, x.shape[1]), x.dtype).at[slot].set(x)
-    block_group = jnp.minimum(
-        jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right"), groups - 1
-    )
-    out = jnp.einsum(
-        "brk,bkn->brn",
-        x_blocks.reshape(num_blocks, block, x.shape[1]),
-        w[block_group],
-        preferred_element_type=jnp.float32,
-    )
-    return out.reshape(num_blocks * block, w.shape[2])[slot]
+    slot = (padded_end - padded)[group_of_row] + jnp.arange(rows) - start[group_of_row]
+    row_of_slot = jnp.full(padded_rows, rows, jnp.int32).at[slot].set(jnp.arange(rows))
+    x_blocks = gather_rows(x, row_of_slot, slot).reshape(num_blocks, block, x.shape[1])
+    block_group = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
+    if groups <= block:  # the one-hot product costs at most the blocks' own product
+        pick = jax.nn.one_hot(block_group, groups, dtype=w.dtype)  # trailing blocks: zero
+        w_blocks = jnp.einsum("bg,gkn->bkn", pick, w, precision=jax.lax.Precision.HIGHEST)
+    else:  # trailing blocks (zero rows) take the last group's weight
+        w_blocks = w[jnp.minimum(block_group, groups - 1)]
+    out = jnp.einsum("brk,bkn->brn", x_blocks, w_blocks, preferred_element_type=jnp.float32)
+    return gather_rows(out.reshape(padded_rows, w.shape[2]), slot, row_of_slot)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -137,16 +171,16 @@ def experts_grouped(
     token through its chosen experts only (sorted dispatch, grouped products)."""
     tokens, k = experts.shape
     num_experts = gate.shape[0]
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    flat = experts.reshape(-1)  # assignment t * k + j: token t's j-th expert
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # assignments by expert
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    rows = x[order // k]
+    rows = gather_rows(jnp.repeat(x, k, axis=0), order, back)
     act = ACTIVATION_FUNCTIONS[activation]
     h_gate = grouped_matmul(rows, gate, group_sizes).astype(x.dtype)
     h_up = grouped_matmul(rows, up, group_sizes).astype(x.dtype)
     out = grouped_matmul(act(h_gate) * h_up, down, group_sizes).astype(x.dtype)
-    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    out = out[back].reshape(tokens, k, -1)
+    out = gather_rows(out, back, order).reshape(tokens, k, -1)
     return jnp.sum(out * weights.astype(x.dtype)[..., None], axis=1)
 
 

@@ -39,8 +39,10 @@ number of steps per epoch, the statistics and the fingerprint a resume checks al
 document's token count, and a token count is only known after tokenising; reading every record is
 also what lets every data error surface before anything is compiled. What each process keeps is
 the flat token arrays (about 5 bytes per token); what it does per step is local. Tokenising
-a share per process and exchanging the counts would need collectives in the data layer and a
-second tokenisation of the documents that land in another process's rows; it is not done.
+a share per process and exchanging the counts would need collectives in the data layer, and it
+would not stay a share: a document lands in another process's rows whenever the epoch's shuffle
+moves its row to another position, so after a few epochs every process would have tokenised
+most documents anyway. It is not done.
 """
 
 from __future__ import annotations

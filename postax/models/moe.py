@@ -28,7 +28,9 @@ Computation (`SparseMLP.dispatch`):
     product against every group, rows padded into expert-aligned blocks and
     multiplied by their block's expert), then the rows are put back in token
     order and combined with the router weights. Work is proportional to
-    tokens x k, not tokens x experts.
+    tokens x k, not tokens x experts. Rows move with `gather_rows`, whose
+    gradient is the inverse gather: the scatter-adds autodiff would make of
+    the gathers ran element by element on XLA:CPU and dominated the step.
   - "dense": every token through every expert, weighted by the (mostly zero)
     routing matrix. The reference the tests compare the grouped path against.
 
@@ -70,7 +72,7 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
 
     Softmax over all experts in float32, the k largest probabilities, divided by
     their sum when `normalize` (Qwen3's `norm_topk_prob`). Ties go to the lower
-    expert index, as `torch.topk` picks them on CPU.
+    expert index (`lax.top_k`).
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)

@@ -143,6 +143,12 @@ def test_two_processes_of_four_devices_equal_one_of_eight(runs):
     logs = runs / "logs"
     shown = {name: "step 3/3" in (logs / f"{name}.txt").read_text() for name in LOGS}
     assert shown == {"one-0": True, "two-0": True, "two-1": False}
+    # a value that differs between the processes (a data position, say) is refused by both
+    for name in ("two-0", "two-1"):
+        assert (
+            "refused: the probe differs between processes: processes [1]"
+            in (logs / f"{name}.txt").read_text()
+        )
 
 
 def test_each_process_reads_only_its_rows(runs):

@@ -32,6 +32,8 @@ cache is found or has to be computed by a collective pass).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import jax
@@ -162,6 +164,23 @@ def agree(flag: bool) -> bool:
         return bool(flag)
     flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
     return bool(np.all(flags))
+
+
+def check_same_everywhere(what: str, value: Any) -> None:
+    """Raises RuntimeError on every process unless JSON-like `value` is the same on all of them
+    (a collective: one digest per process is exchanged)."""
+    if not multi_process():
+        return
+    text = json.dumps(value, sort_keys=True)
+    digest = np.frombuffer(hashlib.blake2b(text.encode(), digest_size=16).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+    if differ:
+        raise RuntimeError(
+            f"{what} differs between processes: processes {differ} disagree with process 0 "
+            f"(process {jax.process_index()} has {text[:200]}); every process must run the "
+            "same program over the same data"
+        )
 
 
 def gather_to_host(array: jax.Array) -> np.ndarray:

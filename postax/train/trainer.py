@@ -82,7 +82,12 @@ from postax.train.metrics import (
     matmul_peak_flops,
 )
 from postax.train.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
-from postax.train.processes import BatchPlacer, is_primary, multi_process
+from postax.train.processes import (
+    BatchPlacer,
+    check_same_everywhere,
+    is_primary,
+    multi_process,
+)
 
 Batch = Mapping[str, Any]
 
@@ -447,7 +452,9 @@ class Trainer:
             return False
         extra = {"step": self.step}
         if data_iterator is not None:
-            extra["data"] = data_iterator.state()
+            extra["data"] = data_iterator.state()  # the global position: one for all processes
+            if multi_process() and self.checkpoints.should_save(self.step, force=force):
+                check_same_everywhere("the data iterator state", extra["data"])
         return self.checkpoints.save(self.step, self.checkpoint_state(), extra, force=force)
 
     # ---------------------------------------------- what `fit` and outer loops share

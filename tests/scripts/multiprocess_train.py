@@ -3,7 +3,8 @@
     python tests/scripts/multiprocess_train.py RUN [RUN ...] --process-id I --num-processes N
         --port P [--steps 3] [--resume-step S]
 
-The runs go one after the other in this process. With N > 1 the process joins a local
+The runs go one after the other in this process; then, with N > 1, every process checks a
+value that differs between them (`check_same_everywhere`) and prints `refused: ...`. With N > 1 the process joins a local
 coordinator at 127.0.0.1:P (gloo collectives on CPU); set
 XLA_FLAGS=--xla_force_host_platform_device_count=K for K devices per process. The mesh is
 always fsdp=4 x tensor=2 (8 devices in all). Each RUN is one of:
@@ -60,6 +61,13 @@ def main() -> None:
             dpo(Path(out))
         else:
             sft(Path(out), Path(resume_from) if resume_from else None, args)
+    if args.num_processes > 1:  # a state that differs between processes is refused by all
+        from postax.train.processes import check_same_everywhere
+
+        try:
+            check_same_everywhere("the probe", {"process": jax.process_index()})
+        except RuntimeError as error:
+            print(f"refused: {error}", file=sys.stderr)
 
 
 def sft(out: Path, resume_from: Path | None, args: argparse.Namespace) -> None:

@@ -26,9 +26,11 @@ aborts within `distributed.heartbeat_timeout` seconds.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import traceback
 
+import jax
 from jax.errors import JaxRuntimeError
 
 from postax.configs import ConfigFileError
@@ -117,6 +119,10 @@ OPTIONAL_PACKAGES = {
     "gguf": "postax[gguf]",
 }
 DEBUG_FLAG = "--debug"
+# how a collective (gloo on CPU, the coordination service) reports that another process ended
+PEER_FAILURE = re.compile(
+    r"Gloo|connection (closed|reset)|coordination service|heartbeat|unhealthy", re.IGNORECASE
+)
 
 
 def missing_optional_package(error: BaseException) -> str | None:
@@ -198,11 +204,7 @@ def where() -> str:
     """`process I of N: ` in a multi-process run (each process prints its own errors), else
     nothing."""
     count = process_count()
-    if count < 2:
-        return ""
-    import jax
-
-    return f"process {jax.process_index()} of {count}: "
+    return f"process {jax.process_index()} of {count}: " if count > 1 else ""
 
 
 def peer_failure(error: BaseException) -> str | None:
@@ -211,6 +213,8 @@ def peer_failure(error: BaseException) -> str | None:
     task), else None."""
     if process_count() < 2 or not isinstance(error, JaxRuntimeError):
         return None
+    if not PEER_FAILURE.search(str(error)):
+        return None  # this process's own runtime error (out of memory, ...): a traceback
     return (
         "a collective with the other processes failed: another process has probably failed or "
         f"died ({one_line(error)}); JAX names the process that stopped once its heartbeats are "

@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+from jax.errors import JaxRuntimeError
 from safetensors.numpy import load_file
 
 from postax.cli import main as postax_main
 from postax.launch import GRACE_S, child_environment, exit_status, parse_args, resolve_command
+from postax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 PSUM = str(ROOT / "tests" / "scripts" / "distributed_psum.py")
@@ -108,6 +110,44 @@ def test_malformed_options_are_argparse_errors(args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: postax launch -n N") and message in err
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "line"),
+    [
+        (
+            JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: Connection closed by peer [h]:1"),
+            1,
+            "postax sft: process 0 of 2: a collective with the other processes failed: another "
+            "process has probably failed or died (UNKNOWN: Gloo all-reduce failed: Connection "
+            "closed by peer [h]:1); JAX names the process that stopped",
+        ),
+        (ConfigError("data.seq_len=0 is invalid"), 2, "postax sft: process 0 of 2: data.seq_len"),
+        (
+            JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"),
+            1,
+            "postax sft: process 0 of 2: internal error (traceback above)",
+        ),
+    ],
+    ids=["peer", "user", "own-runtime-error"],
+)
+def test_errors_of_a_multi_process_run_name_the_process(error, status, line, capsys, monkeypatch):
+    """In a run of several processes (faked here: the process count the CLI sees) every error
+    line names the process; a failed collective reads as another process's failure, while this
+    process's own runtime error stays an internal error with its traceback."""
+    import postax.cli
+    from postax.recipes import sft
+
+    def failing(cfg):
+        raise error
+
+    monkeypatch.setattr(postax.cli, "process_count", lambda: 2)
+    monkeypatch.setattr(sft, "run", failing)
+    monkeypatch.chdir(ROOT)
+    assert postax_main(["sft", "--config", "configs/sft/tiny.yaml"]) == status
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(line), err
+    assert ("Traceback" in err) == (error.args[0].startswith("RESOURCE_EXHAUSTED"))
 
 
 # ------------------------------------------------------------------ real processes

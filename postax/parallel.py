@@ -61,7 +61,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from postax.validation import ConfigError
+from postax.validation import ConfigError, is_int
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
@@ -212,16 +212,16 @@ def _name(field: str, sources: Mapping[str, str]) -> str:
     return sources.get(field) or f"distributed.{field}"
 
 
-def _int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_distributed(cfg, sources: Mapping[str, str]) -> None:
-    """ConfigError naming the first invalid setting; `sources` maps a field taken from the
-    environment to its variable's name (`JAX_PROCESS_ID (environment)`)."""
+    """ConfigError naming the first invalid setting of `cfg` (a DistributedConfig or anything
+    with its fields); `sources` maps a field taken from the environment to its variable
+    (`JAX_PROCESS_ID=5 (environment) is invalid: ...`)."""
 
     def fail(field: str, allowed: str) -> None:
-        raise ConfigError(f"{_name(field, sources)}={getattr(cfg, field)!r} is invalid: {allowed}")
+        where = " (environment)" if field in sources else ""
+        raise ConfigError(
+            f"{_name(field, sources)}={getattr(cfg, field)!r}{where} is invalid: {allowed}"
+        )
 
     if cfg.coordinator is not None:
         host, sep, port = str(cfg.coordinator).rpartition(":")
@@ -233,10 +233,10 @@ def check_distributed(cfg, sources: Mapping[str, str]) -> None:
             or not 0 < int(port) < 65536
         ):
             fail("coordinator", "host:port with a port in 1..65535, e.g. 10.0.0.1:1234")
-    if cfg.num_processes is not None and not (_int(cfg.num_processes) and cfg.num_processes >= 1):
+    if cfg.num_processes is not None and not (is_int(cfg.num_processes) and cfg.num_processes >= 1):
         fail("num_processes", "an integer >= 1")
     if cfg.process_id is not None:
-        if not (_int(cfg.process_id) and cfg.process_id >= 0):
+        if not (is_int(cfg.process_id) and cfg.process_id >= 0):
             fail("process_id", "an integer >= 0")
         if cfg.num_processes is not None and cfg.process_id >= cfg.num_processes:
             fail(
@@ -245,12 +245,12 @@ def check_distributed(cfg, sources: Mapping[str, str]) -> None:
                 f"{cfg.num_processes - 1})",
             )
     if cfg.local_device_ids is not None and (
-        not cfg.local_device_ids or not all(_int(i) and i >= 0 for i in cfg.local_device_ids)
+        not cfg.local_device_ids or not all(is_int(i) and i >= 0 for i in cfg.local_device_ids)
     ):
         fail("local_device_ids", "null (all local devices) or a list of device ids >= 0")
     for field in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
         value = getattr(cfg, field)
-        if not (_int(value) and value >= 1):
+        if not (is_int(value) and value >= 1):
             fail(field, "a whole number of seconds >= 1")
 
 
@@ -281,7 +281,7 @@ def from_environment(
         raw = environ.get(variable, "")
         if getattr(cfg, field) is None and raw.strip():
             changes[field] = _parse_environment(variable, raw, field)
-            sources[field] = f"{variable} (environment)"
+            sources[field] = variable
     if not changes:
         return cfg
     # checked first with each value named by its source, then built (its own check passes)

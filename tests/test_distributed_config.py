@@ -100,12 +100,12 @@ def test_the_environment_fills_what_the_config_leaves_unset():
         (
             {"JAX_PROCESS_ID": "5"},
             {"num_processes": 2},
-            "JAX_PROCESS_ID (environment)=5 is invalid: below distributed.num_processes=2",
+            "JAX_PROCESS_ID=5 (environment) is invalid: below distributed.num_processes=2",
         ),
         (
             {"JAX_COORDINATOR_ADDRESS": "nohost"},
             {},
-            "JAX_COORDINATOR_ADDRESS (environment)='nohost' is invalid: host:port",
+            "JAX_COORDINATOR_ADDRESS='nohost' (environment) is invalid: host:port",
         ),
     ],
 )

@@ -31,6 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from postax.data import DataConfig, PreferenceDataConfig, PreferenceDataset, SFTDataset
 from postax.tokenizer import build_tokenizer, load_tokenizer
+from postax.train import reference as ref
+from postax.train import teacher as teachers
 from postax.train.processes import BatchPlacer, global_array, local_rows_of, process_rows
 
 SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_train.py"
@@ -290,3 +292,39 @@ def test_global_arrays_round_trip_through_process_rows():
         placer.place({"x": local[:1]}, local=True)
     with pytest.raises(ValueError, match="a process-local batch of 1 rows"):
         global_array(local[:1], sharding, np.arange(rows), rows)
+
+
+def test_teacher_and_reference_entries_follow_the_selected_rows(tiny_data, tmp_path):
+    """A `TopKIterator` and a `ReferenceIterator` whose data iterator holds a process's rows
+    attach the cached entries of exactly those rows (including the filler rows of a partial
+    batch)."""
+    root, tokenizer = tiny_data
+    config = DataConfig(path=str(root / "text.jsonl"), seq_len=32, batch_size=8, seed=5)
+    dataset = SFTDataset(config, tokenizer)
+    rng = np.random.default_rng(0)
+    (tmp_path / "topk").mkdir()
+    np.save(tmp_path / "topk" / "values.npy", rng.random((dataset.num_rows, 32, 2), np.float32))
+    np.save(tmp_path / "topk" / "ids.npy", rng.integers(0, 9, (dataset.num_rows, 32, 2), np.int32))
+    cache = teachers.TopKCache(tmp_path / "topk")
+    whole = teachers.TopKIterator(dataset.iterator(), dataset, cache)
+    part = teachers.TopKIterator(dataset.iterator(), dataset, cache)
+    rows = np.asarray([1, 2, 5, 7])
+    assert part.select_rows(lambda size: rows) is True
+    for _ in range(2 * dataset.steps_per_epoch):
+        a, b = next(whole).as_dict(), next(part).as_dict()
+        for name in a:
+            np.testing.assert_array_equal(b[name], a[name][rows], err_msg=name)
+
+    pairs = PreferenceDataset(
+        PreferenceDataConfig(path=str(root / "pairs.jsonl"), seq_len=24, batch_size=4),
+        tokenizer,
+    )
+    table = rng.random((pairs.num_examples, 2), np.float32)
+    whole = ref.ReferenceIterator(pairs.iterator(), ref.lookup(table))
+    part = ref.ReferenceIterator(pairs.iterator(), ref.lookup(table))
+    assert part.select_rows(lambda size: np.asarray([0, 3])) is True
+    assert part.local()[1] == 4
+    for _ in range(pairs.steps_per_epoch):
+        a, b = next(whole).as_dict(), next(part).as_dict()
+        np.testing.assert_array_equal(b["ref_logp"], a["ref_logp"][[0, 3]])
+    assert ref.ReferenceIterator(iter([]), ref.lookup(table)).select_rows(lambda n: [0]) is False

@@ -1,12 +1,29 @@
 """Device meshes, the mapping of logical axis names onto them, and joining a multi-process run.
 
-A mesh has three axes: `data` (pure data parallelism: params replicated),
+A mesh has four axes: `data` (pure data parallelism: params replicated),
 `fsdp` (data parallelism with params, gradients and optimizer state sharded,
-Rajbhandari et al. 2020, "ZeRO") and `tensor` (Megatron-style model
-parallelism, Shoeybi et al. 2019). Parameters name their dimensions
-(vocab, embed, mlp, heads, kv_heads, head_dim); `LOGICAL_RULES` maps each
-name to mesh axes. A dimension that a mesh axis does not divide evenly is
-replicated instead, so any model runs on any mesh.
+Rajbhandari et al. 2020, "ZeRO"), `expert` (expert parallelism for
+mixture-of-experts layers, Lepikhin et al. 2020, "GShard") and `tensor`
+(Megatron-style model parallelism, Shoeybi et al. 2019), in that order from
+the outermost to the innermost (`tensor` on the closest devices). Parameters
+name their dimensions (vocab, embed, mlp, heads, kv_heads, head_dim, expert);
+`LOGICAL_RULES` maps each name to mesh axes. A dimension that a mesh axis does
+not divide evenly is replicated instead, so any model runs on any mesh.
+
+The expert axis: the stacked expert weights ([expert, embed, mlp],
+`models/moe.py`) split their expert dimension over it, and the batch rows split
+over it too, after `data` and `fsdp`. As in GShard and Switch Transformer, the
+devices of an expert group are data-parallel for everything that is not an
+expert (attention, dense MLPs, embeddings, the router): without that, a mesh
+with expert=4 would compute the whole non-expert model four times over. A model
+without experts on such a mesh simply runs data-parallel over the axis. The
+default `expert: 1` leaves every placement as it was on a three-axis mesh. The
+sparse layer itself is written for one device (sort, grouped products, unsort)
+and XLA's SPMD partitioner inserts the collectives (gathers of the routed rows
+and reductions of the expert products); the result equals one device's, but it
+is not the all-to-all exchange of a hand-written expert-parallel layer, so the
+axis saves memory (each device holds experts / expert of every sparse layer)
+more than time.
 
 Several processes (JAX's multi-controller runtime, `jax.distributed`; docs/multihost.md):
 every process runs the same program and `join(DistributedConfig)` joins them, once, before any
@@ -63,9 +80,10 @@ from jax.sharding import PartitionSpec as P
 
 from postax.validation import ConfigError, is_int
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
+    "expert": ("expert",),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "mlp": ("tensor",),
@@ -77,30 +95,54 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Sizes of the mesh axes; one of them may be -1 (all remaining devices)."""
+    """Sizes of the mesh axes (`MESH_AXES`); one of them may be -1 (all remaining devices).
+    `expert` splits the experts of mixture-of-experts layers, and the batch rows with them
+    (module docstring)."""
 
     data: int = 1
     fsdp: int = -1
+    expert: int = 1
     tensor: int = 1
 
     def __post_init__(self) -> None:
-        sizes = (self.data, self.fsdp, self.tensor)
+        sizes = tuple(getattr(self, axis) for axis in MESH_AXES)
+        if any(not is_int(s) for s in sizes):
+            raise ConfigError(f"mesh={self._describe(sizes)} is invalid: whole numbers")
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ConfigError(f"mesh={sizes!r} is invalid: positive sizes, at most one -1")
+            raise ConfigError(
+                f"mesh={self._describe(sizes)} is invalid: positive sizes, at most one -1"
+            )
 
-    def shape(self, device_count: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
+    def _describe(self, sizes) -> str:
+        """`data=1 x fsdp=7 x tensor=1`, with `expert=E` only when E is not 1."""
+        return " x ".join(
+            f"{axis}={size}"
+            for axis, size in zip(MESH_AXES, sizes, strict=True)
+            if axis != "expert" or size != 1
+        )
+
+    def shape(self, device_count: int) -> tuple[int, ...]:
+        """The axis sizes, in `MESH_AXES` order, on `device_count` devices."""
+        sizes = [getattr(self, axis) for axis in MESH_AXES]
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if device_count % known:
-                raise ConfigError(f"mesh {sizes} does not divide {device_count} devices")
+                raise ConfigError(
+                    f"mesh {self._describe(sizes)} does not divide {device_count} devices"
+                )
             sizes[sizes.index(-1)] = device_count // known
         if math.prod(sizes) != device_count:
             raise ConfigError(
-                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                f"{math.prod(sizes)} devices, found {device_count}"
+                f"mesh {self._describe(sizes)} needs {math.prod(sizes)} devices, "
+                f"found {device_count}"
             )
         return tuple(sizes)
+
+    def batch_shards(self, device_count: int) -> int:
+        """Into how many parts the batch rows split: the product of the batch axes' sizes
+        (`LOGICAL_RULES["batch"]`: data x fsdp x expert)."""
+        sizes = dict(zip(MESH_AXES, self.shape(device_count), strict=True))
+        return math.prod(sizes[axis] for axis in LOGICAL_RULES["batch"])
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -138,7 +180,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows split over the data and fsdp axes, the rest replicated."""
+    """Rows split over the data, fsdp and expert axes, the rest replicated."""
     return NamedSharding(mesh, P(LOGICAL_RULES["batch"]))
 
 

@@ -168,14 +168,13 @@ def check_staleness(cfg) -> None:
 def check_rows(cfg, rows: int) -> None:
     """Rows of a rollout batch must split into minibatches, micro-batches and data shards
     (checked before any model is built, once the devices are known)."""
-    data, fsdp, _ = cfg.run.mesh.shape(jax.device_count())
-    data_parallel = data * fsdp  # rows are split over the data and fsdp axes
+    data_parallel = cfg.run.mesh.batch_shards(jax.device_count())  # data x fsdp x expert
     per_step = cfg.update.minibatches * cfg.update.micro_batches * data_parallel
     if rows % per_step:
         raise ConfigError(
             f"data.batch_size x rollout.samples_per_prompt = {rows} rows do not split into "
             f"update.minibatches={cfg.update.minibatches} x update.micro_batches="
-            f"{cfg.update.micro_batches} x {data_parallel} devices (mesh data x fsdp)"
+            f"{cfg.update.micro_batches} x {data_parallel} devices (mesh data x fsdp x expert)"
         )
 
 

@@ -107,10 +107,10 @@ class MeshConfig:
     def __post_init__(self) -> None:
         sizes = tuple(getattr(self, axis) for axis in MESH_AXES)
         if any(not is_int(s) for s in sizes):
-            raise ConfigError(f"mesh={self._describe(sizes)} is invalid: whole numbers")
+            raise ConfigError(f"mesh {self._describe(sizes)} is invalid: whole numbers")
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ConfigError(
-                f"mesh={self._describe(sizes)} is invalid: positive sizes, at most one -1"
+                f"mesh {self._describe(sizes)} is invalid: positive sizes, at most one -1"
             )
 
     def _describe(self, sizes) -> str:

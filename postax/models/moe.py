@@ -44,10 +44,23 @@ Training hooks: the forward passes return the router logits of every sparse
 layer when asked, `CausalLM.intermediates(tokens, router_logits=True)
 .router_logits` ([sparse layers, batch, seq, experts], float32), and
 `load_balancing_loss`, `router_z_loss` and `expert_load` turn them into the
-auxiliary losses and the per-layer load metrics. (A trainer adds
-`coef * loss` to its objective; `nnx.sow` was not used because values sown
-inside the scanned layer stack would not leave the `lax.scan`.) The plain
-forward pass and decoding discard the logits.
+auxiliary losses and the per-layer load metrics (`router_terms`: all of them
+at once). A recipe weighs them into its objective with `postax.losses.router`
+(`router:` config section: `aux_loss_coef`, `z_loss_coef`). (`nnx.sow` was
+not used because values sown inside the scanned layer stack would not leave
+the `lax.scan`.) The plain forward pass and decoding discard the logits.
+
+Sharding: the expert weights' leading axis is the logical axis "expert", split
+over the `expert` mesh axis (`postax.parallel`; the batch rows split over it
+too). The dispatch above is written for one device and left to XLA's SPMD
+partitioner, which inserts the collectives: a step on an expert-sharded mesh
+equals one device's (tests/test_moe_sharding.py), but it is not a hand-written
+expert-parallel exchange (an all-to-all of the routed rows to the devices
+holding their experts, `shard_map`): the routed rows and the expert products
+are gathered and reduced across the expert axis, so the axis saves parameter
+and optimizer memory more than time, and in a plain `jit` XLA chose to leave
+the expert weights' gradients gathered over the expert axis (the trainer
+places the updated parameters back on their shards).
 """
 
 from __future__ import annotations
@@ -324,3 +337,17 @@ def expert_load(
     counts = jnp.einsum("ltke,t->le", jax.nn.one_hot(chosen, experts, dtype=jnp.float32), m)
     fraction = counts / (top_k * jnp.maximum(jnp.sum(m), 1.0))
     return {"fraction": fraction, "max_over_mean": experts * jnp.max(fraction, axis=-1)}
+
+
+def router_terms(
+    router_logits: jax.Array, top_k: int, mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """Everything a training objective and its logs take from the router logits
+    [layers, ..., experts]: `load_balancing` and `z` (scalars, `load_balancing_loss` and
+    `router_z_loss`), `fraction` [layers, experts] and `max_over_mean` [layers]
+    (`expert_load`), over the tokens where `mask` is 1."""
+    return {
+        "load_balancing": load_balancing_loss(router_logits, top_k, mask),
+        "z": router_z_loss(router_logits, mask),
+        **expert_load(router_logits, top_k, mask),
+    }

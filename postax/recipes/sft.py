@@ -4,6 +4,10 @@ config -> tokenizer -> data (tokenised, packed; every data error before any
 compile) -> model (Hugging Face checkpoint, preset or inline config;
 optionally quantised and LoRA-wrapped) -> trainer (resumes from the latest
 checkpoint) -> Hugging Face export (LoRA merged; the adapter saved alone too).
+
+A mixture-of-experts model (Qwen3-MoE) also logs its per-layer expert load, and adds the
+router terms the `router:` section weighs (`aux_loss_coef`, `z_loss_coef`;
+`postax.losses.router`) to the cross-entropy.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import dataclasses
 from flax import nnx
 
 from postax.data import DataConfig, SFTDataset
+from postax.losses.numerics import map_sequence_chunks, token_logprobs
+from postax.losses.router import RouterLossConfig, check_router_loss, router_objective
 from postax.losses.sft import sft_loss, sft_normalizer
+from postax.models import moe
 from postax.models.lora import LoRAConfig
 from postax.parallel import DistributedConfig
 from postax.recipes.common import (
@@ -46,6 +53,7 @@ class SFTConfig:
     lora: LoRAConfig | None = None
     quantize: str | None = None  # "int8" or "nf4": QLoRA, needs lora
     logits_chunk_size: int = 0
+    router: RouterLossConfig = dataclasses.field(default_factory=RouterLossConfig)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -57,23 +65,52 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SFTAlgorithm:
-    """Next-token cross-entropy on trained tokens, normalised by the global count of them."""
+    """Next-token cross-entropy on trained tokens, normalised by the global count of them.
+
+    router: for a mixture-of-experts model, the router terms added to the loss and the
+    expert-load metrics (`postax.losses.router`), computed from the router logits of the
+    real tokens (segment_ids > 0); `top_k` is the model's experts per token. None: the plain
+    cross-entropy (a dense model).
+    """
 
     logits_chunk_size: int = 0
+    router: RouterLossConfig | None = None
+    top_k: int = 0
 
     def normalizer(self, batch):
         return sft_normalizer(batch["loss_mask"])
 
     def loss(self, model, batch, normalizer, rng):
         del rng
-        logp = model.token_logprobs(
-            batch["tokens"],
+        inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+        if self.router is None:
+            logp = model.token_logprobs(
+                batch["tokens"], batch["targets"], chunk_size=self.logits_chunk_size, **inputs
+            )
+            return sft_loss(logp, batch["loss_mask"], normalizer)
+        out = model.intermediates(batch["tokens"], router_logits=True, **inputs)
+        logp = map_sequence_chunks(
+            lambda h, y: token_logprobs(model.logits(h), y),
+            self.logits_chunk_size,
+            out.hidden,
             batch["targets"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            chunk_size=self.logits_chunk_size,
         )
-        return sft_loss(logp, batch["loss_mask"], normalizer)
+        loss, metrics = sft_loss(logp, batch["loss_mask"], normalizer)
+        terms = moe.router_terms(out.router_logits, self.top_k, batch["segment_ids"] > 0)
+        router_loss, router_metrics = router_objective(
+            terms, metrics["loss_tokens"] / normalizer, self.router
+        )
+        return loss + router_loss, {**metrics, **router_metrics}
+
+
+def sft_algorithm(cfg: SFTConfig, model) -> SFTAlgorithm:
+    """The algorithm for `model`: with the router terms when it has sparse layers."""
+    model_cfg = model.config
+    sparse = sum(model_cfg.is_sparse(i) for i in range(model_cfg.num_layers))
+    check_router_loss(cfg.router, sparse, f"model {model_cfg.family!r}")
+    if not sparse:
+        return SFTAlgorithm(cfg.logits_chunk_size)
+    return SFTAlgorithm(cfg.logits_chunk_size, cfg.router, model_cfg.num_experts_per_tok)
 
 
 def run(cfg: SFTConfig) -> dict:
@@ -86,7 +123,7 @@ def run(cfg: SFTConfig) -> dict:
     trainer = make_trainer(
         cfg,
         model,
-        SFTAlgorithm(cfg.logits_chunk_size),
+        sft_algorithm(cfg, model),
         wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
         out=out,
         data_stats=train_data.stats.as_dict(),

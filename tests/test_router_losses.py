@@ -110,13 +110,33 @@ def test_router_objective_by_hand():
     assert len([k for k in metrics if k.startswith("moe_load_fraction/")]) == 4
 
 
-def test_sft_loss_adds_the_router_terms_and_logs_the_load():
-    model = moe_model()
-    batch = {k: jnp.asarray(v) for k, v in sft_batch().items()}
+@nnx.jit
+def _sft_losses(model, batch, padded):
+    """Everything the SFT test compares, in one compiled program."""
     normalizer = SFTAlgorithm().normalizer(batch)
-    plain_loss, plain = SFTAlgorithm().loss(model, batch, normalizer, None)
-    loss, metrics = SFTAlgorithm(router=ROUTER, top_k=TOP_K).loss(model, batch, normalizer, None)
-    want, (lb, z, share) = hand_objective(model, batch, normalizer)
+    with_router = SFTAlgorithm(router=ROUTER, top_k=TOP_K)
+    out = model.intermediates(
+        batch["tokens"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        router_logits=True,
+    )
+    return dict(
+        plain=SFTAlgorithm().loss(model, batch, normalizer, None),
+        router=with_router.loss(model, batch, normalizer, None),
+        hand=hand_objective(model, batch, normalizer),
+        load=moe.expert_load(out.router_logits, TOP_K, batch["segment_ids"] > 0),
+        padded=with_router.loss(model, padded, normalizer, None)[0],
+    )
+
+
+def test_sft_loss_adds_the_router_terms_and_logs_the_load():
+    batch = {k: jnp.asarray(v) for k, v in sft_batch().items()}
+    # padding tokens leave the router terms: changing them changes nothing
+    padded = dict(batch, tokens=batch["tokens"].at[0, -4:].set(3))
+    got = jax.device_get(_sft_losses(moe_model(), batch, padded))
+    (plain_loss, plain), (loss, metrics) = got["plain"], got["router"]
+    want, (lb, z, share) = got["hand"]
     assert float(share) == pytest.approx(1.0)  # one micro-batch: the whole batch's terms
     assert float(lb) > TOP_K * 1.05 and float(z) > 0  # not a trivial (balanced, zero) value
     assert float(loss) == pytest.approx(float(want), rel=1e-6)
@@ -124,20 +144,10 @@ def test_sft_loss_adds_the_router_terms_and_logs_the_load():
     assert float(metrics["nll_sum"]) == pytest.approx(float(plain["nll_sum"]), rel=1e-6)
     assert float(metrics["moe_aux_loss"]) == pytest.approx(float(lb), rel=1e-6)
     assert float(metrics["moe_z_loss"]) == pytest.approx(float(z), rel=1e-6)
-    out = model.intermediates(
-        batch["tokens"],
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-        router_logits=True,
-    )
-    load = moe.expert_load(out.router_logits, TOP_K, batch["segment_ids"] > 0)
     for i in range(MOE.num_layers):
         value = metrics[f"moe_load_max_over_mean/layer{i}"]
-        assert float(value) == pytest.approx(float(load["max_over_mean"][i]), rel=1e-6)
-    # padding tokens leave the router terms: changing them changes nothing
-    padded = dict(batch, tokens=batch["tokens"].at[0, -4:].set(3))
-    again, _ = SFTAlgorithm(router=ROUTER, top_k=TOP_K).loss(model, padded, normalizer, None)
-    assert float(again) == pytest.approx(float(loss), rel=1e-6)
+        assert float(value) == pytest.approx(float(got["load"]["max_over_mean"][i]), rel=1e-6)
+    assert float(got["padded"]) == pytest.approx(float(loss), rel=1e-6)
 
 
 def test_trainer_step_with_router_terms_over_two_micro_batches():

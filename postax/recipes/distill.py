@@ -68,7 +68,7 @@ from postax.sampling import Sampler, SamplingConfig, SamplingError
 from postax.tokenizer import copy_tokenizer_files
 from postax.train import teacher as teachers
 from postax.train.optim import OptimizerConfig
-from postax.train.processes import is_primary
+from postax.train.processes import is_primary, multi_process
 from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError, is_int, is_number, require
 
@@ -392,6 +392,12 @@ def student_sampler(cfg: DistillConfig, student, tokenizer):
 def run(cfg: DistillConfig) -> dict:
     """Knowledge distillation from a config; returns the run summary."""
     out = start_run(cfg)
+    if cfg.on_policy.fraction > 0 and multi_process():  # its sampler is single-process only
+        raise ConfigError(
+            f"on_policy.fraction={cfg.on_policy.fraction!r}: on-policy distillation in postax "
+            f"distill runs as one process only (this run has {jax.process_count()}): 0 for "
+            "several processes"
+        )
     tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, SFTDataset)
 
     check_models(cfg, source_config(cfg.model), source_config(cfg.teacher))  # before any weights

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -70,6 +69,7 @@ from postax.recipes.rl_common.config import (
     logits_window,
     loss_divisor,
 )
+from postax.recipes.rl_common.local import check_prompt_split, gather_to_host, score_inputs
 from postax.recipes.rl_common.loop import (
     load_run_data,
     make_rl_trainer,
@@ -210,6 +210,7 @@ def compute_advantages(
 def run(cfg: GRPOConfig) -> dict:
     """GRPO-family RL from a config; returns the run summary."""
     out = start_run(cfg)
+    check_prompt_split(cfg, "grpo")  # several processes: what they support, whole groups each
     num_rows = cfg.data.batch_size * cfg.group_size
     data = load_run_data(cfg, num_rows)
 
@@ -237,12 +238,12 @@ def run(cfg: GRPOConfig) -> dict:
 
         # 4. reference log-probs (or the KL for the reward) and old log-probs, no gradient
         with timer("score"):
-            device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
+            device_rows = score_inputs(trainer, rows)  # several processes: this one's rows
             kl = loop.reference.reward_kl(rows, device_rows, temperature)
             rows.update(loop.reference.loss_columns(device_rows, temperature))
             rows["old_logp"] = rows["sampler_logp"]
             if cfg.update.old_logprobs == RECOMPUTED_LOGPROBS:
-                rows["old_logp"] = np.asarray(
+                rows["old_logp"] = gather_to_host(
                     score_rollout(
                         trainer.model,
                         device_rows,

@@ -97,6 +97,7 @@ from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
 from postax.rl.timing import Timer
 from postax.train.optim import OptimizerConfig
+from postax.train.processes import multi_process
 from postax.validation import ConfigError
 
 
@@ -327,6 +328,11 @@ def gae_targets(
 def run(cfg: PPOConfig) -> dict:
     """PPO from a config; returns the run summary."""
     out = start_run(cfg)
+    if multi_process():  # its value-model rows and rollouts are single-process only for now
+        raise ConfigError(
+            f"postax ppo runs as one process only (this run has {jax.process_count()}): "
+            "use postax grpo for several processes"
+        )
     num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
     data = load_run_data(cfg, num_rows)
 

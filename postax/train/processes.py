@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from typing import Any
 
 import jax
@@ -215,3 +216,60 @@ def host_batch(
         return {k: jax.device_put(np.asarray(v), replicated) for k, v in batch.items()}
     sharding = batch_sharding(mesh)
     return {k: global_array(v, sharding, rows, global_rows) for k, v in batch.items()}
+
+
+# -- RL: process-local sampling ---------------------------------------------------------------
+
+
+def process_share(count: int, process: int | None = None) -> range:
+    """The contiguous block of `count` items split over the processes that this process (or
+    `process`) takes, as `numpy.array_split` cuts them: the first `count % N` processes one
+    more; all of them with one process."""
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"count={count!r} is invalid: an integer >= 0")
+    n = jax.process_count()
+    p = jax.process_index() if process is None else process
+    base, extra = divmod(count, n)
+    start = p * base + min(p, extra)
+    return range(start, start + base + (1 if p < extra else 0))
+
+
+def allgather_objects(value: Any) -> list[Any]:
+    """Every process's `value` (picklable), in process order, on every process (two
+    collectives: the lengths, then the padded bytes). The bytes come only from the processes of
+    this run, which run the same program; `[value]` with one process."""
+    if not multi_process():
+        return [value]
+    data = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64)))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(gathered[i, : int(n)].tobytes()) for i, n in enumerate(lengths)]
+
+
+def _local_sharding(sharding: Any, local: Mesh) -> NamedSharding:
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else P()
+    return NamedSharding(local, spec)
+
+
+def local_copy(tree: Any, mesh: Mesh) -> Any:
+    """A copy of `tree` (arrays placed on the global `mesh`, or replicated) whole on this
+    process's devices only: each array gathered from every process (`gather_to_host`) and
+    placed on `mesh.local_mesh` (this process's devices, the same axis names) under the same
+    partition spec. Computations on the copy involve no other process. A collective: every
+    process must call it, in the same order. With one process the tree itself is returned."""
+    if not multi_process():
+        return tree
+    local = mesh.local_mesh
+
+    def copy(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = gather_to_host(jax.random.key_data(x))
+            placed = jax.device_put(data, _local_sharding(x.sharding, local))
+            return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
+        return jax.device_put(gather_to_host(x), _local_sharding(x.sharding, local))
+
+    return jax.tree.map(copy, tree)

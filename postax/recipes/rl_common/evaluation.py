@@ -4,11 +4,13 @@ reward functions (`Evaluator`), or with `env:` greedy episodes of them (`Episode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 import numpy as np
 
+from postax.recipes.rl_common.local import LocalPolicy
 from postax.recipes.rl_common.producers import episode_runner
 from postax.rl.envs import EpisodeRunner, episode_metrics, episode_returns, record_example
 from postax.rl.envs.tools import tool_metrics
@@ -17,6 +19,7 @@ from postax.rl.prompts import PromptRecord
 from postax.rl.rewards import RewardRunner
 from postax.sampling.config import SamplingConfig
 from postax.sampling.sampler import Sampler
+from postax.train.processes import allgather_objects, process_share
 
 
 @dataclasses.dataclass
@@ -42,21 +45,44 @@ class Evaluator:
         """Whether iteration `iteration` ends with an evaluation."""
         return bool(self.every) and iteration % self.every == 0
 
+    local: LocalPolicy | None = None  # several processes: the sampler's policy copy
+
     def __call__(self) -> dict[str, float]:
-        sampling = SamplingConfig(
+        """The held-out metrics. With several processes each samples and scores its block of
+        the records (`process_share`) and the per-record values of all are gathered in record
+        order, so the means are those of one process."""
+        share = process_share(len(self.records))
+        records = self.records[share.start : share.stop]
+        names = [spec.name for spec in self.runner.specs]
+        values = {n: np.zeros(0, np.float32) for n in names}
+        rewards, lengths = np.zeros(0, np.float32), np.zeros(0, np.float64)
+        if records:
+            with self.local.use() if self.local else contextlib.nullcontext():
+                completions = self.sampler.generate_many(
+                    [(r.ids, self._sampling()) for r in records]
+                )
+            groups = score_completions(self.runner, self.tokenizer, records, completions, 1)
+            values, rewards = groups.per_function, groups.rewards
+            lengths = np.asarray([c.num_tokens for c in groups.completions], np.float64)
+        elif self.local:  # the copy is a collective: taken by every process
+            with self.local.use():
+                pass
+        parts = allgather_objects((values, rewards, lengths))
+        per_function = {n: np.concatenate([p[0][n] for p in parts]) for n in names}
+        metric = self.metric or names[0]
+        out = {f"reward_{n}": float(np.mean(v)) for n, v in per_function.items()}
+        out["reward"] = float(np.mean(np.concatenate([p[1] for p in parts])))
+        out["accuracy"] = float(np.mean(per_function[metric]))
+        out["completion_length"] = float(np.mean(np.concatenate([p[2] for p in parts])))
+        return out
+
+    def _sampling(self) -> SamplingConfig:
+        return SamplingConfig(
             max_new_tokens=self.max_new_tokens,
             temperature=0.0,
             seed=0,
             stop_token_ids=self.stop_token_ids,
         )
-        completions = self.sampler.generate_many([(r.ids, sampling) for r in self.records])
-        groups = score_completions(self.runner, self.tokenizer, self.records, completions, 1)
-        metric = self.metric or next(iter(groups.per_function))
-        out = {f"reward_{n}": float(np.mean(v)) for n, v in groups.per_function.items()}
-        out["reward"] = float(np.mean(groups.rewards))
-        out["accuracy"] = float(np.mean(groups.per_function[metric]))
-        out["completion_length"] = float(np.mean([c.num_tokens for c in groups.completions]))
-        return out
 
 
 @dataclasses.dataclass
@@ -91,10 +117,10 @@ class EpisodeEvaluator:
         return out
 
 
-def make_evaluator(cfg, sampler: Sampler, data) -> Evaluator | EpisodeEvaluator | None:
+def make_evaluator(cfg, sampler: Sampler, data, local=None) -> Evaluator | EpisodeEvaluator | None:
     """Held-out evaluation of a run, None without `eval_data`: greedy episodes with `env:`
     (the producer's environments, tools and budgets), else greedy completions scored by the
-    reward functions."""
+    reward functions (`local`: the `LocalPolicy` that `sampler` samples, several processes)."""
     if not data.eval_records:
         return None
     if cfg.env is not None:
@@ -109,4 +135,5 @@ def make_evaluator(cfg, sampler: Sampler, data) -> Evaluator | EpisodeEvaluator 
         cfg.eval.metric,
         cfg.eval.every,
         cfg.rollout.stop_token_ids,
+        local,
     )

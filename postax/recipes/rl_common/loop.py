@@ -30,6 +30,7 @@ import numpy as np
 from postax.recipes.common import export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
+from postax.recipes.rl_common.local import LocalPolicy
 from postax.recipes.rl_common.producers import NoRewards, make_producer
 from postax.recipes.rl_common.reference import Reference
 from postax.rl.asynchronous import ABORT_JOIN_TIMEOUT_S, AsyncProducer, producer_module
@@ -43,6 +44,7 @@ from postax.rl.tools.render import with_tools
 from postax.sampling.sampler import Sampler
 from postax.tokenizer.jinja_env import ChatTemplateError
 from postax.train.plot import plot_metrics, plot_skipped_because
+from postax.train.processes import multi_process
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
@@ -297,7 +299,10 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
     held-out results before training (not on a resume) and, last, the asynchronous
     producer's thread: nothing before it leaves a thread behind when it fails."""
     reference = Reference(cfg, policy)
-    sampler = Sampler(policy, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    # several processes: each samples its own prompts from a copy of the policy on its devices
+    local = LocalPolicy(policy, trainer.mesh) if multi_process() else None
+    sampled = policy if local is None else local.module
+    sampler = Sampler(sampled, data.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
     staleness = cfg.rollout.max_staleness
     producer_data, eval_data, eval_runner = data, data, None
     producer_sampler = sampler
@@ -311,14 +316,14 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
             producer_data = dataclasses.replace(data, runner=SharedRewards(data.runner, lock))
             eval_data = dataclasses.replace(data, runner=eval_runner)
     # steps 1-3 of every iteration (another producer with the same interface plugs in here)
-    producer = make_producer(cfg, producer_sampler, producer_data)
+    producer = make_producer(cfg, producer_sampler, producer_data, local)
     if staleness is not None:
         producer = AsyncProducer(producer, module=producer_sampler.model, max_staleness=staleness)
     numbers, resumed = trainer.start_iterations(
         cfg.iterations, cfg.update.steps_per_iteration, producer
     )
     iterations = Iterations(numbers)
-    evaluate = make_evaluator(cfg, sampler, eval_data)
+    evaluate = make_evaluator(cfg, sampler, eval_data, local)
     summary: dict = {"resumed": resumed}
     if evaluate and not summary["resumed"]:
         summary["eval_before"] = evaluate()

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from postax.recipes.rl_common.config import SINGLE_TURN_ENV
+from postax.recipes.rl_common.local import SplitRolloutProducer
 from postax.rl.envs import EnvSpec, EpisodeProducer, EpisodeRunner, make_env
 from postax.rl.envs.tools import ToolEnv
 from postax.rl.groups import rollout_metrics
@@ -78,8 +79,10 @@ def episode_runner(cfg, sampler: Sampler, data, *, group_size: int, temperature:
     return EpisodeRunner(sampler, factory, config, tokenizer=data.tokenizer)
 
 
-def make_producer(cfg, sampler: Sampler, data) -> RolloutProducer | EpisodeProducer:
-    """Episodes with `env:`, else single-turn rollouts scored by `RunData.runner`."""
+def make_producer(cfg, sampler: Sampler, data, local=None) -> RolloutProducer | EpisodeProducer:
+    """Episodes with `env:`, else single-turn rollouts scored by `RunData.runner`; with
+    several processes (`local`: this process's `LocalPolicy`, which `sampler` samples) a
+    `SplitRolloutProducer` (`postax.recipes.rl_common.local`)."""
     if cfg.env is not None:
         runner = episode_runner(
             cfg,
@@ -89,7 +92,9 @@ def make_producer(cfg, sampler: Sampler, data) -> RolloutProducer | EpisodeProdu
             temperature=float(cfg.rollout.temperature),
         )
         return EpisodeProducer(runner, data.prompts.iterator(), cfg.run.seed)
-    return RolloutProducer(
+    producer = RolloutProducer if local is None else SplitRolloutProducer
+    extra = {} if local is None else {"local": local}
+    return producer(
         sampler,
         data.runner,
         data.tokenizer,
@@ -97,6 +102,7 @@ def make_producer(cfg, sampler: Sampler, data) -> RolloutProducer | EpisodeProdu
         cfg.rollout,
         cfg.data.batch_size,
         cfg.run.seed,
+        **extra,
     )
 
 

@@ -22,6 +22,7 @@ from postax.losses.numerics import kl_estimate
 from postax.losses.policy import PolicyLossConfig
 from postax.recipes.rl_common.config import KL_IN_LOSS, KL_IN_REWARD, logits_window
 from postax.rl.logprobs import score_rollout
+from postax.train.processes import gather_to_host
 from postax.train.reference import frozen_copy, has_lora
 
 
@@ -68,7 +69,7 @@ class Reference:
         return kl * rows["loss_mask"]
 
     def _logprobs(self, device_rows: dict, temperature: float) -> np.ndarray:
-        return np.asarray(
+        return gather_to_host(  # whole on every process (rows global on the host)
             score_rollout(
                 self.copy or self.policy,
                 device_rows,

@@ -1,0 +1,211 @@
+"""RL across several processes (`jax.distributed`): each process samples and scores only its own
+prompts, on its own devices, and every process then holds the whole scored rollout batch.
+
+Why this shape. The sampler is a host-driven loop (prompts sorted by length and cut into
+bucketed batches, decode chunks between stop-string checks, early exit once every row is
+done): as one SPMD program over the global mesh, every process would have to take the same
+host decisions for rows it does not hold. Instead each process samples from a copy of the
+policy on its own devices (`LocalPolicy`, `processes.local_copy` over `mesh.local_mesh`): no
+collective runs during generation, and the Sampler is the single-process one, unchanged. The
+copy costs one gather of the weights per rollout batch (and per held-out evaluation) and lives
+only while sampling (`release` frees it before the updates).
+
+After sampling and scoring, one exchange (`processes.allgather_objects`: token ids, sampler
+log-probs, rewards; kilobytes to megabytes, small beside the sampling) gives every process
+the scored groups of every prompt, in the global prompt order. From there the recipe's host
+steps are those of a single process, on the same values: dynamic sampling's group choice,
+advantages (batch-normalised REINFORCE++ included), the rollout metrics, the per-epoch
+minibatch shuffle. The trainer then places each minibatch from its global host rows
+(`Trainer.run_steps(local=False)` cuts this process's device rows), so no row ever has to move
+between devices of different processes and the shuffle needs no exchange; scoring passes
+(reference and recomputed log-probs) run over the global mesh on rows placed the same way
+(`score_inputs`), their results gathered back (`gather_to_host`).
+
+Which process samples what: prompt i of a batch of B goes to the process whose contiguous
+block `processes.process_share(B)` holds it; `data.batch_size` must divide evenly over the
+processes (`check_prompt_split`), so each samples the same number of whole groups. Each
+completion's random stream is that of a single-process run (sample id = global prompt index
+x group size + sample index, under the same seed): completions do not depend on the process
+count (up to the float rounding of a different device layout, which can flip a sampled token
+only at a near-tie of two probabilities).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from postax.rl.groups import Groups, score_completions
+from postax.rl.producer import RolloutProducer, rollout_seed
+from postax.sampling.config import SamplingConfig
+from postax.train.processes import (
+    allgather_objects,
+    gather_to_host,
+    host_batch,
+    local_copy,
+    multi_process,
+    process_share,
+)
+from postax.validation import ConfigError
+
+
+def check_prompt_split(cfg, recipe: str) -> None:
+    """With several processes: what an RL run supports there (single-turn, synchronous
+    rollouts) and `data.batch_size` prompts split evenly over the processes; ConfigError
+    naming the field otherwise. Nothing with one process."""
+    n = jax.process_count()
+    if n == 1:
+        return
+    for field, value, allowed in (
+        ("env", getattr(cfg, "env", None), "null"),
+        ("rollout.max_staleness", cfg.rollout.max_staleness, "null (synchronous rollouts)"),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{field}={value!r} is not supported by postax {recipe} with {n} processes: "
+                f"{allowed}, or run it as one process"
+            )
+    if cfg.data.batch_size % n:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} prompts do not split evenly over {n} "
+            f"processes: each samples data.batch_size / processes whole groups of "
+            f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt} completions (a "
+            f"multiple of {n})"
+        )
+
+
+class LocalPolicy:
+    """The policy whole on this process's devices, for sampling (see the module docstring).
+
+    `module` has the policy's graph and Variables of its own; until `refresh` they hold the
+    policy's arrays (it is never sampled before). `refresh()` (a collective) copies the live weights into it,
+    `release()` frees the copy; `use()` does both around a block."""
+
+    def __init__(self, policy: nnx.Module, mesh: Mesh):
+        self.policy = policy
+        self.mesh = mesh
+        graphdef, state = nnx.split(policy)
+        self.module = nnx.merge(graphdef, state, copy=True)  # its own Variables
+        self.fresh = False
+
+    def refresh(self) -> None:
+        nnx.update(self.module, local_copy(nnx.state(self.policy), self.mesh))
+        self.fresh = True
+
+    def release(self) -> None:
+        for leaf in jax.tree.leaves(nnx.state(self.module)):
+            if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                leaf.delete()
+        self.fresh = False
+
+    @contextlib.contextmanager
+    def use(self):
+        self.refresh()
+        try:
+            yield self.module
+        finally:
+            self.release()
+
+
+def merge_groups(records: list, parts: list[tuple], offsets: list[int]) -> Groups:
+    """The scored groups of every process (`parts`: per process, its completions, rewards,
+    per-function scores, failures and timeouts, in process order) as one batch of `records`,
+    each completion's `prompt_index` the global one (`offsets`: each process's first prompt)."""
+    completions = [
+        dataclasses.replace(c, prompt_index=c.prompt_index + offset)
+        for (part, offset) in zip(parts, offsets, strict=True)
+        for c in part[0]
+    ]
+    failures: dict[str, int] = {}
+    timeouts: dict[str, int] = {}
+    for part in parts:
+        for total, counts in ((failures, part[3]), (timeouts, part[4])):
+            for name, count in counts.items():
+                total[name] = total.get(name, 0) + count
+    names = parts[0][2].keys()
+    return Groups(
+        records,
+        completions,
+        np.concatenate([p[1] for p in parts]),
+        {n: np.concatenate([p[2][n] for p in parts]) for n in names},
+        failures,
+        timeouts=timeouts,
+    )
+
+
+@dataclasses.dataclass
+class SplitRolloutProducer(RolloutProducer):
+    """`RolloutProducer` of a multi-process run: each draw's prompts are split over the
+    processes, each samples its share on its own devices (`local`, refreshed for every batch)
+    and scores it, then every process gets the whole scored batch (`merge_groups`)."""
+
+    local: LocalPolicy | None = None
+
+    def produce(self, iteration: int, timer=None) -> Groups:
+        timer = timer or (lambda phase: contextlib.nullcontext())
+        with timer("weights"):
+            self.local.refresh()
+        try:
+            return super().produce(iteration, timer)
+        finally:
+            self.local.release()
+
+    def draw(self, iteration: int, round_index: int, *, timer=None) -> Groups:
+        timer = timer or (lambda phase: contextlib.nullcontext())
+        group = self.rollout.samples_per_prompt
+        sampling = SamplingConfig(
+            max_new_tokens=self.rollout.max_new_tokens,
+            temperature=float(self.rollout.temperature),
+            num_samples=group,
+            seed=rollout_seed(self.seed, iteration, round_index),
+            stop_token_ids=self.rollout.stop_token_ids,
+        )
+        records = next(self.prompts).records
+        share = process_share(len(records))
+        mine = records[share.start : share.stop]
+        with timer("generate"):  # the streams of a single process: global sample ids
+            completions = self.sampler.generate_many(
+                [(r.ids, sampling) for r in mine], seed_offsets=[i * group for i in share]
+            )
+        with timer("reward"):
+            part = score_completions(self.runner, self.tokenizer, mine, completions, group)
+        with timer("gather"):
+            parts = allgather_objects(
+                (part.completions, part.rewards, part.per_function, part.failures, part.timeouts)
+            )
+        offsets = [process_share(len(records), p).start for p in range(len(parts))]
+        return merge_groups(records, parts, offsets)
+
+
+def score_inputs(trainer, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Rollout rows as the inputs of a scoring pass (reference, recomputed log-probs): one
+    process keeps them on the host (as before); several place this process's rows of the
+    global host batch sharded like the trainer's batches. Read results with
+    `gather_to_host`."""
+    if not multi_process():
+        return {k: jnp.asarray(v) for k, v in rows.items()}
+    total = next(iter(rows.values())).shape[0]
+    held = trainer.local_rows(total)
+    return host_batch(
+        {k: np.asarray(v)[held] for k, v in rows.items()},
+        trainer.mesh,
+        rows=held,
+        global_rows=total,
+    )
+
+
+__all__ = [
+    "LocalPolicy",
+    "SplitRolloutProducer",
+    "check_prompt_split",
+    "gather_to_host",
+    "merge_groups",
+    "score_inputs",
+]

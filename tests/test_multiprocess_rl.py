@@ -1,0 +1,235 @@
+"""GRPO on several JAX processes (gloo collectives on CPU) equals one process.
+
+Two local processes with 4 fake devices each run the tiny GRPO of
+tests/scripts/multiprocess_grpo.py (`grpo.run`: 2 iterations of 4 prompts x 4 samples, the
+KL in the loss, recomputed old log-probs, 2 minibatches, held-out evaluation, export) beside
+one process with 8 devices, over the same fsdp=4 x tensor=2 mesh; one pair and one single
+process in all.
+
+Each process of the pair samples and scores its own 2 prompts (and its 4 of the 8 held-out
+records) on its own devices; what its reward function saw, put together in process order,
+is what the single process's saw: the same completions (text), bitwise equal rewards and
+advantages. Losses agree to float32 rounding (relative 1e-6) and the exported parameters to
+1e-6: the gradient sums run through gloo across processes, through XLA's all-reduce within
+one, and the sampler log-probs come from a 4-device rather than an 8-device layout. The
+tests after the run check the pieces in this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from postax.recipes.rl_common.local import check_prompt_split, merge_groups
+from postax.rl.groups import Groups
+from postax.rl.producer import RolloutConfig
+from postax.rl.prompts import PromptDataConfig
+from postax.sampling.config import Completion, SamplingConfig
+from postax.train.processes import allgather_objects, process_share
+from postax.validation import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_grpo.py"
+TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(out: Path, data: Path, *, processes: int, logs: Path) -> list[subprocess.Popen]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={8 // processes}"
+    )
+    port = free_port()
+    procs = []
+    for pid in range(processes):
+        command = [sys.executable, str(SCRIPT), str(out), str(data)]
+        command += ["--process-id", str(pid), "--num-processes", str(processes)]
+        command += ["--port", str(port)]
+        with (logs / f"{out.name}-{pid}.txt").open("w") as log:
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("multiprocess_rl")
+    spec = importlib.util.spec_from_file_location(
+        "arithmetic_make_data", ROOT / "examples" / "arithmetic" / "make_data.py"
+    )
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    data = make_data.write(root / "data", digits=2, train=32, held_out=8)
+    logs = root / "logs"
+    logs.mkdir()
+    procs = start(root / "one", data, processes=1, logs=logs)
+    procs += start(root / "two", data, processes=2, logs=logs)
+    try:
+        for proc in procs:
+            proc.wait(timeout=TIMEOUT)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    if any(p.returncode for p in procs):
+        text = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
+        raise AssertionError(f"exit codes {[p.returncode for p in procs]}\n{text}")
+    return root
+
+
+def seen(run: Path, pid: int) -> dict:
+    return json.loads((run / f"seen-{pid}.json").read_text())
+
+
+def iteration_rows(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "optimizer_steps" in r]
+
+
+def test_grpo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
+    one = seen(runs / "one", 0)
+    parts = [seen(runs / "two", pid) for pid in (0, 1)]
+    # each process scored its own half of every batch: eval before, 2 iterations, eval after
+    sizes = [8, 16, 16, 8]
+    assert len(one["seen"]) == sum(sizes)
+    assert [len(p["seen"]) for p in parts] == [sum(sizes) // 2] * 2
+    start, halves = 0, [0, 0]
+    for size in sizes:
+        together = []
+        for pid, part in enumerate(parts):
+            together += part["seen"][halves[pid] : halves[pid] + size // 2]
+            halves[pid] += size // 2
+        assert together == one["seen"][start : start + size]  # completions and rewards, bitwise
+        start += size
+    assert len({r["completion"] for r in one["seen"]}) > 8  # sampled, not all alike
+    # every process computed the advantages of the whole batch, bitwise those of one process
+    assert len(one["advantages"]) == 2
+    assert parts[0]["advantages"] == parts[1]["advantages"] == one["advantages"]
+    assert any(a != 0 for row in one["advantages"][0] for a in row)
+
+    rows_one, rows_two = iteration_rows(runs / "one"), iteration_rows(runs / "two")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for name in ("loss", "policy_loss", "kl", "grad_norm", "first_logprob_mismatch"):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), name
+        for name in ("reward", "reward_std", "completion_length", "zero_variance_groups"):
+            assert b[name] == a[name], name
+    summary_one = json.loads((runs / "one" / "summary.json").read_text())
+    summary_two = json.loads((runs / "two" / "summary.json").read_text())
+    assert summary_one["eval_before"] == summary_two["eval_before"]
+    assert summary_one["eval_after"] == summary_two["eval_after"]
+
+    from safetensors.numpy import load_file
+
+    a = load_file(runs / "one" / "final" / "model.safetensors")
+    b = load_file(runs / "two" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 5
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
+    # files from process 0 only; both processes took part
+    assert (runs / "two" / "seen-1.json").is_file()
+    assert len((runs / "two" / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+# -- in one process: the pieces ------------------------------------------------------------------
+
+
+def test_prompt_blocks_cover_the_batch_in_order(monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    blocks = [process_share(8, p) for p in range(3)]
+    assert [list(b) for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7]]  # numpy.array_split's
+    assert [len(process_share(2, p)) for p in range(3)] == [1, 1, 0]
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert process_share(8) == range(3, 6)
+    with pytest.raises(ValueError, match="count=-1 is invalid"):
+        process_share(-1)
+
+
+def test_one_process_gathers_only_its_own_objects():
+    assert allgather_objects({"a": 1}) == [{"a": 1}]
+    assert process_share(5) == range(5)
+
+
+def test_several_processes_need_whole_groups_each_and_synchronous_rollouts(monkeypatch):
+    import jax
+
+    class Cfg:
+        env = None
+        data = PromptDataConfig(path="unused.jsonl", batch_size=3)
+        rollout = RolloutConfig(samples_per_prompt=4)
+
+    check_prompt_split(Cfg, "grpo")  # one process: anything goes
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"data.batch_size=3 prompts do not split evenly over 2"):
+        check_prompt_split(Cfg, "grpo")
+    Cfg.data = PromptDataConfig(path="unused.jsonl", batch_size=4)
+    check_prompt_split(Cfg, "grpo")
+    Cfg.rollout = RolloutConfig(samples_per_prompt=4, max_staleness=0)
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness=0 is not supported by postax"):
+        check_prompt_split(Cfg, "grpo")
+    Cfg.rollout, Cfg.env = RolloutConfig(samples_per_prompt=4), "guess_number"
+    with pytest.raises(ConfigError, match=r"env='guess_number' is not supported .* 2 processes"):
+        check_prompt_split(Cfg, "grpo")
+
+
+def test_merged_groups_are_the_batch_in_global_prompt_order():
+    """Each process's scored groups (local prompt indices) merge into one batch: completions
+    in process order with global prompt indices, scores concatenated, failure counts added."""
+    config = SamplingConfig(num_samples=2, max_new_tokens=4)
+
+    def completion(prompt: int, sample: int) -> Completion:
+        return Completion(
+            prompt_index=prompt,
+            sample_index=sample,
+            prompt_ids=(1,),
+            token_ids=(prompt, sample),
+            logprobs=(-0.5, -0.25),
+            text=f"{prompt}/{sample}",
+            finish_reason="length",
+            stop_reason=None,
+            seed=7,
+            config=config,
+        )
+
+    parts = [
+        (
+            [completion(0, 0), completion(0, 1)],
+            np.asarray([1.0, 2.0]),
+            {"f": np.asarray([1, 2])},
+            {"f": 1},
+            {},
+        ),
+        (
+            [completion(0, 2), completion(0, 3)],
+            np.asarray([3.0, 4.0]),
+            {"f": np.asarray([3, 4])},
+            {"f": 2},
+            {"f": 1},
+        ),
+    ]
+    merged = merge_groups(["r0", "r1"], parts, [0, 1])
+    assert isinstance(merged, Groups)
+    assert [(c.prompt_index, c.sample_index) for c in merged.completions] == [
+        (0, 0),
+        (0, 1),
+        (1, 2),
+        (1, 3),
+    ]
+    np.testing.assert_array_equal(merged.rewards, [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(merged.per_function["f"], [1, 2, 3, 4])
+    assert merged.failures == {"f": 3} and merged.timeouts == {"f": 1}
+    assert merged.records == ["r0", "r1"]

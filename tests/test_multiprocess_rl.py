@@ -9,10 +9,12 @@ process in all.
 Each process of the pair samples and scores its own 2 prompts (and its 4 of the 8 held-out
 records) on its own devices; what its reward function saw, put together in process order,
 is what the single process's saw: the same completions (text), bitwise equal rewards and
-advantages. Losses agree to float32 rounding (relative 1e-6) and the exported parameters to
-1e-6: the gradient sums run through gloo across processes, through XLA's all-reduce within
-one, and the sampler log-probs come from a 4-device rather than an 8-device layout. The
-tests after the run check the pieces in this process.
+advantages, and bitwise equal held-out results. Losses, KL and gradient norms agree to 1e-6
+(absolute: the policy loss of group-normalised advantages nearly cancels; measured up to
+1e-7 on a loss of 3e-3) and the exported parameters to 1e-6 (measured 2e-7; 7.5e-7 with Adam
+at 1e-2): the gradient sums run through gloo across processes, through XLA's all-reduce
+within one, and the sampler log-probs come from a 4-device rather than an 8-device layout.
+The tests after the run check the pieces in this process.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def test_grpo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2]
     for a, b in zip(rows_one, rows_two, strict=True):
         for name in ("loss", "policy_loss", "kl", "grad_norm", "first_logprob_mismatch"):
-            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), name
+            # the policy loss nearly cancels (advantages sum to 0 per group): absolute error
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
         for name in ("reward", "reward_std", "completion_length", "zero_variance_groups"):
             assert b[name] == a[name], name
     summary_one = json.loads((runs / "one" / "summary.json").read_text())
@@ -233,3 +236,44 @@ def test_merged_groups_are_the_batch_in_global_prompt_order():
     np.testing.assert_array_equal(merged.per_function["f"], [1, 2, 3, 4])
     assert merged.failures == {"f": 3} and merged.timeouts == {"f": 1}
     assert merged.records == ["r0", "r1"]
+
+
+def test_ppo_and_on_policy_distillation_refuse_several_processes(tmp_path, monkeypatch):
+    """One line naming the recipe, before any data or model is read (not a silent wrong run)."""
+    import postax
+    from postax.configs import from_dict
+    from postax.data import DataConfig
+    from postax.recipes import distill, ppo
+    from postax.recipes.common import ModelSource
+    from postax.train.trainer import TrainerConfig
+
+    example = ROOT / "examples" / "arithmetic"
+    model = {"family": "llama", "vocab_size": 320, "hidden_size": 16, "intermediate_size": 16}
+    model.update(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8)
+    cfg = from_dict(
+        ppo.PPOConfig,
+        {
+            "output_dir": str(tmp_path / "ppo"),
+            "tokenizer": str(example / "tokenizer"),
+            "model": {"config": model},
+            "data": {"path": str(example / "train.jsonl"), "batch_size": 8},
+            "rewards": [{"name": f"{__name__}:test_one_process_gathers_only_its_own_objects"}],
+            "iterations": 1,
+        },
+    )
+    monkeypatch.setattr(ppo, "multi_process", lambda: True)
+    with pytest.raises(ConfigError, match=r"^postax ppo runs as one process only \(this run"):
+        ppo.run(cfg)
+    cfg = distill.DistillConfig(
+        output_dir=str(tmp_path / "distill"),
+        model=ModelSource(config=postax.ModelConfig(**model)),
+        teacher=ModelSource(config=postax.ModelConfig(**model)),
+        tokenizer=str(example / "tokenizer"),
+        data=DataConfig(path=str(example / "train.jsonl"), seq_len=16, batch_size=8),
+        trainer=TrainerConfig(steps=1, progress=False),
+        on_policy=distill.OnPolicyConfig(fraction=0.5, max_new_tokens=4),
+        teacher_logits="on_the_fly",
+    )
+    monkeypatch.setattr(distill, "multi_process", lambda: True)
+    with pytest.raises(ConfigError, match=r"on_policy.fraction=0.5: on-policy distillation"):
+        distill.run(cfg)

@@ -25,6 +25,10 @@ sampled turns, observations), the loss and the KL read its sampled tokens only, 
 policy and reference logits cover whole rows (`rl_common.config.logits_window`).
 `rollout.overlong_filter` masks episodes cut by a budget out of the loss.
 
+With several processes (`jax.distributed`) each samples and scores its own prompts on its own
+devices and every process then holds the whole scored batch (`rl_common.local`); the host
+steps are those of one process, the scoring passes and updates run over the global mesh.
+
 Variants are configuration (docs/algorithms.md lists the settings that
 reproduce each paper): GRPO `advantage: grpo`, `policy.aggregation:
 sequence_mean`; Dr.GRPO `advantage: dr_grpo`, `policy.aggregation:

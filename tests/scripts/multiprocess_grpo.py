@@ -98,7 +98,7 @@ def main() -> None:
         rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=8, temperature=1.0),
         policy=PolicyLossConfig(kl_coef=0.05),
         update=UpdateConfig(minibatches=2, old_logprobs="recompute"),
-        optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+        optimizer=OptimizerConfig(learning_rate=3e-3, schedule="constant"),
         checkpoint=CheckpointSettings(async_save=False),
         run=RunSettings(progress=False, mesh=MeshConfig(fsdp=4, tensor=2)),
         distributed=distributed,

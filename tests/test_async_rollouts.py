@@ -610,3 +610,15 @@ def test_a_second_ctrl_c_stops_waiting_for_the_thread(capsys):
     while producer_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not producer_threads() and inner.entered == ["generate"]
+
+
+def test_producer_module_updates_leave_the_trainers_policy_alone():
+    """The producer's module holds the policy's arrays in Variables of its own: publishing a
+    snapshot into it (`nnx.update`) must not write into the module the trainer updates."""
+    policy = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    before = np.asarray(policy.kernel[...])
+    producer = asynchronous.producer_module(policy)
+    np.testing.assert_array_equal(np.asarray(producer.kernel[...]), before)
+    nnx.update(producer, nnx.state(nnx.Linear(3, 2, rngs=nnx.Rngs(1))))
+    assert not np.array_equal(np.asarray(producer.kernel[...]), before)
+    np.testing.assert_array_equal(np.asarray(policy.kernel[...]), before)

@@ -150,10 +150,12 @@ class _Stopped(Exception):
 
 
 def producer_module(policy: nnx.Module) -> nnx.Module:
-    """A module of the policy's graph sharing its arrays (the producer's until `start`
-    publishes a snapshot into it; it never samples before)."""
+    """A module of the policy's graph with its own Variables holding the policy's arrays
+    (the producer's until `start` publishes a snapshot into it; it never samples before).
+    Its own Variables: `nnx.merge` without `copy=True` returns the policy's Variable objects,
+    so the producer's `nnx.update` of a snapshot would write into the trainer's module."""
     graphdef, state = nnx.split(policy)
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, state, copy=True)
 
 
 @jax.jit

@@ -7,7 +7,7 @@ shards of a global array that live on its own (addressable) devices. For a batch
 - `process_rows(sharding, rows)`: the global rows of a `[rows, ...]` batch that this process's
   devices hold under `sharding`. It is derived from the sharding itself
   (`Sharding.addressable_devices_indices_map`), not from an assumed device order, so any mesh
-  layout works: rows split over the `data` and `fsdp` axes and replicated over `tensor` are
+  layout works: rows split over the `data`, `fsdp` and `expert` axes and replicated over `tensor` are
   owned by every process that has one of their devices (then by more than one). Every process
   computes its own rows from the same (global) mesh, so the assignment is deterministic and
   needs no communication; each global row has at least one owner.

@@ -32,7 +32,7 @@ from postax.tokenizer.hf_dir import (
     TOOL_USE_TEMPLATE,
 )
 from postax.tokenizer.jinja_env import ChatTemplate, ChatTemplateError, render_template
-from postax.tokenizer.masks import ChatEncoding, assistant_spans, spans_to_mask
+from postax.tokenizer.masks import ChatEncoding, assistant_spans, expand_marker, spans_to_mask
 
 
 class Tokenizer:
@@ -169,6 +169,7 @@ class Tokenizer:
         add_generation_prompt: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         template_name: str | None = None,
+        marker_expansion: tuple[str, str] | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
         """Token ids of `messages` rendered with the chat template: one rendering, one encoding.
@@ -177,7 +178,7 @@ class Tokenizer:
         `apply_chat_template(messages, tokenize=True)`), without the assistant mask: no prefix
         renderings, so templates that rewrite earlier turns (Qwen3 drops the reasoning of past
         assistant turns) encode too. For prompts, reward-model inputs and anything that needs
-        ids only.
+        ids only. `marker_expansion` as in `apply_chat_template`.
         """
         text = self.render_chat(
             messages,
@@ -186,6 +187,8 @@ class Tokenizer:
             template_name=template_name,
             **template_kwargs,
         )
+        if marker_expansion is not None:
+            text, _ = expand_marker(text, [], *marker_expansion)
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def apply_chat_template(
@@ -195,6 +198,7 @@ class Tokenizer:
         add_generation_prompt: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         template_name: str | None = None,
+        marker_expansion: tuple[str, str] | None = None,
         **template_kwargs: Any,
     ) -> ChatEncoding:
         """Render and encode `messages`, with a mask of the assistant's tokens.
@@ -203,11 +207,18 @@ class Tokenizer:
         comes from `{% generation %}` tags when the template has them, else from rendering
         growing prefixes of the conversation (see `postax.tokenizer.masks`); either way it
         covers each assistant message's content and the end-of-turn marker after it.
+
+        `marker_expansion=(marker, replacement)`: every `marker` in the rendered text becomes
+        `replacement` before encoding, the mask following the moved text (Gemma 3's
+        `<start_of_image>` -> its image token sequence, as `Gemma3Processor` expands it;
+        `postax.data.images.ImageTokens`). `text` is the expanded text.
         """
         chat_template = self._select_template(template_name, tools)
         context = self._context(prepare_messages(messages), tools, template_kwargs)
         context["add_generation_prompt"] = add_generation_prompt
         text, spans = assistant_spans(chat_template, context)
+        if marker_expansion is not None:
+            text, spans = expand_marker(text, spans, *marker_expansion)
         encoding = self._backend.encode(text, add_special_tokens=False)
         return ChatEncoding(text, encoding.ids, spans_to_mask(encoding.offsets, spans))
 

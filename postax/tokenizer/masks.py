@@ -21,10 +21,15 @@ end-of-turn marker written right after the assistant content (`<|eot_id|>`, `<|i
 
 Callers that need ids only (prompts, reward-model inputs) use `Tokenizer.encode_chat`, which
 renders once and makes no prefix check.
+
+`expand_marker` replaces a marker in the rendered text by a longer text before encoding and
+moves the spans with it: how Gemma 3's processor turns each `<start_of_image>` the template
+writes into the image's full token sequence.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +77,31 @@ def spans_to_mask(offsets: Sequence[Span], spans: Sequence[Span]) -> list[int]:
         if end > spans[current][0]:
             mask[index] = 1
     return mask
+
+
+def expand_marker(
+    text: str, spans: Sequence[Span], marker: str, replacement: str
+) -> tuple[str, list[Span]]:
+    """`text` with every `marker` replaced by `replacement`, and `spans` moved with the text.
+
+    A position moves by the growth of every marker that ends at or before it, so a span that
+    starts at a marker starts at its replacement and a span that ends right after a marker
+    ends after its replacement."""
+    if not marker:
+        raise ValueError("marker_expansion: the marker must be a non-empty string")
+    pieces = text.split(marker)
+    if len(pieces) == 1:
+        return text, list(spans)
+    ends, position = [], 0
+    for piece in pieces[:-1]:
+        position += len(piece) + len(marker)
+        ends.append(position)
+    grow = len(replacement) - len(marker)
+
+    def moved(at: int) -> int:
+        return at + grow * bisect.bisect_right(ends, at)
+
+    return replacement.join(pieces), [(moved(a), moved(b)) for a, b in spans]
 
 
 def _prefix_spans(

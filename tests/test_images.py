@@ -1,0 +1,244 @@
+"""Gemma 3 images: the processor against transformers', and image chat messages against
+transformers' `Gemma3Processor` (a tiny tokenizer made here with Gemma 3's image tokens, and
+Gemma 3's published chat template)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizers import AddedToken
+
+from postax.data.images import ImageProcessor, ImageTokens, check_image_file, image_paths
+from postax.tokenizer import load_tokenizer
+from postax.tokenizer.masks import expand_marker
+from postax.validation import ConfigError
+from tokenizer_fixtures import GEMMA, _tokenizer_config, build_backend, write_json
+
+# Gemma 3's chat template as published with the instruction-tuned checkpoints
+# (tokenizer_config.json of google/gemma-3-*-it).
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+IMAGE_NAMES = {"boi_token": IMAGE_TOKENS[0], "eoi_token": IMAGE_TOKENS[1]}
+IMAGE_NAMES["image_token"] = IMAGE_TOKENS[2]
+
+
+def make_gemma3_tokenizer_dir(path):
+    """The fixtures' tiny byte-level BPE with Gemma's control tokens, plus Gemma 3's three image
+    tokens (special, as in the real tokenizer) and the published template; tokenizer_config.json
+    names boi/eoi/image tokens as transformers' Gemma 3 tokenizer config does."""
+    path.mkdir(parents=True, exist_ok=True)
+    backend = build_backend(GEMMA)
+    backend.add_special_tokens([AddedToken(t, normalized=False) for t in IMAGE_TOKENS])
+    backend.save(str(path / "tokenizer.json"))
+    config = _tokenizer_config(backend, GEMMA, GEMMA3_TEMPLATE)
+    for token in IMAGE_TOKENS:
+        config["added_tokens_decoder"][str(backend.token_to_id(token))] = {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+    config["extra_special_tokens"] = IMAGE_NAMES
+    write_json(path / "tokenizer_config.json", config)
+    return path
+
+
+def _images():
+    """Test images: RGB, RGBA with partial transparency, grayscale, non-square, a palette with
+    a transparent index, tiny (1x1 and 2x3) and a gradient larger than the output."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "RGB")
+    rgba = Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA")
+    gray = Image.fromarray(rng.integers(0, 256, (16, 9), dtype=np.uint8), "L")
+    palette = Image.fromarray(rng.integers(0, 4, (8, 8), dtype=np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9] + [0] * 756)
+    palette.info["transparency"] = 2
+    ramp = np.linspace(0, 255, 64 * 96).reshape(64, 96).astype(np.uint8)
+    gradient = Image.fromarray(
+        np.stack([ramp, ramp.T[:64, :64].repeat(2, 1)[:, :96], 255 - ramp], -1)
+    )
+    tiny = Image.new("RGB", (1, 1), (12, 200, 99))
+    small = Image.fromarray(rng.integers(0, 256, (3, 2, 3), dtype=np.uint8), "RGB")
+    la = Image.fromarray(rng.integers(0, 256, (5, 7, 2), dtype=np.uint8), "LA")
+    return {
+        "rgb": rgb,
+        "rgba": rgba,
+        "gray": gray,
+        "palette": palette,
+        "gradient": gradient,
+        "tiny": tiny,
+        "small": small,
+        "la": la,
+    }
+
+
+@pytest.mark.parametrize("size", [14, 32])
+def test_processor_equals_transformers_pil(size):
+    from transformers import Gemma3ImageProcessorPil
+
+    reference = Gemma3ImageProcessorPil(size={"height": size, "width": size})
+    ours = ImageProcessor(image_size=size)
+    for name, image in _images().items():
+        want = reference(images=[image.copy()], return_tensors="np")["pixel_values"][0]
+        got = ours(image)
+        assert got.dtype == np.float32 and got.shape == (3, size, size), name
+        # same PIL resize of the same 8-bit image, same float steps: equal to the last bit
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        assert got.min() >= -1.0 and got.max() <= 1.0
+
+
+def test_transparency_is_composited_onto_white():
+    clear = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent: white
+    np.testing.assert_array_equal(ImageProcessor(image_size=2)(clear), np.ones((3, 2, 2)))
+
+
+def test_processor_config_errors():
+    with pytest.raises(ConfigError, match=r"pan_and_scan=True is invalid: False"):
+        ImageProcessor(image_size=8, pan_and_scan=True)
+    with pytest.raises(ConfigError, match=r"image_size=0 is invalid"):
+        ImageProcessor(image_size=0)
+    with pytest.raises(ConfigError, match=r"resample='nearest' is invalid: one of \('bilinear',\)"):
+        ImageProcessor(image_size=8, resample="nearest")
+    with pytest.raises(ConfigError, match=r"image_std=\(0.5, 0.0, 0.5\) is invalid"):
+        ImageProcessor(image_size=8, image_std=(0.5, 0.0, 0.5))
+
+
+def test_load_and_check_name_the_file(tmp_path):
+    processor = ImageProcessor(image_size=4)
+    Image.new("RGB", (5, 3), (255, 0, 0)).save(tmp_path / "red.png")
+    red = processor.load(tmp_path / "red.png")
+    np.testing.assert_array_equal(red[0], np.ones((4, 4)))
+    np.testing.assert_array_equal(red[1:], -np.ones((2, 4, 4)))
+    check_image_file(tmp_path / "red.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"image '.*missing.png' does not exist"):
+        check_image_file(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"cannot read image '.*bad.png'"):
+        check_image_file(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"cannot read image '.*bad.png'"):
+        processor.load(tmp_path / "bad.png")
+
+
+def test_expand_marker_moves_spans():
+    text = "ab<M>cd<M>ef"
+    new, spans = expand_marker(text, [(0, 2), (2, 5), (5, 7), (2, 12)], "<M>", "[xxxx]")
+    assert new == "ab[xxxx]cd[xxxx]ef"
+    assert [new[a:b] for a, b in spans] == ["ab", "[xxxx]", "cd", "[xxxx]cd[xxxx]ef"]
+    assert expand_marker("none", [(1, 2)], "<M>", "xx") == ("none", [(1, 2)])
+
+
+def _conversation(count, directory):
+    parts = [{"type": "image", "path": str(directory / f"img{k}.png")} for k in range(count)]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {
+            "role": "user",
+            "content": [
+                *parts[:1],
+                {"type": "text", "text": "What is the weather like?"},
+                *parts[1:],
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "It is sunny."}]},
+        {"role": "user", "content": "And in Paris?"},
+        {"role": "assistant", "content": "The capital of France is sunny."},
+    ]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_image_chat_ids_equal_gemma3_processor(tmp_path, count):
+    from transformers import AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+
+    directory = make_gemma3_tokenizer_dir(tmp_path / "tok")
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert hf_tokenizer.boi_token == "<start_of_image>"  # read from extra_special_tokens
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 8, "width": 8}),
+        tokenizer=hf_tokenizer,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=5,
+    )
+    images = [Image.new("RGB", (9, 6), (40 * k, 0, 0)) for k in range(count)]
+    for k, image in enumerate(images):
+        image.save(tmp_path / f"img{k}.png")
+    messages = _conversation(count, tmp_path)
+    # what a user of transformers runs: the processor loads the images from the paths
+    want = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="np"
+    )
+
+    tokenizer = load_tokenizer(directory)
+    tokens = ImageTokens(tokens_per_image=5)
+    encoding = tokenizer.apply_chat_template(
+        messages, marker_expansion=(tokens.boi_token, tokens.sequence)
+    )
+    assert encoding.ids == want["input_ids"][0].tolist()
+    assert image_paths(messages) == [str(tmp_path / f"img{k}.png") for k in range(count)]
+    ids = np.asarray(encoding.ids)
+    soft = tokenizer.token_to_id("<image_soft_token>")
+    assert (ids == soft).sum() == 5 * count
+    # the assistant mask is what it is without images, shifted past the image tokens
+    plain = [
+        {**m, "content": [p for p in m["content"] if p["type"] == "text"]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+    without = tokenizer.apply_chat_template(plain)
+    mask = np.asarray(encoding.assistant_mask, dtype=bool)
+    assert tokenizer.decode(ids[mask]) == tokenizer.decode(
+        np.asarray(without.ids)[np.asarray(without.assistant_mask, dtype=bool)]
+    )
+    assert tokenizer.decode(ids[mask]) == (
+        "It is sunny.<end_of_turn>The capital of France is sunny.<end_of_turn>"
+    )
+    assert not mask[np.isin(ids, [tokenizer.token_to_id(t) for t in IMAGE_TOKENS])].any()
+    # pixel values of the same images equal the processor's
+    pixels = np.stack([ImageProcessor(image_size=8)(image) for image in images])
+    np.testing.assert_array_equal(pixels, want["pixel_values"])
+    assert json.loads((directory / "tokenizer_config.json").read_text())["extra_special_tokens"]

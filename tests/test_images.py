@@ -242,3 +242,147 @@ def test_image_chat_ids_equal_gemma3_processor(tmp_path, count):
     pixels = np.stack([ImageProcessor(image_size=8)(image) for image in images])
     np.testing.assert_array_equal(pixels, want["pixel_values"])
     assert json.loads((directory / "tokenizer_config.json").read_text())["extra_special_tokens"]
+
+
+# -- image SFT data ----------------------------------------------------------------------------
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def _image_record(*paths, answer="It is red."):
+    parts = [{"type": "image", "path": p} for p in paths]
+    return {
+        "messages": [
+            {"role": "user", "content": [*parts, {"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def _image_data(tmp_path, records):
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (6, 4), rgb).save(tmp_path / "imgs" / f"{name}.png")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _image_dataset(tmp_path, records, **overrides):
+    from postax.data import DataConfig, SFTDataset
+    from postax.data.images import ImageInputs
+
+    directory = make_gemma3_tokenizer_dir(tmp_path / "tok")
+    settings = dict(packing=False, batch_size=2, seq_len=64, shuffle=False, max_images_per_row=2)
+    config = DataConfig(path=str(_image_data(tmp_path, records)), **{**settings, **overrides})
+    inputs = ImageInputs(
+        processor=ImageProcessor(image_size=8), tokens=ImageTokens(tokens_per_image=4)
+    )
+    return SFTDataset(config, load_tokenizer(directory), images=inputs), load_tokenizer(directory)
+
+
+def test_image_sft_batches(tmp_path):
+    records = [
+        _image_record("imgs/red.png"),
+        _image_record("imgs/green.png", str(tmp_path / "imgs" / "blue.png"), answer="Two."),
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+            ]
+        },
+    ]
+    dataset, tokenizer = _image_dataset(tmp_path, records)
+    assert dataset.document_images(0) == (str(tmp_path / "imgs" / "red.png"),)
+    batch = dataset.batch(0, 0)
+    processor = ImageProcessor(image_size=8)
+    assert batch.images.shape == (2, 2, 3, 8, 8) and batch.images.dtype == np.float32
+    red, green, blue = (processor.load(tmp_path / "imgs" / f"{c}.png") for c in COLOURS)
+    np.testing.assert_array_equal(batch.images[0, 0], red)
+    np.testing.assert_array_equal(batch.images[0, 1], 0)  # padding image
+    np.testing.assert_array_equal(batch.images[1], np.stack([green, blue]))
+    image_ids = [tokenizer.token_to_id(t) for t in IMAGE_TOKENS]
+    soft = tokenizer.token_to_id("<image_soft_token>")
+    assert [(row == soft).sum() for row in batch.tokens] == [4, 8]
+    assert not batch.loss_mask[np.isin(batch.targets, image_ids)].any()
+    trained = [
+        tokenizer.decode(t[m > 0]) for t, m in zip(batch.targets, batch.loss_mask, strict=True)
+    ]
+    assert trained == ["It is red.<end_of_turn>", "Two.<end_of_turn>"]
+    assert set(batch.as_dict()) == {
+        "tokens",
+        "targets",
+        "loss_mask",
+        "positions",
+        "segment_ids",
+        "images",
+    }
+    # the last batch: the text record and an empty row; images all zeros
+    last = dataset.batch(0, 1)
+    assert last.images.shape == (2, 2, 3, 8, 8) and not last.images.any()
+
+
+def test_text_data_has_no_images(tmp_path):
+    records = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    ]
+    dataset, _ = _image_dataset(tmp_path, records, batch_size=1)
+    batch = dataset.batch(0, 0)
+    assert batch.images is None and "images" not in batch.as_dict()
+
+
+def test_truncation_keeps_whole_image_blocks(tmp_path):
+    first, second = _image_record("imgs/red.png"), _image_record("imgs/green.png", answer="Green")
+    records = [{"messages": first["messages"] + second["messages"]}]
+    full, tokenizer = _image_dataset(tmp_path / "a", records, batch_size=1, seq_len=200)
+    ids, _ = full.document(0)
+    soft = tokenizer.token_to_id("<image_soft_token>")
+    second = np.flatnonzero(ids == soft)[4]  # the second block's first soft token
+    cut, _ = _image_dataset(tmp_path / "b", records, batch_size=1, seq_len=int(second) + 1)
+    kept, labels = cut.document(0)
+    assert len(cut.document_images(0)) == 1  # the block the cut split is left out, with its image
+    assert (kept == soft).sum() == 4
+    # cut right before the second block's boi; the first answer is still trained
+    np.testing.assert_array_equal(kept, ids[: int(second) - 1])
+    assert tokenizer.decode(kept[labels]) == "It is red.<end_of_turn>"
+
+
+def _error(tmp_path, records, **overrides):
+    from postax.data import DataError
+
+    with pytest.raises(DataError) as info:
+        _image_dataset(tmp_path, records, **overrides)
+    return str(info.value)
+
+
+def test_image_data_errors_name_file_line_and_path(tmp_path):
+    good = _image_record("imgs/red.png")
+    message = _error(tmp_path, [good, _image_record("imgs/missing.png")])
+    path = tmp_path / "train.jsonl"
+    assert message == (
+        f"{path}:2: field 'messages'[0]['content'][0]['path']: image "
+        f"{str(tmp_path / 'imgs' / 'missing.png')!r} does not exist"
+    )
+    (tmp_path / "imgs" / "bad.png").write_text("not an image")
+    message = _error(tmp_path, [_image_record("imgs/bad.png")])
+    assert message.startswith(f"{path}:1: field 'messages'[0]['content'][0]['path']: cannot read")
+    three = _image_record("imgs/red.png", "imgs/green.png", "imgs/blue.png")
+    assert _error(tmp_path, [three]) == (
+        f"{path}:1: field 'messages' holds 3 images, more than data.max_images_per_row=2"
+    )
+    assert "data.packing=true is not supported for records with images" in _error(
+        tmp_path, [good], packing=True
+    )
+    bad_part = {"messages": [{"role": "user", "content": [{"type": "video"}]}, good["messages"][1]]}
+    assert _error(tmp_path, [bad_part]).startswith(
+        f"{path}:1: field 'messages'[0]['content'][0] must be a content part"
+    )
+
+
+def test_images_for_a_text_only_model_are_refused(tmp_path):
+    from postax.data import DataConfig, DataError, SFTDataset
+
+    directory = make_gemma3_tokenizer_dir(tmp_path / "tok")
+    path = _image_data(tmp_path, [_image_record("imgs/red.png")])
+    with pytest.raises(DataError, match=r"is an image, but the model takes no images"):
+        SFTDataset(DataConfig(path=str(path), packing=False), load_tokenizer(directory))

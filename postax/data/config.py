@@ -69,6 +69,12 @@ class DataConfig:
             Conversational records (prompt a list of messages) always use the template.
         on_bad_record: "error" raises at the first malformed record, naming the file, the
             line (or row) and the field; "skip" leaves such records out and counts them.
+        max_images_per_row: Vision-language data (chat messages whose content holds
+            `{"type": "image", "path": ...}` parts; paths relative to the data file): the most
+            images one row carries; batches hold `images` [batch_size, max_images_per_row, 3,
+            image_size, image_size] float32, zeros past a row's images. A record with more is
+            a malformed record naming this field. Image records need `packing=False` (one
+            document per row).
     """
 
     path: str
@@ -90,6 +96,7 @@ class DataConfig:
     add_eos: bool = True
     chat_template: bool = False
     on_bad_record: str = "error"
+    max_images_per_row: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -130,6 +137,8 @@ class DataConfig:
             raise _invalid("batch_size", self.batch_size, "an int >= 1")
         if not is_int(self.seed) or self.seed < 0:
             raise _invalid("seed", self.seed, "an int >= 0")
+        if not is_int(self.max_images_per_row) or self.max_images_per_row < 1:
+            raise _invalid("max_images_per_row", self.max_images_per_row, "an int >= 1")
         self._check_buckets()
 
     def _check_buckets(self) -> None:

@@ -19,6 +19,16 @@ segment 0, loss mask 0 and the pad token as input and target.
 * Padding: one document per row; each batch is padded to the smallest of `config.buckets`
   that holds its longest document, so there are at most `len(config.buckets)` shapes.
 
+Images (vision-language models, `SFTDataset(..., images=ImageInputs)`): documents keep the paths
+of their images (and the location of their record), not the pixels; each batch decodes the
+images of its rows (`ImageProcessor.load`) into `Batch.images`, float32 [rows,
+max_images_per_row, 3, image_size, image_size], a row's images in the order of its image token
+blocks and zeros after them. A dataset without image documents has `images=None`. Image
+documents need `packing=False`: packing would have to bound the images of a row as well as its
+tokens, and is refused with an error naming `data.packing`. A document truncated to `seq_len + 1`
+tokens (overlong="truncate") is cut before an image block the cut would split, and keeps only
+the images whose blocks it keeps.
+
 Order. Epoch e visits the rows in the order of `numpy.argsort` over raw 64-bit outputs of a
 PCG64 generator seeded with `SeedSequence([seed, e])` (bit generators are stable across numpy
 versions, unlike `Generator.permutation`). Batch `(epoch, step)` is a pure function of the data,
@@ -59,6 +69,7 @@ import numpy as np
 
 from postax.data.config import DataConfig
 from postax.data.formats import Document, Encoder, RecordError, detect_format
+from postax.data.images import ImageError, ImageInputs
 from postax.data.packing import layout, pack
 from postax.data.sources import BadRecord, DataError, Record, iter_records
 from postax.tokenizer import Tokenizer
@@ -89,6 +100,9 @@ class Batch:
         loss_mask: float32, 1.0 where `targets` is trained.
         positions: int32 position within the document (0 at each document's start).
         segment_ids: int32 document number within the row (1, 2, ...); 0 for padding.
+        images: float32 [batch, max_images_per_row, 3, image_size, image_size], the pixel values
+            of each row's images in the order of its image token blocks, zeros past them; None
+            for text data.
     """
 
     tokens: np.ndarray
@@ -96,10 +110,16 @@ class Batch:
     loss_mask: np.ndarray
     positions: np.ndarray
     segment_ids: np.ndarray
+    images: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """The arrays by field name, not copied (`dataclasses.asdict` would deep-copy them)."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        """The arrays by field name (`images` only when present), not copied
+        (`dataclasses.asdict` would deep-copy them)."""
+        return {
+            field.name: value
+            for field in dataclasses.fields(self)
+            if (value := getattr(self, field.name)) is not None
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +194,26 @@ class SFTDataset:
         skip_messages: The first few messages of skipped records.
     """
 
-    batching_settings = ("seq_len", "batch_size", "packing", "pad_buckets", "shuffle", "drop_last")
+    batching_settings = (
+        "seq_len",
+        "batch_size",
+        "packing",
+        "pad_buckets",
+        "shuffle",
+        "drop_last",
+        "max_images_per_row",
+    )
 
-    def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, config: DataConfig, tokenizer: Tokenizer, *, images: ImageInputs | None = None
+    ) -> None:
         if not isinstance(config, DataConfig):
             raise TypeError(f"config must be a DataConfig, got {type(config).__name__}")
         self.config = config
         self.pad_token_id = tokenizer.pad_token_id
+        self.image_inputs = images
+        # document index -> (record location, image paths), for documents with images only
+        self._doc_images: dict[int, tuple[str, tuple[str, ...]]] = {}
         if config.format != "auto":
             _check_tokenizer(config, tokenizer, config.format)
         documents, counts = self._read(config, tokenizer)
@@ -226,7 +259,8 @@ class SFTDataset:
         self.documents_read = 0  # documents copied into those rows
 
     def _read(self, config: DataConfig, tokenizer: Tokenizer) -> tuple[list[Document], dict]:
-        encoder = Encoder(config, tokenizer)
+        encoder = Encoder(config, tokenizer, self.image_inputs)
+        self._boi_id = encoder.image_token_ids[0] if encoder.image_token_ids else None
         format = None if config.format == "auto" else config.format
         counts = dict(records=0, truncated=0, dropped_overlong=0, dropped_no_loss=0, skipped=0)
         documents: list[Document] = []
@@ -249,6 +283,8 @@ class SFTDataset:
                 if isinstance(result, RecordError):
                     bad(result)
                 elif (document := self._fit(result, counts)) is not None:
+                    if document.images:
+                        self._keep_images(len(documents), item.location, document.images)
                     documents.append(document)
             chunk.clear()
 
@@ -284,6 +320,14 @@ class SFTDataset:
             )
         return documents, counts
 
+    def _keep_images(self, index: int, location: str, paths: tuple[str, ...]) -> None:
+        if self.config.packing:
+            raise DataError(
+                f"{location}: data.packing=true is not supported for records with images "
+                "(a packed row would have to bound its images too); set data.packing=false"
+            )
+        self._doc_images[index] = (location, paths)
+
     def _fit(self, document: Document, counts: dict[str, int]) -> Document | None:
         """Apply the overlong rule; None if the document is left out (and counted)."""
         limit = self.config.seq_len + 1  # tokens that fit in seq_len positions
@@ -292,13 +336,24 @@ class SFTDataset:
             if self.config.overlong == "drop":
                 counts["dropped_overlong"] += 1
                 return None
-            document = Document(document.ids[:limit], document.labels[:limit])
+            document = self._truncate(document, limit)
             truncated = True
         if len(document.ids) < 2 or not document.labels[1:].any():
             counts["dropped_no_loss"] += 1
             return None
         counts["truncated"] += truncated
         return document
+
+    def _truncate(self, document: Document, limit: int) -> Document:
+        """The first `limit` tokens; with images, cut before an image block the cut would split
+        and keep the images of the whole blocks."""
+        if not document.images:
+            return Document(document.ids[:limit], document.labels[:limit])
+        per_block = self.image_inputs.tokens.tokens_per_image + 2  # boi, soft tokens, eoi
+        starts = np.flatnonzero(document.ids == self._boi_id)
+        whole = int(np.sum(starts + per_block <= limit))  # blocks come in order
+        cut = limit if whole == len(starts) else min(limit, int(starts[whole]))
+        return Document(document.ids[:cut], document.labels[:cut], document.images[:whole])
 
     # -- access ---------------------------------------------------------------------------------
 
@@ -355,7 +410,33 @@ class SFTDataset:
         arrays = layout(
             picked, self._ids, self._labels, self._starts, width, size, self.pad_token_id
         )
+        if self._doc_images:
+            arrays["images"] = self._load_images(picked, size)
         return Batch(**arrays)
+
+    def _load_images(self, rows: list[list[int]], size: int) -> np.ndarray:
+        """float32 [size, max_images_per_row, 3, S, S]: the images of each row's documents in
+        order, zeros after them (and for rows past `rows`)."""
+        processor = self.image_inputs.processor
+        images = np.zeros(
+            (size, self.config.max_images_per_row, 3, processor.image_size, processor.image_size),
+            dtype=np.float32,
+        )
+        for r, row in enumerate(rows):
+            k = 0
+            for doc in row:
+                location, paths = self._doc_images.get(doc, ("", ()))
+                for path in paths:
+                    try:
+                        images[r, k] = processor.load(path)
+                    except ImageError as error:
+                        raise DataError(f"{location}: {error}") from error
+                    k += 1
+        return images
+
+    def document_images(self, index: int) -> tuple[str, ...]:
+        """The image paths of kept document `index` (empty for a text document)."""
+        return self._doc_images.get(index, ("", ()))[1]
 
     def iterator(
         self, state: dict[str, Any] | None = None, *, num_epochs: int | None = None
@@ -375,6 +456,13 @@ class SFTDataset:
             digest.update(json.dumps(settings, sort_keys=True).encode())
             for array in (self._starts, self._ids, self._labels, self._row_starts, self._row_docs):
                 digest.update(np.ascontiguousarray(array).tobytes())
+            if self._doc_images:  # text data keeps the digest it had before images existed
+                images = {
+                    "max_images_per_row": self.config.max_images_per_row,
+                    "processor": dataclasses.asdict(self.image_inputs.processor),
+                    "paths": [self._doc_images[i][1] for i in sorted(self._doc_images)],
+                }
+                digest.update(json.dumps(images, sort_keys=True).encode())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 

@@ -17,6 +17,15 @@ The dataset shifts them: inputs are `ids[:-1]`, targets `ids[1:]`, loss mask `la
     be a token prefix of the whole).
 * **text**: `[bos] + text + [eos]` with the same bos/eos rule; every token is trained.
 
+Images (vision-language models; `postax.data.images`): a message's content may be a list of
+parts, `{"type": "text", "text": ...}` and `{"type": "image", "path": ...}` ("messages" and
+conversational "prompt_completion" records). Paths are relative to the data file's directory
+(absolute ones stay). The template renders each image part as the begin-of-image marker, which
+is expanded into the model's image token sequence (`ImageTokens.sequence`); no image token is
+trained. Each image file must exist and be an image Pillow recognises (the header is read here;
+pixels are decoded per batch). A record with images for a model without images, or with more
+than `max_images_per_row` images, is a malformed record.
+
 Validation errors name the record and the field, e.g.
 `train.jsonl:17: field 'messages'[2]['content'] must be a string, got int`.
 """
@@ -26,11 +35,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from postax.data.config import DataConfig
+from postax.data.images import (
+    IMAGE_PART,
+    IMAGE_PATH_KEY,
+    TEXT_PART,
+    ImageError,
+    ImageInputs,
+    check_image_file,
+    resolve_path,
+)
 from postax.data.sources import DataError, Record
 from postax.tokenizer import Tokenizer
 
@@ -43,10 +62,12 @@ class RecordError(DataError):
 
 @dataclass(frozen=True)
 class Document:
-    """A tokenised example: `ids` int32 and `labels` bool (True: trained as a target)."""
+    """A tokenised example: `ids` int32 and `labels` bool (True: trained as a target), and the
+    paths of its images in the order their token blocks appear (none for text)."""
 
     ids: np.ndarray
     labels: np.ndarray
+    images: tuple[str, ...] = ()
 
 
 def detect_format(fields: dict[str, Any], config: DataConfig) -> str | None:
@@ -79,8 +100,11 @@ def _string(value: Any, where: str, location: str, *, empty_ok: bool = False) ->
     return value
 
 
-def _messages(value: Any, where: str, location: str) -> list[dict[str, Any]]:
-    """Check a list of {role, content} objects (content may be missing with tool_calls)."""
+def _messages(
+    value: Any, where: str, location: str, *, parts: bool = False
+) -> list[dict[str, Any]]:
+    """Check a list of {role, content} objects (content may be missing with tool_calls; with
+    `parts`, content may be a list of text and image parts)."""
     if not isinstance(value, (list, tuple)):
         raise RecordError(
             f"{location}: field {where} must be a list of {{'role', 'content'}} objects, "
@@ -105,9 +129,42 @@ def _messages(value: Any, where: str, location: str) -> list[dict[str, Any]]:
                     f"{location}: field {at}['content'] is missing "
                     "(only messages with 'tool_calls' may omit it)"
                 )
+        elif parts and isinstance(content, (list, tuple)):
+            _content_parts(content, f"{at}['content']", location)
         else:
             _string(content, f"{at}['content']", location, empty_ok=True)
     return list(value)
+
+
+def _content_parts(parts: Any, where: str, location: str) -> None:
+    """Check a list of content parts: {"type": "text", "text": str} or {"type": "image",
+    "path": str}."""
+    for index, part in enumerate(parts):
+        at = f"{where}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == TEXT_PART:
+            _string(part.get("text"), f"{at}['text']", location, empty_ok=True)
+        elif kind == IMAGE_PART:
+            _string(part.get(IMAGE_PATH_KEY), f"{at}[{IMAGE_PATH_KEY!r}]", location)
+        else:
+            got = f"type {kind!r}" if isinstance(part, dict) else _type(part)
+            raise RecordError(
+                f"{location}: field {at} must be a content part, {{'type': 'text', 'text': ...}} "
+                f"or {{'type': 'image', 'path': ...}}, got {got}"
+            )
+
+
+def _image_parts(messages: list[dict[str, Any]], where: str) -> list[tuple[str, str]]:
+    """(field, path) of every image part, in order."""
+    found = []
+    for m, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            for p, part in enumerate(content):
+                if part.get("type") == IMAGE_PART:
+                    at = f"{where}[{m}]['content'][{p}][{IMAGE_PATH_KEY!r}]"
+                    found.append((at, part[IMAGE_PATH_KEY]))
+    return found
 
 
 def _never_called(**_: Any) -> None:
@@ -163,8 +220,10 @@ def _require_assistant(messages: list[dict[str, Any]], where: str, location: str
         )
 
 
-def _document(ids: list[int], labels: list[int] | list[bool]) -> Document:
-    return Document(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=bool))
+def _document(
+    ids: list[int], labels: list[int] | list[bool] | np.ndarray, images: tuple[str, ...] = ()
+) -> Document:
+    return Document(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=bool), images)
 
 
 class Encoder:
@@ -175,9 +234,25 @@ class Encoder:
     `Tokenizer.batch_encode`, which runs in parallel in the tokenizers backend.
     """
 
-    def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, config: DataConfig, tokenizer: Tokenizer, images: ImageInputs | None = None
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.images = images
+        self.image_token_ids: tuple[int, int, int] | None = None  # boi, image, eoi
+        if images is not None:
+            tokens = images.tokens
+            try:
+                self.image_token_ids = tuple(
+                    tokenizer.token_to_id(t)
+                    for t in (tokens.boi_token, tokens.image_token, tokens.eoi_token)
+                )
+            except KeyError as error:
+                raise DataError(
+                    f"the model takes images, but its image tokens are not all in the "
+                    f"tokenizer: {error.args[0]}"
+                ) from error
         self._bos = [tokenizer.bos_token_id] if tokenizer.add_bos_token else []
         self._prepare: dict[str, Callable[[Record], Document | tuple[str, ...]]] = {
             "messages": self._messages,
@@ -209,6 +284,9 @@ class Encoder:
         return documents
 
     def _chat(self, messages: list[dict[str, Any]], where: str, location: str, **kwargs: Any):
+        if self.images is not None:
+            tokens = self.images.tokens
+            kwargs["marker_expansion"] = (tokens.boi_token, tokens.sequence)
         try:
             return self.tokenizer.apply_chat_template(messages, **kwargs)
         except (ValueError, TypeError) as error:  # ChatTemplateError is a ValueError
@@ -237,17 +315,73 @@ class Encoder:
         except (ValueError, TypeError) as error:  # a system message whose content is no text
             raise RecordError(f"{location}: field {self.config.tools_field!r}: {error}") from error
 
+    def _image_files(
+        self, messages: list[dict[str, Any]], where: str, record: Record
+    ) -> tuple[str, ...]:
+        """The checked, resolved image paths of `messages` (relative to the record's file)."""
+        parts = _image_parts(messages, where)
+        if not parts:
+            return ()
+        location = record.location
+        if self.images is None:
+            raise RecordError(
+                f"{location}: field {parts[0][0]} is an image, but the model takes no images "
+                "(a text-only model)"
+            )
+        limit = self.config.max_images_per_row
+        if len(parts) > limit:
+            raise RecordError(
+                f"{location}: field {where} holds {len(parts)} images, more than "
+                f"data.max_images_per_row={limit}"
+            )
+        base = None if record.file is None else Path(record.file).parent
+        paths = []
+        for at, path in parts:
+            resolved = resolve_path(path, base)
+            try:
+                check_image_file(resolved)
+            except ImageError as error:
+                raise RecordError(f"{location}: field {at}: {error}") from error
+            paths.append(str(resolved))
+        return tuple(paths)
+
+    def _with_images(
+        self, ids: list[int], labels: Any, images: tuple[str, ...], where: str, location: str
+    ) -> Document:
+        """The document with no loss on image tokens; its image token blocks must match its
+        images (one block of boi, `tokens_per_image` soft tokens, eoi per image)."""
+        if self.image_token_ids is None:
+            return _document(ids, labels)
+        array = np.asarray(ids, dtype=np.int32)
+        boi, soft, eoi = self.image_token_ids
+        per_image = self.images.tokens.tokens_per_image
+        counts = [int((array == t).sum()) for t in (boi, soft, eoi)]
+        if counts != [len(images), len(images) * per_image, len(images)]:
+            raise RecordError(
+                f"{location}: field {where}: the rendered conversation has {counts[0]} image "
+                f"blocks ({counts[1]} image tokens) for {len(images)} image parts: the chat "
+                f"template must render each image part as {self.images.tokens.boi_token!r}, and "
+                "text must not contain image tokens"
+            )
+        labels = np.asarray(labels, dtype=bool) & ~np.isin(array, self.image_token_ids)
+        return _document(array, labels, images)
+
     # -- formats: a Document, or the strings to encode ------------------------------------------
 
     def _messages(self, record: Record) -> Document:
         name = self.config.messages_field
         where = repr(name)
-        messages = _messages(_field(record.fields, name, record.location), where, record.location)
+        messages = _messages(
+            _field(record.fields, name, record.location), where, record.location, parts=True
+        )
         _require_assistant(messages, where, record.location)
+        images = self._image_files(messages, where, record)
         tools = _tools(record.fields, self.config.tools_field, record.location)
         messages, tools = self._with_tools(messages, tools, record.location)
         encoding = self._chat(messages, where, record.location, tools=tools)
-        return _document(encoding.ids, encoding.assistant_mask)
+        return self._with_images(
+            encoding.ids, encoding.assistant_mask, images, where, record.location
+        )
 
     def _text(self, record: Record) -> tuple[str]:
         name = self.config.text_field
@@ -260,7 +394,7 @@ class Encoder:
         completion = _field(record.fields, completion_name, location)
         if isinstance(prompt, (list, tuple)):
             tools = _tools(record.fields, self.config.tools_field, location)
-            return self._conversational(prompt, completion, location, tools)
+            return self._conversational(prompt, completion, record, tools)
         prompt = _string(prompt, repr(prompt_name), location, empty_ok=True)
         completion = _string(completion, repr(completion_name), location)
         if not self.config.chat_template:
@@ -276,17 +410,25 @@ class Encoder:
         return _document(encoding.ids, encoding.assistant_mask)
 
     def _conversational(
-        self, prompt: Any, completion: Any, location: str, tools: list | None = None
+        self, prompt: Any, completion: Any, record: Record, tools: list | None = None
     ) -> Document:
+        location = record.location
         prompt_where = repr(self.config.prompt_field)
         completion_where = repr(self.config.completion_field)
-        prompt = _messages(prompt, prompt_where, location)
+        prompt = _messages(prompt, prompt_where, location, parts=True)
         if isinstance(completion, str):
             _string(completion, completion_where, location)
             completion = [{"role": ASSISTANT, "content": completion}]
         else:
-            completion = _messages(completion, completion_where, location)
+            completion = _messages(completion, completion_where, location, parts=True)
             _require_assistant(completion, completion_where, location)
+        images = self._image_files(prompt, prompt_where, record)
+        images += self._image_files(completion, completion_where, record)
+        if len(images) > self.config.max_images_per_row:
+            raise RecordError(
+                f"{location}: fields {prompt_where} and {completion_where} hold {len(images)} "
+                f"images, more than data.max_images_per_row={self.config.max_images_per_row}"
+            )
         prompt, tools = self._with_tools(prompt, tools, location)
         head = self._chat(prompt, prompt_where, location, add_generation_prompt=True, tools=tools)
         full = self._chat(prompt + completion, completion_where, location, tools=tools)
@@ -298,4 +440,4 @@ class Encoder:
             )
         labels = np.asarray(full.assistant_mask, dtype=bool)
         labels[: len(head.ids)] = False
-        return _document(full.ids, labels)
+        return self._with_images(full.ids, labels, images, completion_where, location)

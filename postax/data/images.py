@@ -233,3 +233,18 @@ def resolve_path(path: str, base: Path | None) -> Path:
     directory); absolute ones stay."""
     candidate = Path(path).expanduser()
     return candidate if candidate.is_absolute() or base is None else base / candidate
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageInputs:
+    """What a vision-language model needs from the data: how images are preprocessed and
+    how the text marks them (both from the model's config)."""
+
+    processor: ImageProcessor
+    tokens: ImageTokens
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.processor, ImageProcessor):
+            raise TypeError(f"processor must be an ImageProcessor, got {self.processor!r}")
+        if not isinstance(self.tokens, ImageTokens):
+            raise TypeError(f"tokens must be ImageTokens, got {self.tokens!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,12 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One record: its fields and where it was read ("train.jsonl:17", "x.parquet:row 4")."""
+    """One record: its fields, where it was read ("train.jsonl:17", "x.parquet:row 4") and the
+    file it came from (relative image paths in it are relative to that file's directory)."""
 
     location: str
     fields: dict[str, Any]
+    file: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def _jsonl(path: Path) -> Iterator[Record | BadRecord]:
             if not isinstance(value, dict):
                 yield BadRecord(location, f"expected a JSON object, got {type(value).__name__}")
                 continue
-            yield Record(location, value)
+            yield Record(location, value, path)
 
 
 def _parquet(path: Path) -> Iterator[Record]:
@@ -135,7 +137,7 @@ def _parquet(path: Path) -> Iterator[Record]:
     row = 0
     for batch in parquet.iter_batches(batch_size=_ARROW_BATCH):
         for fields in batch.to_pylist():
-            yield Record(f"{path}:row {row}", fields)
+            yield Record(f"{path}:row {row}", fields, path)
             row += 1
 
 
@@ -157,5 +159,5 @@ def _arrow(path: Path) -> Iterator[Record]:
     row = 0
     for batch in batches:
         for fields in batch.to_pylist():
-            yield Record(f"{path}:row {row}", fields)
+            yield Record(f"{path}:row {row}", fields, path)
             row += 1

@@ -8,84 +8,13 @@ import json
 
 import numpy as np
 import pytest
+from image_fixtures import GEMMA3_TEMPLATE, IMAGE_TOKENS, make_gemma3_tokenizer_dir
 from PIL import Image
-from tokenizers import AddedToken
 
 from postax.data.images import ImageProcessor, ImageTokens, check_image_file, image_paths
 from postax.tokenizer import load_tokenizer
 from postax.tokenizer.masks import expand_marker
 from postax.validation import ConfigError
-from tokenizer_fixtures import GEMMA, _tokenizer_config, build_backend, write_json
-
-# Gemma 3's chat template as published with the instruction-tuned checkpoints
-# (tokenizer_config.json of google/gemma-3-*-it).
-GEMMA3_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\n'}}
-{%- endif -%}
-"""
-IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
-IMAGE_NAMES = {"boi_token": IMAGE_TOKENS[0], "eoi_token": IMAGE_TOKENS[1]}
-IMAGE_NAMES["image_token"] = IMAGE_TOKENS[2]
-
-
-def make_gemma3_tokenizer_dir(path):
-    """The fixtures' tiny byte-level BPE with Gemma's control tokens, plus Gemma 3's three image
-    tokens (special, as in the real tokenizer) and the published template; tokenizer_config.json
-    names boi/eoi/image tokens as transformers' Gemma 3 tokenizer config does."""
-    path.mkdir(parents=True, exist_ok=True)
-    backend = build_backend(GEMMA)
-    backend.add_special_tokens([AddedToken(t, normalized=False) for t in IMAGE_TOKENS])
-    backend.save(str(path / "tokenizer.json"))
-    config = _tokenizer_config(backend, GEMMA, GEMMA3_TEMPLATE)
-    for token in IMAGE_TOKENS:
-        config["added_tokens_decoder"][str(backend.token_to_id(token))] = {
-            "content": token,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-    config["extra_special_tokens"] = IMAGE_NAMES
-    write_json(path / "tokenizer_config.json", config)
-    return path
 
 
 def _images():

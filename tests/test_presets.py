@@ -12,7 +12,7 @@ import postax
 from postax.models.hf import config_to_hf
 
 # Published sizes in billions, to the digits the model cards give (Gemma-3-4B:
-# its language model; the 4.3B release adds a vision encoder).
+# its language model; the 4.3B release adds a vision encoder: Gemma-3-4B-Vision).
 PUBLISHED_BILLIONS = {
     "Llama-3-8B": "8.03",
     "Llama-3.1-8B": "8.03",
@@ -31,6 +31,9 @@ PUBLISHED_BILLIONS = {
     "Gemma-2-9B": "9.24",
     "Gemma-3-1B": "1.0",
     "Gemma-3-4B": "3.88",
+    "Gemma-3-4B-Vision": "4.3",
+    "Gemma-3-12B-Vision": "12.2",
+    "Gemma-3-27B-Vision": "27.4",
 }
 
 

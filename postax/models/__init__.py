@@ -1,7 +1,8 @@
 """Model families, presets and Hugging Face checkpoint interop."""
 
-from postax.models import gemma, llama, moe, qwen, qwen3_moe
-from postax.models.config import ConfigError, ModelConfig, RopeConfig
+from postax.models import gemma, gemma3_vlm, llama, moe, qwen, qwen3_moe
+from postax.models.config import ConfigError, ModelConfig, RopeConfig, VisionConfig
+from postax.models.gemma3_vlm import VisionLanguageLM
 from postax.models.hf import (
     abstract_model,
     build_model,
@@ -28,6 +29,7 @@ PRESETS: dict[str, ModelConfig] = {
     **qwen.PRESETS,
     **qwen3_moe.PRESETS,
     **gemma.PRESETS,
+    **gemma3_vlm.PRESETS,
 }
 
 
@@ -66,6 +68,8 @@ __all__ = [
     "LoRAConfig",
     "ModelConfig",
     "RopeConfig",
+    "VisionConfig",
+    "VisionLanguageLM",
     "abstract_model",
     "apply_lora",
     "build_model",

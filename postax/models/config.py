@@ -5,11 +5,16 @@ files (`llama.py`, `qwen.py`, `gemma.py`) only translate Hugging Face
 `config.json` dictionaries to and from it. Every switch that separates the
 families (q/k/v bias, q/k norm, sandwich norms, soft-capping, sliding windows,
 embedding scaling, norm offset) is a field here, not a subclass.
+
+A vision-language model (Gemma 3 with its SigLIP tower, `gemma3_vlm.py`) is a
+`ModelConfig` whose `vision` field holds a `VisionConfig`: the text fields
+describe its language model, as for a text-only model of the family.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from postax.validation import ConfigError
 from postax.validation import require as _require
@@ -20,7 +25,7 @@ MLP_TYPES = ("dense", "sparse")
 ROPE_KINDS = ("default", "linear", "llama3")
 
 
-__all__ = ["ConfigError", "ModelConfig", "RopeConfig"]
+__all__ = ["ConfigError", "ModelConfig", "RopeConfig", "VisionConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +61,103 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """The image side of a vision-language model (Gemma 3): a SigLIP vision tower (Zhai et
+    al. 2023, "Sigmoid Loss for Language Image Pre-Training") and the projector into the text
+    model (`postax.models.vision`).
+
+    Tower: square images of `image_size` pixels cut into `patch_size` patches, a ViT encoder of
+    `num_layers` pre-norm blocks (LayerNorm with `layer_norm_eps`, `num_heads`-head
+    bidirectional attention, an MLP of `intermediate_size` with `activation`).
+    Projector: the patch grid average-pooled to `mm_tokens_per_image` tokens (a square number
+    whose side divides the patch grid's), a Gemma RMSNorm and a linear map to the text width.
+    Text side: each image is `mm_tokens_per_image` consecutive `image_token_id` tokens, wrapped
+    by `boi_token_id` and `eoi_token_id` (written by the chat template, not by the model).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    activation: str = "gelu_pytorch_tanh"
+    mm_tokens_per_image: int = 256
+    image_token_id: int = 262144
+    boi_token_id: int | None = 255999
+    eoi_token_id: int | None = 256000
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "mm_tokens_per_image",
+        ):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value > 0, f"vision.{name}", value, "a positive integer"
+            )
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "vision.num_heads",
+            self.num_heads,
+            f"must divide vision.hidden_size={self.hidden_size}",
+        )
+        _require(
+            self.image_size % self.patch_size == 0,
+            "vision.patch_size",
+            self.patch_size,
+            f"must divide vision.image_size={self.image_size}",
+        )
+        side = math.isqrt(self.mm_tokens_per_image)
+        _require(
+            side * side == self.mm_tokens_per_image and self.patches_per_side % side == 0,
+            "vision.mm_tokens_per_image",
+            self.mm_tokens_per_image,
+            f"a square number whose root divides the {self.patches_per_side} patches per side",
+        )
+        _require(
+            self.activation in ACTIVATIONS,
+            "vision.activation",
+            self.activation,
+            f"one of {ACTIVATIONS}",
+        )
+        _require(
+            self.layer_norm_eps > 0, "vision.layer_norm_eps", self.layer_norm_eps, "must be > 0"
+        )
+        _require(
+            isinstance(self.image_token_id, int) and self.image_token_id >= 0,
+            "vision.image_token_id",
+            self.image_token_id,
+            "an integer >= 0",
+        )
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def pool_size(self) -> int:
+        """Side of the square of patches averaged into one image token."""
+        return self.patches_per_side // math.isqrt(self.mm_tokens_per_image)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of a decoder-only causal language model.
 
@@ -63,7 +165,8 @@ class ModelConfig:
     (`llama`, `qwen2`, `qwen3`, `gemma`, `gemma2`, `gemma3`). `layer_types`
     gives each layer "full_attention" or "sliding_attention"; sliding layers
     attend to the last `sliding_window` positions (the query included) and use
-    `local_rope` when it is set (Gemma 3), `rope` otherwise.
+    `local_rope` when it is set (Gemma 3), `rope` otherwise. `vision` (Gemma 3 only) adds
+    an image tower and projector: the model is then a `gemma3_vlm.VisionLanguageLM`.
     """
 
     family: str
@@ -100,6 +203,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -146,6 +250,19 @@ class ModelConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "None or > 0")
         self._check_experts()
+        if self.vision is not None:
+            _require(
+                isinstance(self.vision, VisionConfig),
+                "vision",
+                self.vision,
+                "None or a VisionConfig",
+            )
+            _require(
+                self.family == "gemma3",
+                "family",
+                self.family,
+                "'gemma3' for a model with a vision tower (the only vision-language family)",
+            )
 
     def _check_experts(self) -> None:
         _require(

@@ -13,16 +13,19 @@ What differs from Llama, as config fields:
     layer, sliding layers with their own rope base (10k) and global layers
     with rope_theta (1M) optionally linearly scaled.
 
-Checkpoints of the multimodal `Gemma3ForConditionalGeneration` load their
-language model only: the vision tower and projector tensors are skipped, and
-saving writes a text-only `Gemma3ForCausalLM`.
+Checkpoints of the multimodal `Gemma3ForConditionalGeneration` (model_type
+"gemma3") belong to `gemma3_vlm.py`: they load as a `VisionLanguageLM`, or,
+with `load_model(dir, text_only=True)`, as their language model only, through
+this file's `checkpoint_name`, which skips the vision tower and projector
+tensors (saving such a model writes a text-only `Gemma3ForCausalLM`).
+`config_from_hf` reads the text part of either config.json.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from postax.models.config import ModelConfig, RopeConfig
+from postax.models.config import ConfigError, ModelConfig, RopeConfig
 from postax.models.hf_config import common_from_hf, common_to_hf, layer_types_from_hf, rope_from_hf
 
 ARCHITECTURES = {
@@ -30,7 +33,7 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")  # "gemma3" (multimodal): gemma3_vlm.py
 _HF_MODEL_TYPE = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 # transformers' Gemma3TextConfig defaults; multimodal config.json files rely on them.
@@ -79,6 +82,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         model_type = "gemma3_text"
     if model_type == "gemma3_text":
         hf = {**GEMMA3_TEXT_DEFAULTS, **hf}
+        if hf.get("use_bidirectional_attention"):
+            raise ConfigError(
+                "use_bidirectional_attention=True (EmbeddingGemma's encoder) is not supported: "
+                "postax's Gemma 3 is a causal language model"
+            )
     family = {"gemma3_text": "gemma3"}.get(model_type, model_type)
     common = common_from_hf(hf, tie_default=True)
     n = common["num_layers"]
@@ -164,7 +172,7 @@ def checkpoint_name(name: str) -> str | None:
     return name
 
 
-def _gemma(
+def gemma_preset(
     family: str,
     *,
     vocab: int,
@@ -173,6 +181,7 @@ def _gemma(
     rope: RopeConfig | None = None,
     **fields,
 ) -> ModelConfig:
+    """The config of a published Gemma size: the family's fixed settings, `fields` the rest."""
     n = fields["num_layers"]
     if family == "gemma2":
         types = tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n))
@@ -209,7 +218,7 @@ def _gemma(
 
 
 PRESETS = {
-    "Gemma-2B": _gemma(
+    "Gemma-2B": gemma_preset(
         "gemma",
         vocab=256000,
         hidden_size=2048,
@@ -219,7 +228,7 @@ PRESETS = {
         num_kv_heads=1,
         head_dim=256,
     ),
-    "Gemma-2-2B": _gemma(
+    "Gemma-2-2B": gemma_preset(
         "gemma2",
         vocab=256000,
         window=4096,
@@ -231,7 +240,7 @@ PRESETS = {
         head_dim=256,
         query_pre_attn_scalar=256.0,
     ),
-    "Gemma-2-9B": _gemma(
+    "Gemma-2-9B": gemma_preset(
         "gemma2",
         vocab=256000,
         window=4096,
@@ -243,7 +252,7 @@ PRESETS = {
         head_dim=256,
         query_pre_attn_scalar=256.0,
     ),
-    "Gemma-3-1B": _gemma(
+    "Gemma-3-1B": gemma_preset(
         "gemma3",
         vocab=262144,
         window=512,
@@ -258,7 +267,7 @@ PRESETS = {
         query_pre_attn_scalar=256.0,
         max_position_embeddings=32768,
     ),
-    "Gemma-3-4B": _gemma(
+    "Gemma-3-4B": gemma_preset(
         "gemma3",
         vocab=262208,
         window=1024,

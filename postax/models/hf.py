@@ -4,9 +4,14 @@
 builds the module abstractly (no memory), then streams tensors from the
 safetensors file(s) one at a time straight into parameters of the requested
 dtype. Module paths equal Hugging Face tensor names, so the only per-family
-tables are `checkpoint_name` (e.g. Gemma 3's multimodal prefixes) and, for
+tables are `checkpoint_name` (e.g. Gemma 3's multimodal prefixes), its inverse
+`saved_name` where the two differ (Gemma 3 vision-language), and, for
 parameters stored as several tensors (Qwen3-MoE's experts, one tensor each),
 `joined_tensor` (load) and `split_tensor` (save).
+
+Multimodal Gemma 3 checkpoints (`Gemma3ForConditionalGeneration`) load as a
+`gemma3_vlm.VisionLanguageLM` (a `CausalLM` with a vision tower, whose config
+has `vision` set), or as their language model alone with `text_only=True`.
 
 `save_model(model, path)` writes `config.json` and safetensors (sharded with
 `model.safetensors.index.json` past `max_shard_bytes`) that
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from postax.models import gemma, llama, qwen, qwen3_moe
+from postax.models import gemma, gemma3_vlm, llama, qwen, qwen3_moe
 from postax.models.config import ConfigError, ModelConfig
 from postax.models.safetensors_io import (
     CheckpointError,
@@ -41,7 +46,7 @@ from postax.models.safetensors_io import (
 from postax.models.stack import unstacked_copy
 from postax.models.transformer import CausalLM
 
-FAMILY_MODULES: tuple[ModuleType, ...] = (llama, qwen, qwen3_moe, gemma)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, qwen, qwen3_moe, gemma, gemma3_vlm)
 MODEL_TYPES: dict[str, ModuleType] = {t: m for m in FAMILY_MODULES for t in m.MODEL_TYPES}
 FAMILY_OF_CONFIG: dict[str, ModuleType] = {
     "llama": llama,
@@ -91,9 +96,23 @@ def config_from_hf(hf: dict[str, Any], source: Path | str = "config.json") -> Mo
         raise ConfigError(f"{source}: {e}") from e
 
 
+def family_module(cfg: ModelConfig) -> ModuleType:
+    """The family file of a config: its config.json and tensor-name tables."""
+    return gemma3_vlm if cfg.vision is not None else FAMILY_OF_CONFIG[cfg.family]
+
+
+def _module_family(module: nnx.Module) -> ModuleType:
+    """The family file whose tensor names a module's parameters follow: a config with a
+    vision tower read by a module without one (a text-only load, a reward model) uses the
+    text family's names."""
+    if isinstance(module, gemma3_vlm.VisionLanguageLM):
+        return gemma3_vlm
+    return FAMILY_OF_CONFIG[module.config.family]
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json dictionary transformers reads for this config."""
-    return FAMILY_OF_CONFIG[cfg.family].config_to_hf(cfg)
+    return family_module(cfg).config_to_hf(cfg)
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,8 +135,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 def build_model(
     cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str | None = None, seed: int = 0
 ) -> CausalLM:
-    """A randomly initialised model (std 0.02 normal weights)."""
-    return CausalLM(
+    """A randomly initialised model (std 0.02 normal weights): a CausalLM, or a
+    `gemma3_vlm.VisionLanguageLM` when the config has a vision tower."""
+    model_class = CausalLM if cfg.vision is None else gemma3_vlm.VisionLanguageLM
+    return model_class(
         cfg, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), rngs=nnx.Rngs(seed)
     )
 
@@ -173,11 +194,18 @@ def param_name(path: tuple) -> str:
 
 
 def load_model(
-    path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    text_only: bool = False,
 ) -> CausalLM:
     """Loads a Hugging Face checkpoint directory (config.json + safetensors), or a `.gguf` file.
 
     dtype is the compute dtype, param_dtype the storage dtype (default: dtype).
+    A multimodal Gemma 3 checkpoint loads as a `gemma3_vlm.VisionLanguageLM` (a CausalLM
+    that also takes `images=`); `text_only=True` loads its language model alone (the
+    vision tensors are skipped; any other checkpoint is unaffected).
     Tensors stream one at a time: peak host memory is the model plus about one
     tensor. A tied `lm_head.weight` present in the file is ignored; any other
     missing, unexpected or mis-shaped tensor is an error naming it.
@@ -188,6 +216,8 @@ def load_model(
 
         return load_gguf_model(path, dtype=dtype, param_dtype=param_dtype)
     cfg = read_config(path)
+    if text_only:
+        cfg = cfg.replace(vision=None)
     return load_weights(path, abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
 
 
@@ -200,7 +230,7 @@ def load_weights(path: str | os.PathLike, abstract: nnx.Module) -> nnx.Module:
     """
     path = Path(path)
     cfg = abstract.config
-    family = FAMILY_OF_CONFIG[cfg.family]
+    family = _module_family(abstract)
     naming = getattr(family, "checkpoint_name", lambda name: name)
     joined_tensor = getattr(family, "joined_tensor", lambda name, shape, tensors: None)
     graphdef, abstract_state = nnx.split(abstract)
@@ -315,7 +345,7 @@ def write_checkpoint(
             "merge LoRA adapters (postax.models.lora.merge_lora) or dequantise first"
         )
     path.mkdir(parents=True, exist_ok=True)
-    tensors = _checkpoint_outputs(FAMILY_OF_CONFIG[model.config.family], params)
+    tensors = _checkpoint_outputs(_module_family(model), params)
     target = {name: np.dtype(_dtype(dtype) if dtype else t.dtype) for name, t in tensors.items()}
     sizes = {name: math.prod(t.shape) * target[name].itemsize for name, t in tensors.items()}
     shards: list[list[str]] = [[]]
@@ -369,14 +399,15 @@ class _Output(NamedTuple):
 
 def _checkpoint_outputs(family: ModuleType, params: dict[str, jax.Array]) -> dict[str, _Output]:
     """Checkpoint tensor name -> _Output; the family's `split_tensor` writes a parameter
-    as several tensors (each sliced on the device, then read)."""
+    as several tensors (each sliced on the device, then read), its `saved_name` renames."""
     split_tensor = getattr(family, "split_tensor", lambda name, shape: None)
+    saved_name = getattr(family, "saved_name", lambda name: name)
     outputs = {}
     for name, array in params.items():
         dtype = np.dtype(array.dtype)
         parts = split_tensor(name, tuple(array.shape))
         if parts is None:
-            outputs[name] = _Output(
+            outputs[saved_name(name)] = _Output(
                 tuple(array.shape), dtype, lambda a=array: np.asarray(jax.device_get(a))
             )
             continue

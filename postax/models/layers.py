@@ -232,6 +232,8 @@ def make_attention_mask(
     window: int | None = None,
     query_branches: jax.Array | None = None,
     key_branches: jax.Array | None = None,
+    query_blocks: jax.Array | None = None,
+    key_blocks: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean mask [batch, q, k]: causal by slot index, padding, segments, window, branches.
 
@@ -241,12 +243,24 @@ def make_attention_mask(
     i - j < window, and, with branches (several continuations of one shared
     prefix in a row: 0 marks the prefix, k > 0 continuation k), the key lies
     in the prefix or in the query's own branch.
+
+    Blocks ([b, q] and [b, k] ids, -1 outside any block: Gemma 3's image tokens) make
+    attention bidirectional inside a block: key j is also visible to query i, later or
+    not, when both carry the same block id >= 0. The window still applies (transformers'
+    rule: AND(window, OR(causal, block))), and so do padding, segments and branches.
     """
     key_index = jnp.arange(key_valid.shape[-1])
     visible = key_index[None, :] <= query_index[:, None]
+    if query_blocks is not None:
+        same_block = (query_blocks[:, :, None] == key_blocks[:, None, :]) & (
+            query_blocks[:, :, None] >= 0
+        )
+        visible = visible[None] | same_block
+    else:
+        visible = visible[None]
     if window is not None:
-        visible &= key_index[None, :] > query_index[:, None] - window
-    mask = visible[None] & key_valid[:, None, :]
+        visible &= (key_index[None, :] > query_index[:, None] - window)[None]
+    mask = visible & key_valid[:, None, :]
     if query_segments is not None:
         mask &= query_segments[:, :, None] == key_segments[:, None, :]
     if query_branches is not None:

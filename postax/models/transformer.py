@@ -174,17 +174,21 @@ class DecoderLayer(nnx.Module):
     def _mlp(self, x):
         return self.mlp(x) if self.sparse else (self.mlp(x), None)
 
-    def __call__(self, x, positions, masks):
-        """masks: {window (0 for full attention): [b, t, t] bool}, shared across layers."""
-        return self.with_router(x, positions, masks)[0]
+    def __call__(self, x, positions, masks, causal=True):
+        """masks: {window (0 for full attention): [b, t, t] bool}, shared across layers.
 
-    def with_router(self, x, positions, masks):
+        causal: the masks hide every later key, so attention may skip the upper triangle
+        (`layers.dot_product_attention`); False when they do not (Gemma 3's image blocks).
+        """
+        return self.with_router(x, positions, masks, causal)[0]
+
+    def with_router(self, x, positions, masks, causal=True):
         """`__call__` that also returns the router logits (None for a dense MLP)."""
         attn = self.self_attn
 
         def attend(q, k, v):
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            return attn.attend(q, k, v, masks[attn.window or 0], causal=True), None
+            return attn.attend(q, k, v, masks[attn.window or 0], causal=causal), None
 
         x, _ = self._attention_out(x, positions, attend)
         return self._mlp_out(x)
@@ -202,16 +206,24 @@ class DecoderLayer(nnx.Module):
         x, router = self._mlp_out(x)
         return x, probs, router
 
-    def decode(self, x, positions, write_at, valid, store):
+    def decode(self, x, positions, write_at, valid, store, blocks=None):
         """Attends this step's tokens over the cache; `store(k, v)` writes their keys and
         values ([b, kv_heads, t, head_dim], slot `write_at`) into the cache and returns
-        (this layer's keys, its values, the new cache)."""
+        (this layer's keys, its values, the new cache). blocks: None or (query block ids
+        [b, t], key block ids [b, capacity]) of bidirectional blocks (`make_attention_mask`)."""
         attn = self.self_attn
         query_index = write_at + jnp.arange(x.shape[1])
+        query_blocks, key_blocks = (None, None) if blocks is None else blocks
 
         def attend(q, k, v):
             keys, values, cache = store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-            mask = make_attention_mask(query_index, valid, window=attn.window)
+            mask = make_attention_mask(
+                query_index,
+                valid,
+                window=attn.window,
+                query_blocks=query_blocks,
+                key_blocks=key_blocks,
+            )
             out = attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
             return out, cache
 
@@ -261,6 +273,7 @@ class Decoder(nnx.Module):
         hidden_layers: tuple[int, ...] = (),
         attention_layers: tuple[int, ...] = (),
         router_logits: bool = False,
+        causal: bool = True,
     ) -> Intermediates:
         """The layer stack of a full forward pass, then the final norm.
 
@@ -268,15 +281,21 @@ class Decoder(nnx.Module):
         (`set_remat`), except the `attention_layers`, which also return their float32
         attention probabilities. `hidden_layers` picks residual streams to keep (see
         `CausalLM.intermediates`); `router_logits` keeps the sparse layers' router logits.
+        `causal=False` when the masks let a query see later keys (image blocks): attention
+        then computes every score instead of skipping the upper triangle.
         """
         if isinstance(self.layers, LayerStack):
             return self._run_stack(
-                x, positions, masks, hidden_layers, attention_layers, router_logits
+                x, positions, masks, hidden_layers, attention_layers, router_logits, causal
             )
         hidden = {0: x} if 0 in hidden_layers else {}
         attention = {}
         routers = []
-        call = DecoderLayer.with_router if router_logits else DecoderLayer.__call__
+        layer_call = DecoderLayer.with_router if router_logits else DecoderLayer.__call__
+
+        def call(layer, x, positions, masks):  # positional only: nnx.remat binds them
+            return layer_call(layer, x, positions, masks, causal)
+
         for i, layer in enumerate(self.layers):
             router = None
             if i in attention_layers:
@@ -298,7 +317,7 @@ class Decoder(nnx.Module):
         return Intermediates(self.norm(x), hidden, attention, stacked)
 
     def _run_stack(
-        self, x, positions, masks, hidden_layers, attention_layers, router_logits
+        self, x, positions, masks, hidden_layers, attention_layers, router_logits, causal
     ) -> Intermediates:
         """`run_layers` over a LayerStack: one scan, or, when attention probabilities are
         asked for, a scan between each chosen layer and the next."""
@@ -309,7 +328,7 @@ class Decoder(nnx.Module):
         keep = bool(set(hidden_layers) - {0})
 
         def step(layer, x, _):
-            x, router = layer.with_router(x, positions, masks)
+            x, router = layer.with_router(x, positions, masks, causal)
             return x, (x if keep else None, router if router_logits else None)
 
         start = 0
@@ -347,8 +366,12 @@ class Decoder(nnx.Module):
             return {self.layers.layer.self_attn.window or 0}
         return {layer.self_attn.window or 0 for layer in self.layers}
 
-    def decode(self, x, positions, cache: KVCache, valid) -> tuple[jax.Array, list, list]:
-        """The layers of `CausalLM.decode`: (x, new keys, new values) per `cache` layout."""
+    def decode(
+        self, x, positions, cache: KVCache, valid, blocks=None
+    ) -> tuple[jax.Array, list, list]:
+        """The layers of `CausalLM.decode`: (x, new keys, new values) per `cache` layout.
+
+        blocks: None or (query, key) block ids of bidirectional blocks (`DecoderLayer.decode`)."""
         write_at = cache.length
         if isinstance(self.layers, LayerStack):
 
@@ -363,7 +386,7 @@ class Decoder(nnx.Module):
                     )
                     return new_keys[index], new_values[index], (new_keys, new_values)
 
-                x, (keys, values) = layer.decode(x, positions, write_at, valid, store)
+                x, (keys, values) = layer.decode(x, positions, write_at, valid, store, blocks)
                 return (x, keys, values), None
 
             (x, keys, values), _ = self.layers.scan(
@@ -382,7 +405,7 @@ class Decoder(nnx.Module):
                 )
                 return new_keys, new_values, (new_keys, new_values)
 
-            x, (k, v) = layer.decode(x, positions, write_at, valid, store)
+            x, (k, v) = layer.decode(x, positions, write_at, valid, store, blocks)
             keys.append(k)
             values.append(v)
         return x, keys, values
@@ -409,9 +432,13 @@ def _positions_and_masks(
     attention_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     branch_ids: jax.Array | None = None,
+    image_blocks: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """(positions [b, t], {window: [b, t, t] bool mask}) of a full forward pass of `model`
-    (a CausalLM, or a module with its decoder and config, e.g. a reward model)."""
+    (a CausalLM, or a module with its decoder and config, e.g. a reward model).
+
+    image_blocks [b, t]: ids of bidirectional blocks (-1 elsewhere), see `make_attention_mask`.
+    """
     b, t = tokens.shape
     if branch_ids is not None:
         if positions is None:
@@ -437,10 +464,56 @@ def _positions_and_masks(
             window=window or None,
             query_branches=branch_ids,
             key_branches=branch_ids,
+            query_blocks=image_blocks,
+            key_blocks=image_blocks,
         )
         for window in model.model.windows
     }
     return positions, masks
+
+
+def run_embedded(
+    model,
+    tokens: jax.Array,
+    embeddings: jax.Array,
+    *,
+    image_blocks: jax.Array | None = None,
+    hidden_layers: tuple[int, ...] = (),
+    attention_layers: tuple[int, ...] = (),
+    router_logits: bool = False,
+    **kwargs,
+) -> Intermediates:
+    """The layers of `model` (a CausalLM, or a module with its decoder and config) over input
+    embeddings [b, t, embed] of `tokens` [b, t] (which give the masks' shape); kwargs:
+    positions, attention_mask, segment_ids, branch_ids. image_blocks [b, t] (-1 outside):
+    blocks attended bidirectionally (Gemma 3's images)."""
+    positions, masks = _positions_and_masks(model, tokens, image_blocks=image_blocks, **kwargs)
+    return model.model.run_layers(
+        embeddings,
+        positions,
+        masks,
+        hidden_layers=hidden_layers,
+        attention_layers=attention_layers,
+        router_logits=router_logits,
+        causal=image_blocks is None,
+    )
+
+
+def check_intermediates(
+    cfg: ModelConfig, hidden_layers: tuple[int, ...], attention_layers: tuple[int, ...]
+) -> None:
+    """Raises ValueError for layer indices outside the model (`CausalLM.intermediates`)."""
+    count = cfg.num_layers
+    for name, indices, stop in (
+        ("hidden_layers", hidden_layers, count + 1),
+        ("attention_layers", attention_layers, count),
+    ):
+        bad = [i for i in indices if not 0 <= i < stop]
+        if bad:
+            raise ValueError(
+                f"{name}={tuple(indices)!r} is invalid: indices in [0, {stop}) for a "
+                f"model of {count} layers"
+            )
 
 
 class CausalLM(nnx.Module):
@@ -504,15 +577,15 @@ class CausalLM(nnx.Module):
             models without sliding windows (their windows count slots).
         positions default to counting real tokens (restarting per segment).
         """
-        positions, masks = _positions_and_masks(
+        return run_embedded(
             self,
             tokens,
+            self.model.embed(tokens),
             positions=positions,
             attention_mask=attention_mask,
             segment_ids=segment_ids,
             branch_ids=branch_ids,
-        )
-        return self.model.run_layers(self.model.embed(tokens), positions, masks).hidden
+        ).hidden
 
     @exact_float32
     def intermediates(
@@ -538,25 +611,15 @@ class CausalLM(nnx.Module):
             and `moe.expert_load` take them); None for a model without sparse layers.
         kwargs: positions, attention_mask, segment_ids, branch_ids as in `hidden_states`.
         """
-        count = self.config.num_layers
-        for name, indices, stop in (
-            ("hidden_layers", hidden_layers, count + 1),
-            ("attention_layers", attention_layers, count),
-        ):
-            bad = [i for i in indices if not 0 <= i < stop]
-            if bad:
-                raise ValueError(
-                    f"{name}={tuple(indices)!r} is invalid: indices in [0, {stop}) for a "
-                    f"model of {count} layers"
-                )
-        positions, masks = _positions_and_masks(self, tokens, **kwargs)
-        return self.model.run_layers(
+        check_intermediates(self.config, hidden_layers, attention_layers)
+        return run_embedded(
+            self,
+            tokens,
             self.model.embed(tokens),
-            positions,
-            masks,
             hidden_layers=hidden_layers,
             attention_layers=attention_layers,
             router_logits=router_logits,
+            **kwargs,
         )
 
     def __call__(self, tokens: jax.Array, **kwargs) -> jax.Array:
@@ -625,12 +688,36 @@ class CausalLM(nnx.Module):
         attention_mask) and for decoding (t = 1). Positions are explicit: the
         sampler tracks each row's count of real tokens.
         """
-        b, t = tokens.shape
+        return self.decode_embedded(
+            self.model.embed(tokens), cache, positions=positions, attention_mask=attention_mask
+        )
+
+    @exact_float32
+    def decode_embedded(
+        self,
+        embeddings: jax.Array,
+        cache: KVCache,
+        *,
+        positions: jax.Array,
+        attention_mask: jax.Array | None = None,
+        image_blocks: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """`decode` of input embeddings [b, t, embed]. image_blocks [b, t] (-1 outside):
+        blocks attended bidirectionally; a block must lie within one call (the cached
+        slots count as outside every block)."""
+        b, t = embeddings.shape[:2]
         step_valid = (
             jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         )
         valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.length, axis=1)
-        x, keys, values = self.model.decode(self.model.embed(tokens), positions, cache, valid)
+        blocks = None
+        if image_blocks is not None:
+            outside = jnp.full(cache.valid.shape, -1, image_blocks.dtype)
+            key_blocks = jax.lax.dynamic_update_slice_in_dim(
+                outside, image_blocks, cache.length, axis=1
+            )
+            blocks = (image_blocks, key_blocks)
+        x, keys, values = self.model.decode(embeddings, positions, cache, valid, blocks)
         logits = self.logits(self.model.norm(x))
         return logits, KVCache(
             keys=tuple(keys), values=tuple(values), valid=valid, length=cache.length + t

@@ -35,6 +35,14 @@ class SampleRow:
     beams: bool  # run by the beam-search engine
     prompt_index: int
     sample_index: int
+    # the prompt's images [n, channels, size, size] (a vision-language model), else None
+    images: np.ndarray | None = None
+
+    @property
+    def prompt_key(self) -> tuple:
+        """What makes two rows continue the same prompt: its ids, and its images (by
+        request: rows of one request share them)."""
+        return (self.prompt_ids, None if self.images is None else self.prompt_index)
 
 
 @dataclasses.dataclass
@@ -91,12 +99,31 @@ def stop_id_bucket(longest: int) -> int:
     return pow2_bucket(longest, minimum=MIN_STOP_IDS_BUCKET)
 
 
-def row_params(
-    rows: Sequence[SampleRow], prompts: Sequence[tuple[int, ...]], height: int
-) -> RowParams:
+def prompt_images(
+    rows: Sequence[SampleRow], prompts: Sequence[tuple], height: int
+) -> np.ndarray | None:
+    """float32 `[height, n, channels, size, size]` images of the distinct prompts (keys
+    `SampleRow.prompt_key`), zero-padded to a power-of-two count n; filler rows repeat
+    prompt 0's, as `prompt_arrays` repeats its ids. None when no row has images."""
+    by_key = {r.prompt_key: r.images for r in rows if r.images is not None}
+    if not by_key:
+        return None
+    shape = next(iter(by_key.values())).shape[1:]
+    count = pow2_bucket(max(len(i) for i in by_key.values()), minimum=1)
+    out = np.zeros((height, count, *shape), np.float32)
+    for i, key in enumerate(prompts):
+        images = by_key.get(key)
+        if images is not None:
+            out[i, : len(images)] = images
+    out[len(prompts) :] = out[0]
+    return out
+
+
+def row_params(rows: Sequence[SampleRow], prompts: Sequence[tuple], height: int) -> RowParams:
     """The per-row settings of a sampling batch of `height` device rows (filler rows last).
 
-    `prompts`: the batch's distinct prompts; each row points at its own.
+    `prompts`: the batch's distinct prompt keys (`SampleRow.prompt_key`); each row points
+    at its own.
     """
     prompt_of = {p: i for i, p in enumerate(prompts)}
     stop_ids = np.full((height, stop_id_bucket(max(len(r.stop_ids) for r in rows))), -1, np.int32)
@@ -107,7 +134,7 @@ def row_params(
         return np.array([get(r) for r in rows] + [filler] * (height - len(rows)), dtype)
 
     return RowParams(
-        prompt=column(lambda r: prompt_of[r.prompt_ids], np.int32, 0),
+        prompt=column(lambda r: prompt_of[r.prompt_key], np.int32, 0),
         temperature=column(lambda r: r.config.temperature, np.float32, 0.0),
         top_k=column(lambda r: r.config.top_k, np.int32, 0),
         top_p=column(lambda r: r.config.top_p, np.float32, 1.0),

@@ -80,6 +80,7 @@ def prefill(
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
     params: RowParams,
+    images: jax.Array | None = None,
     *,
     new_tokens: int,
     traces: TraceCounter,
@@ -87,12 +88,20 @@ def prefill(
     """The first carry: distinct prompts `[P, L]` prefilled, their caches copied to the rows.
 
     `new_tokens` (static) sizes the token buffers and the cache (L + new_tokens slots).
+    images: None, or the prompts' images `[P, n, channels, size, size]` for a
+    vision-language model (`gemma3_vlm.VisionLanguageLM.prefill`).
     """
-    traces.bump("prefill", prompt_tokens, params.prompt, params.stop_ids, new_tokens)
+    with_images = () if images is None else (images,)
+    traces.bump("prefill", prompt_tokens, params.prompt, params.stop_ids, new_tokens, *with_images)
     model = nnx.merge(graphdef, model_state)
     n_prompts, width = prompt_tokens.shape
     n_rows = params.prompt.shape[0]
-    cache, positions = model.prefill(prompt_tokens, prompt_mask, width + new_tokens)
+    if images is None:
+        cache, positions = model.prefill(prompt_tokens, prompt_mask, width + new_tokens)
+    else:
+        cache, positions = model.prefill(
+            prompt_tokens, prompt_mask, width + new_tokens, images=images
+        )
     if n_rows != n_prompts or n_prompts > 1:
         cache = cache.take_rows(params.prompt)
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(

@@ -40,6 +40,13 @@ graph is a static argument: wrapping layers (LoRA) retraces once.
 
 Beam search (`num_beams > 1`, or `Sampler.beam_search`) runs in its own
 jitted loop, see postax.sampling.beam.
+
+Images (a Gemma 3 vision-language model, `postax.models.gemma3_vlm`): `generate(prompts,
+images=[...])` takes one entry per prompt, None or that prompt's preprocessed pixels
+`[n, channels, size, size]`, in the order of its image blocks. Prompts are checked on the
+host (each image block of mm_tokens_per_image tokens has its image, a prompt ends with
+text); a batch's images are zero-padded to a power-of-two count per prompt and encoded in
+the jitted prefill, where image blocks attend bidirectionally. Beam search takes no images.
 """
 
 from __future__ import annotations
@@ -57,12 +64,14 @@ import numpy as np
 from flax import nnx
 
 from postax.host_memory import trim_heap
+from postax.models.gemma3_vlm import VisionLanguageLM, check_image_tokens
 from postax.models.transformer import CausalLM
 from postax.sampling.batching import (
     RowResult,
     SampleRow,
     batches,
     prompt_arrays,
+    prompt_images,
     row_params,
     rows_bucket,
 )
@@ -198,12 +207,16 @@ class Sampler:
         self,
         prompts: PromptLike | Sequence[PromptLike],
         config: SamplingConfig | None = None,
+        *,
+        images: Sequence[Any] | None = None,
         **options: Any,
     ) -> list[Completion]:
         """Generates `num_samples` completions per prompt, prompt-major.
 
         `config` or keyword options (SamplingConfig fields), not both. A single
         string is one prompt; otherwise `prompts` is a list of prompts.
+        images (vision-language models): one entry per prompt, None or its pixels
+        `[n, channels, size, size]` (see the module docstring).
         """
         beams = options.pop("_beams", False)
         if config is not None and options:
@@ -219,7 +232,7 @@ class Sampler:
                 "lists); wrap a single token-id list in a list"
             )
         encoded = [self.encode_prompt(p, where=f"prompts[{i}]") for i, p in enumerate(prompts)]
-        return self.generate_many([(ids, config) for ids in encoded], beams=beams)
+        return self.generate_many([(ids, config) for ids in encoded], beams=beams, images=images)
 
     def beam_search(
         self,
@@ -255,6 +268,7 @@ class Sampler:
         *,
         seed_offsets: Sequence[int] | None = None,
         beams: bool = False,
+        images: Sequence[Any] | None = None,
     ) -> list[Completion]:
         """Generates for (prompt ids, config) pairs with per-request settings, batched together.
 
@@ -262,15 +276,25 @@ class Sampler:
         index. Request i's samples use sample ids offset_i + j under its seed;
         by default offset_i counts the samples of the requests before it, so
         no two samples of a call share a stream. `beams=True` sends every
-        request through the beam engine.
+        request through the beam engine. `images`: one entry per request, as in `generate`.
         """
         compiles = self.compile_count
         fresh_seed = secrets.randbits(32)
         rows: list[SampleRow] = []
         offset = 0
+        if images is not None and len(images) != len(requests):
+            raise SamplingError(
+                f"images has {len(images)} entries for {len(requests)} prompts: one per "
+                "prompt (None for a prompt without images)"
+            )
         for index, (ids, config) in enumerate(requests):
             ids = tuple(int(i) for i in ids)
             self.check_request(ids, config, f"request {index}")
+            pixels = self.check_images(
+                ids, None if images is None else images[index], f"request {index}"
+            )
+            if pixels is not None and (beams or config.num_beams > 1):
+                raise SamplingError(f"request {index}: beam search does not take images")
             stop_ids = config.stop_token_ids
             stop_ids = self.default_stop_ids() if stop_ids is None else stop_ids
             seed = fresh_seed if config.seed is None else config.seed
@@ -284,7 +308,9 @@ class Sampler:
                 )
             for j in range(1 if use_beams else config.num_samples):
                 rows.append(
-                    SampleRow(ids, config, seed, base + j, tuple(stop_ids), use_beams, index, j)
+                    SampleRow(
+                        ids, config, seed, base + j, tuple(stop_ids), use_beams, index, j, pixels
+                    )
                 )
         results: dict[int, list[RowResult]] = {}
         sampled = [r for r in rows if not r.beams]
@@ -321,6 +347,34 @@ class Sampler:
             trim_heap()  # the compiler's freed memory back to the OS (postax.host_memory)
         return out
 
+    def check_images(self, ids: Sequence[int], images: Any, where: str) -> np.ndarray | None:
+        """A prompt's images as float32 `[n, channels, size, size]` (None for none), checked
+        against the model and the prompt's image blocks; SamplingError naming `where`."""
+        if not isinstance(self.model, VisionLanguageLM):
+            if images is not None:
+                raise SamplingError(
+                    f"{where}: images were given but the model ({type(self.model).__name__}) "
+                    "has no vision tower"
+                )
+            return None
+        vision = self.model.config.vision
+        pixels = None if images is None else np.asarray(images, np.float32)
+        if pixels is not None and len(pixels) == 0:
+            pixels = None
+        want = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixels is not None and (pixels.ndim != 4 or pixels.shape[1:] != want):
+            raise SamplingError(
+                f"{where}: images of shape {pixels.shape} are invalid: expected [n, "
+                f"{', '.join(map(str, want))}] preprocessed pixels"
+            )
+        try:
+            check_image_tokens(np.asarray([ids]), None if pixels is None else len(pixels), vision)
+        except ValueError as e:
+            raise SamplingError(f"{where}: {str(e).replace('row 0', 'the prompt')}") from None
+        if ids[-1] == vision.image_token_id:
+            raise SamplingError(f"{where}: the prompt ends with an image token: end it with text")
+        return pixels
+
     # -- one batch ----------------------------------------------------------------------------
 
     def _rows_bucket(self, n: int) -> int:
@@ -333,9 +387,10 @@ class Sampler:
 
     def _run_sampling(self, rows: list[SampleRow]) -> list[RowResult]:
         graphdef, model_state = nnx.split(self.model)
-        distinct = list(dict.fromkeys(r.prompt_ids for r in rows))
+        distinct = list(dict.fromkeys(r.prompt_key for r in rows))
+        height = self._rows_bucket(len(distinct))
         tokens, mask = prompt_arrays(
-            distinct, self._rows_bucket(len(distinct)), min_width=self.min_prompt_bucket
+            [key[0] for key in distinct], height, min_width=self.min_prompt_bucket
         )
         max_new = max(r.config.max_new_tokens for r in rows)
         state = self._prefill(
@@ -343,6 +398,7 @@ class Sampler:
             model_state=model_state,
             prompt_tokens=tokens,
             prompt_mask=mask,
+            images=prompt_images(rows, distinct, height),
             params=row_params(rows, distinct, self._rows_bucket(len(rows))),
             new_tokens=pow2_bucket(max_new, minimum=self.min_new_tokens_bucket),
         )

@@ -140,13 +140,15 @@ def valid(logits, mask):
 
 @nnx.jit
 def logits_and_logprobs(model, tokens, images, mask):
-    """One compiled program: the logits of the batch, and its next-token log-probs through
-    `token_logprobs` in chunks (eager calls would compile every operation separately)."""
+    """One compiled program: the logits of the batch, its next-token log-probs through
+    `token_logprobs` in chunks, and `intermediates` with layer 1's attention probabilities
+    (eager calls would compile every operation separately)."""
     logits = model(tokens, images=images, attention_mask=mask)
     logprobs = model.token_logprobs(
         tokens[:, :-1], tokens[:, 1:], chunk_size=16, images=images, attention_mask=mask[:, :-1]
     )
-    return logits, logprobs
+    inner = model.intermediates(tokens, images=images, attention_mask=mask, attention_layers=(1,))
+    return logits, logprobs, model.logits(inner.hidden), inner.attention[1]
 
 
 @nnx.jit
@@ -164,8 +166,17 @@ def test_image_block_ids():
 def test_logits_match_transformers(setup, reference):
     _, _, model, batch = setup
     assert isinstance(model, VisionLanguageLM)
-    ours, logprobs = logits_and_logprobs(model, batch["tokens"], batch["images"], batch["mask"])
+    ours, logprobs, inner_logits, attention = logits_and_logprobs(
+        model, batch["tokens"], batch["images"], batch["mask"]
+    )
     assert relative_error(valid(ours, batch["mask"]), valid(reference, batch["mask"])) < 1e-4
+    np.testing.assert_allclose(inner_logits, ours, atol=1e-5)
+    # layer 1 (global): the block at slots 63-66 sees itself both ways, nothing later
+    block = np.flatnonzero(batch["tokens"][0] == IMAGE)[MM_TOKENS:]
+    np.testing.assert_array_equal(block, [63, 64, 65, 66])
+    probs = np.asarray(attention)[0, :, block]  # [block query, heads, keys]
+    assert (probs[:, :, block] > 0).all()
+    assert (probs[:, :, block[-1] + 1 :] == 0).all()
     expected = jax.nn.log_softmax(reference[:, :-1], axis=-1)
     expected = np.take_along_axis(expected, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
     m = batch["mask"][:, :-1].astype(bool)

@@ -8,7 +8,14 @@ Each process runs `<command>` with, in its environment,
 - `JAX_COORDINATOR_ADDRESS=127.0.0.1:P` (P: `--port`, else a free port), `JAX_NUM_PROCESSES=N`
   and `JAX_PROCESS_ID=I`: what `postax.parallel.join` (every recipe's start) reads;
 - `XLA_FLAGS` with `--xla_force_host_platform_device_count=K` (K CPU devices per process,
-  default 1; other XLA flags kept), `JAX_PLATFORMS=cpu` unless set, `PYTHONUNBUFFERED=1`.
+  default 1; other XLA flags kept), `JAX_PLATFORMS=cpu` unless set, `PYTHONUNBUFFERED=1`;
+- with `JAX_PLATFORMS` set to an accelerator (`cuda`, `rocm`, `tpu`), the local devices
+  `JAX_LOCAL_DEVICE_IDS=I*K,...,I*K+K-1` instead: each process drives its own K of the
+  machine's accelerators (without it every process would claim all of them). An inherited
+  `JAX_LOCAL_DEVICE_IDS` is never passed on: it would give every process the same devices.
+
+So by default the processes run on the CPU, K fake devices each, whatever accelerators the
+machine has; the launcher's first line says which.
 
 A command starting with `postax` runs as `<this Python> -m postax.cli ...` (the postax of the
 launcher); anything else (`python script.py`) is run as given. Every line a process writes
@@ -107,8 +114,17 @@ def child_environment(
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"])
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env.pop(ENVIRONMENT["local_device_ids"], None)
+    if not on_cpu(env):
+        first = process_id * devices
+        env[ENVIRONMENT["local_device_ids"]] = ",".join(map(str, range(first, first + devices)))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def on_cpu(env: Mapping[str, str]) -> bool:
+    """Whether a child with environment `env` runs on the CPU (JAX_PLATFORMS unset or cpu)."""
+    return env.get("JAX_PLATFORMS", "cpu").split(",")[0].strip() in ("", "cpu")
 
 
 def resolve_command(command: Sequence[str]) -> list[str]:
@@ -230,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch.start(resolve_command(command), processes, devices, port)
         print(
-            f"postax launch: {processes} processes x {devices} CPU devices, coordinator "
+            f"postax launch: {processes} processes x {devices} "
+            f"{'CPU devices' if on_cpu(child_environment(os.environ, 0, 1, port, 1)) else 'accelerators'}, coordinator "
             f"127.0.0.1:{port}: {shlex.join(command)}",
             file=sys.stderr,
             flush=True,

@@ -212,8 +212,8 @@ CLUSTER_NAMES = {
 
 
 class DistributedError(RuntimeError):
-    """Joining a multi-process run failed; the message names the process, the setting and the
-    cause."""
+    """Joining a multi-process run failed, or its processes disagree (a different checkpoint,
+    config or data on one host); the message names the process, the setting and the cause."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -335,8 +335,9 @@ def detected_cluster() -> str | None:
     """The cluster that JAX's own detection (`jax.distributed.initialize()` without arguments)
     would join, by the name users know, when it runs more than one process; None on a plain
     machine. A Kubernetes pod counts only as an indexed Job (JOB_COMPLETION_INDEX), and a
-    Slurm or Open MPI job of one task not at all, so a single-process run there joins
-    nothing."""
+    cluster of one process (a Slurm or Open MPI job of one task, a single-host TPU VM, an
+    indexed Job of parallelism 1) not at all, so a single-process run there joins nothing.
+    A cluster that cannot say its process count is a `DistributedError`."""
     # JAX has no public list of its cluster environments; they register on this class.
     from jax._src.clusters import ClusterEnv
 
@@ -348,7 +349,16 @@ def detected_cluster() -> str | None:
             continue
         if not env.is_env_present():
             continue
-        if name in ("slurm", "ompi") and env.get_process_count() < 2:
+        try:
+            count = env.get_process_count()
+        except Exception as error:  # a metadata server or the Kubernetes API did not answer
+            raise DistributedError(
+                f"distributed: found a {CLUSTER_NAMES[name]} but could not ask it how many "
+                f"processes the run has ({type(error).__name__}: {error}); set "
+                "distributed.coordinator, num_processes and process_id (or "
+                f"{ENVIRONMENT['num_processes']}=1 for a run of its own)"
+            ) from error
+        if count < 2:
             continue
         return CLUSTER_NAMES[name]
     return None

@@ -12,6 +12,7 @@ import pytest
 from postax.configs import ConfigFileError, load_config
 from postax.parallel import (
     DistributedConfig,
+    DistributedError,
     detected_cluster,
     from_environment,
     initialize_arguments,
@@ -179,6 +180,29 @@ def test_jax_cluster_detection(monkeypatch):
     assert detected_cluster() == "Slurm"
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job step is a single process
     assert detected_cluster() is None
+
+
+def test_kubernetes_detection_asks_the_process_count(monkeypatch):
+    """An indexed Job is a cluster only with more than one process (a sweep of independent
+    one-process Jobs joins nothing); an API that does not answer is a one-line error."""
+    from jax._src.clusters import K8sCluster
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri", raising=False)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    monkeypatch.setattr(K8sCluster, "is_env_present", classmethod(lambda cls: True))
+    for count, found in ((2, "Kubernetes indexed Job"), (1, None)):
+        monkeypatch.setattr(
+            K8sCluster, "get_process_count", classmethod(lambda cls, count=count: count)
+        )
+        assert detected_cluster() == found
+
+    def no_answer(cls):
+        raise ConnectionError("the API server did not answer")
+
+    monkeypatch.setattr(K8sCluster, "get_process_count", classmethod(no_answer))
+    with pytest.raises(DistributedError, match=r"found a Kubernetes indexed Job but could not"):
+        detected_cluster()
 
 
 RECIPES = [

@@ -72,6 +72,15 @@ def test_arguments_and_child_environment():
     assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("2", "1")
     assert env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=3"
     assert (env["JAX_PLATFORMS"], env["PYTHONUNBUFFERED"], env["KEEP"]) == ("cpu", "1", "1")
+    assert "JAX_LOCAL_DEVICE_IDS" not in env  # CPU: K fake devices, no device ids
+    inherited = {"JAX_LOCAL_DEVICE_IDS": "0,1", "JAX_PLATFORMS": "cpu"}
+    assert "JAX_LOCAL_DEVICE_IDS" not in child_environment(inherited, 0, 2, 1, 2)
+    # accelerators: each process its own K of the machine's devices, never all of them
+    gpus = [
+        child_environment({"JAX_PLATFORMS": "cuda", "JAX_LOCAL_DEVICE_IDS": "0"}, i, 3, 1, 2)
+        for i in range(3)
+    ]
+    assert [e["JAX_LOCAL_DEVICE_IDS"] for e in gpus] == ["0,1", "2,3", "4,5"]
     assert resolve_command(["postax", "sft"]) == [sys.executable, "-m", "postax.cli", "sft"]
     assert resolve_command(["python", "x.py"]) == ["python", "x.py"]
     assert (exit_status(3), exit_status(-9), exit_status(0)) == (3, 137, 0)

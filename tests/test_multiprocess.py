@@ -111,6 +111,7 @@ def runs(tmp_path_factory) -> Path:
             f"sft:{root / 'one_to_two'}={root / 'one' / 'ckpt'}",
             f"sft:{root / 'two_to_two'}={root / 'two' / 'ckpt'}",
             f"dpo:{root / 'dpo_two'}",
+            f"probe:{root / 'probe'}={root / 'two' / 'ckpt'}",
         ],
         logs,
     )
@@ -145,11 +146,25 @@ def test_two_processes_of_four_devices_equal_one_of_eight(runs):
     logs = runs / "logs"
     shown = {name: "step 3/3" in (logs / f"{name}.txt").read_text() for name in LOGS}
     assert shown == {"one-0": True, "two-0": True, "two-1": False}
-    # a value that differs between the processes (a data position, say) is refused by both
+
+
+def test_processes_that_disagree_are_refused_by_all(runs):
+    """One host sees a checkpoint the other does not, then one host has other data: the
+    trainer refuses both on every process (a DistributedError: one line from the CLI), where
+    otherwise they would resume from different states or lay out different batches and hang."""
     for name in ("two-0", "two-1"):
-        assert (
-            "refused: the probe differs between processes: processes [1]"
-            in (logs / f"{name}.txt").read_text()
+        log = (runs / "logs" / f"{name}.txt").read_text()
+        refusals = [
+            line for line in log.splitlines() if line.startswith(("refused", "not refused"))
+        ]
+        assert len(refusals) == 2, log[-3000:]
+        assert refusals[0].startswith(
+            "refused: the latest checkpoint step under output_dir differs between processes: "
+            "processes [1]"
+        )
+        assert refusals[1].startswith(
+            "refused: the data (its position and fingerprint) differs between processes: "
+            "processes [1]"
         )
 
 

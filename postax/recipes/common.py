@@ -43,7 +43,13 @@ from postax.sampling.cli import load_checked_tokenizer
 from postax.tokenizer import copy_tokenizer_files
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, cache_dir, training_flops_per_token
-from postax.train.processes import gather_to_host, is_primary, multi_process
+from postax.train.processes import (
+    check_same_everywhere,
+    gather_to_host,
+    is_primary,
+    multi_process,
+    primary_then_others,
+)
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
@@ -230,12 +236,30 @@ def resolve_model_paths(cfg):
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+# Config keys whose values may differ between the processes of one run: this process's place in
+# it, and paths (each host may mount the same files elsewhere; the data's fingerprint and the
+# checkpoint step are compared on their own, by the trainer).
+PER_PROCESS_KEYS = ("distributed", "output_dir", "path", "tokenizer", "cache_dir")
+
+
+def settings_to_compare(settings: dict) -> dict:
+    """A config's dict without `PER_PROCESS_KEYS` (at any depth) or keys ending in `_dir`."""
+    return {
+        key: settings_to_compare(value) if isinstance(value, dict) else value
+        for key, value in settings.items()
+        if key not in PER_PROCESS_KEYS and not key.endswith("_dir")
+    }
+
+
 def start_run(cfg) -> Path:
     """Joins the multi-process run `cfg.distributed` and the environment describe (nothing
-    to join on a single machine; before any device is touched), checks the optional packages
+    to join on a single machine; before any device is touched), checks that every process runs
+    the same settings (`settings_to_compare`: `DistributedError` if not), checks the optional packages
     the config asks for and the model directories it names, creates `cfg.output_dir` (every
     process) and writes the resolved config to its config.json (process 0)."""
     join(cfg.distributed)
+    if multi_process():
+        check_same_everywhere("the config", settings_to_compare(to_dict(cfg)))
     check_optional_packages(cfg.metrics)
     check_model_paths(cfg)
     out = Path(cfg.output_dir)
@@ -401,7 +425,9 @@ def recipe_main(
         "overrides", nargs="*", help="key=value overrides, e.g. optimizer.learning_rate=1e-4"
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    summary = run(resolve_model_paths(load_config(config_class, args.config, args.overrides)))
+    cfg = load_config(config_class, args.config, args.overrides)
+    join(cfg.distributed)  # before model paths: a GGUF conversion starts JAX's devices
+    summary = run(primary_then_others(lambda: resolve_model_paths(cfg)))
     if is_primary():
         print(json.dumps(summary, indent=2))
     return 0

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,7 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
-from postax.parallel import batch_sharding
+from postax.parallel import DistributedError, batch_sharding
 
 
 def is_primary() -> bool:
@@ -168,8 +169,9 @@ def agree(flag: bool) -> bool:
 
 
 def check_same_everywhere(what: str, value: Any) -> None:
-    """Raises RuntimeError on every process unless JSON-like `value` is the same on all of them
-    (a collective: one digest per process is exchanged)."""
+    """Raises `DistributedError` (one line from the command line) on every process unless
+    JSON-like `value` is the same on all of them (a collective: one digest per process is
+    exchanged)."""
     if not multi_process():
         return
     text = json.dumps(value, sort_keys=True)
@@ -177,11 +179,37 @@ def check_same_everywhere(what: str, value: Any) -> None:
     digests = np.asarray(multihost_utils.process_allgather(digest))
     differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
     if differ:
-        raise RuntimeError(
+        raise DistributedError(
             f"{what} differs between processes: processes {differ} disagree with process 0 "
             f"(process {jax.process_index()} has {text[:200]}); every process must run the "
             "same program over the same data"
         )
+
+
+def primary_first(write: Callable[[], None], written: Callable[[], bool]) -> None:
+    """Writes a file every process needs: process 0 calls `write`, all wait for it, then every
+    other process calls `write` only if `written()` is false (its own disk; on storage shared
+    with process 0 the file is already there). A collective: every process must call it."""
+    if not multi_process():
+        write()
+        return
+    if is_primary():
+        write()
+    multihost_utils.sync_global_devices("postax primary_first")
+    if not is_primary() and not written():
+        write()
+
+
+def primary_then_others(compute: Callable[[], Any]) -> Any:
+    """`compute()` on process 0, then, after all waited for it, on every other process: for work
+    that fills a cache the others then find (converting a GGUF file once, not N times at once).
+    A collective: every process must call it. Touches no device in a run that joined
+    nothing (a single process)."""
+    if not jax.distributed.is_initialized() or not multi_process():
+        return compute()
+    result = compute() if is_primary() else None
+    multihost_utils.sync_global_devices("postax primary_then_others")
+    return result if is_primary() else compute()
 
 
 def gather_to_host(array: jax.Array) -> np.ndarray:

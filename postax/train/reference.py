@@ -24,8 +24,8 @@ their examples.
 
 Several processes (`postax.train.processes`). The caching pass is a collective: every process
 scores the same global batches (placed replicated on the mesh) and ends with the whole table,
-and every process writes it to its own `cache_dir` (atomic rename; on a shared file system the
-processes write the same bytes to the same name, on per-host disks each host keeps a copy).
+and process 0 writes it to `cache_dir` (atomic rename); then every other process that does not
+see the file there (per-host disks) writes its own copy (`processes.primary_first`).
 Whether the cache is loaded or computed is decided together (`processes.agree`): it is loaded
 only when every process finds it, so a host that lacks the file never leaves the others waiting
 in a pass it skips. The reference digest gathers sharded weights (a collective too). On the fly,
@@ -48,7 +48,14 @@ import numpy as np
 from flax import nnx
 
 from postax.models.lora import lora_disabled, lora_modules
-from postax.train.processes import agree, gather_to_host, host_batch, mesh_of, multi_process
+from postax.train.processes import (
+    agree,
+    gather_to_host,
+    host_batch,
+    mesh_of,
+    multi_process,
+    primary_first,
+)
 
 CACHE_VERSION = 1
 
@@ -211,7 +218,7 @@ def load_or_compute(
         return found, path, False
     batches = (b.as_dict() for b in dataset.examples(batch_size))
     logps = compute_dataset_logps(model, batches, dataset.num_examples, chunk_size=chunk_size)
-    _write_atomic(path, key, logps)
+    primary_first(lambda: _write_atomic(path, key, logps), path.exists)
     return logps, path, True
 
 

@@ -23,9 +23,10 @@ splits them with their rows. Disk use: 8 bytes x k per position of every
 row.
 
 Several processes (`postax.train.processes`): the scoring pass is a collective over the same
-global batches (placed replicated), so every process ends with the whole cache and writes it
-under its own `cache_dir` (on a shared file system the first rename wins and the others find
-the same files in place); it is loaded only when every process finds it (`processes.agree`).
+global batches (placed replicated), so every process ends with the whole cache; process 0
+writes it under `cache_dir`, then each other process writes its own copy only if it does not
+see process 0's (per-host disks: `processes.primary_first`); it is loaded only when every
+process finds it (`processes.agree`).
 `TopKIterator` attaches the entries of this process's rows when its trainer asked for
 process-local rows.
 """
@@ -49,7 +50,14 @@ from postax.losses.distill import teacher_top_k
 from postax.losses.numerics import map_sequence_chunks
 from postax.models.layers import make_param
 from postax.models.transformer import CausalLM
-from postax.train.processes import agree, gather_to_host, host_batch, mesh_of, multi_process
+from postax.train.processes import (
+    agree,
+    gather_to_host,
+    host_batch,
+    mesh_of,
+    multi_process,
+    primary_first,
+)
 from postax.train.reference import ReferenceIterator, WithEntries, reference_digest
 
 CACHE_VERSION = 1
@@ -244,23 +252,22 @@ def load_or_compute_top_k(
     if agree(found()):  # every process loads, or every process joins the scoring pass
         return TopKCache(path), False
     values, ids = compute_top_k(teacher, batches(), num_rows, k=k, chunk_size=chunk_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp"))
-    try:
-        np.save(tmp / "values.npy", values)
-        np.save(tmp / "ids.npy", ids)
-        (tmp / "key.txt").write_text(key)
-        if path.exists() and not found():  # an incomplete or foreign directory of the name
-            shutil.rmtree(path)
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp"))
         try:
+            np.save(tmp / "values.npy", values)
+            np.save(tmp / "ids.npy", ids)
+            (tmp / "key.txt").write_text(key)
+            if path.exists() and not found():  # an incomplete or foreign directory of the name
+                shutil.rmtree(path)
             os.replace(tmp, path)
-        except OSError:
-            if not found():
-                raise
-            shutil.rmtree(tmp)  # another process of this run wrote the same cache first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    primary_first(write, found)  # process 0 writes; others only where they do not see it
     return TopKCache(path), True
 
 

@@ -431,8 +431,21 @@ class Trainer:
         }
 
     def restore(self, data_iterator: Resumable | None = None) -> bool:
-        """Resumes from the latest checkpoint if one exists; returns whether it did."""
-        if self.checkpoints is None or self.checkpoints.latest_step() is None:
+        """Resumes from the latest checkpoint if one exists; returns whether it did.
+
+        With several processes, all must see the same latest step (a host whose view of
+        `output_dir/checkpoints` is stale or its own would resume from another state, or
+        start afresh, and the run would hang at its first collective) and, after the
+        restore, the same data position and fingerprint (the same data on every host):
+        `DistributedError` otherwise, on every process."""
+        latest = None if self.checkpoints is None else self.checkpoints.latest_step()
+        if multi_process():
+            check_same_everywhere("the latest checkpoint step under output_dir", latest)
+        if latest is None:
+            if multi_process() and data_iterator is not None:
+                check_same_everywhere(
+                    "the data (its position and fingerprint)", data_iterator.state()
+                )
             return False
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -443,6 +456,8 @@ class Trainer:
         nnx.update(self.model, self.state.params, self.state.mutable, self.state.frozen)
         if data_iterator is not None and "data" in extra:
             data_iterator.restore(extra["data"])
+        if multi_process() and data_iterator is not None:
+            check_same_everywhere("the data (its position and fingerprint)", data_iterator.state())
         return True
 
     def save(self, data_iterator: Resumable | None = None, *, force: bool = False) -> bool:

@@ -3,8 +3,7 @@
     python tests/scripts/multiprocess_train.py RUN [RUN ...] --process-id I --num-processes N
         --port P [--steps 3] [--resume-step S]
 
-The runs go one after the other in this process; then, with N > 1, every process checks a
-value that differs between them (`check_same_everywhere`) and prints `refused: ...`. With N > 1 the process joins a local
+The runs go one after the other in this process. With N > 1 the process joins a local
 coordinator at 127.0.0.1:P (gloo collectives on CPU); set
 XLA_FLAGS=--xla_force_host_platform_device_count=K for K devices per process. The mesh is
 always fsdp=4 x tensor=2 (8 devices in all). Each RUN is one of:
@@ -21,6 +20,10 @@ always fsdp=4 x tensor=2 (8 devices in all). Each RUN is one of:
   computed); one batch of this process's rows is scored on the fly too; the evaluation of the
   data as process-local rows and as global batches is compared. Process 0 writes
   OUT/result.json and OUT/params.npz.
+- `probe:OUT=CKPT_DIR` (N > 1): two states the trainer must refuse when processes disagree,
+  each printed as `refused: <message>` by every process: process 0 resumes from CKPT_DIR
+  while the others find no checkpoint (their own empty directory); then process 1 trains on
+  other data than process 0.
 """
 
 from __future__ import annotations
@@ -60,15 +63,87 @@ def main() -> None:
         out, _, resume_from = run.partition("=")
         if kind == "dpo":
             dpo(Path(out))
+        elif kind == "probe":
+            probe(Path(out), Path(resume_from))
         else:
             sft(Path(out), Path(resume_from) if resume_from else None, args)
-    if args.num_processes > 1:  # a state that differs between processes is refused by all
-        from postax.train.processes import check_same_everywhere
 
+
+TEXTS = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(5)]
+
+
+def tiny_data(out: Path):
+    """The SFT dataset and tokenizer that `write_data` wrote under `out`."""
+    import postax
+    from postax.data import DataConfig, SFTDataset
+
+    tokenizer = postax.load_tokenizer(out / "tokenizer")
+    config = DataConfig(path=str(out / "train.jsonl"), seq_len=32, batch_size=8, seed=1)
+    return SFTDataset(config, tokenizer)
+
+
+def write_data(out: Path, texts: list[str]) -> None:
+    from postax.tokenizer import build_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    build_tokenizer(TEXTS, out / "tokenizer", vocab_size=300)
+
+
+def tiny_trainer(checkpoints: Path, metrics: Path, steps: int):
+    """The trainer of the tiny SFT runs: mesh fsdp=4 x tensor=2, checkpoints every 2 steps."""
+    import postax
+    from postax.parallel import MeshConfig
+    from postax.recipes.sft import SFTAlgorithm
+    from postax.train.checkpoint import CheckpointConfig
+    from postax.train.metrics import MetricsConfig
+    from postax.train.optim import OptimizerConfig
+    from postax.train.trainer import Trainer, TrainerConfig
+
+    cfg = postax.ModelConfig(
+        family="llama",
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
+    return Trainer(
+        postax.build_model(cfg, seed=0),
+        SFTAlgorithm(),
+        config=TrainerConfig(
+            steps=steps, log_every=1, progress=True, mesh=MeshConfig(fsdp=4, tensor=2)
+        ),
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
+        checkpoint=CheckpointConfig(
+            directory=str(checkpoints.resolve()), save_every=2, keep_last=5
+        ),
+        metrics=MetricsConfig(directory=str(metrics)),
+    )
+
+
+def probe(out: Path, checkpoints: Path) -> None:
+    """Disagreeing processes are refused by all (see the module docstring)."""
+    from jax.experimental import multihost_utils
+
+    from postax.parallel import DistributedError
+
+    pid = jax.process_index()
+    mine = out / f"process-{pid}"
+    write_data(mine, TEXTS if pid == 0 else TEXTS[:-1])  # process 1: one record fewer
+    empty = mine / "no-checkpoints"
+    for where, data_of in ((checkpoints if pid == 0 else empty, 0), (empty, pid)):
+        multihost_utils.sync_global_devices("probe data written")
+        trainer = tiny_trainer(where, mine, steps=3)
+        dataset = tiny_data(out / f"process-{data_of}")
         try:
-            check_same_everywhere("the probe", {"process": jax.process_index()})
-        except RuntimeError as error:
+            trainer.restore(dataset.iterator())
+            print(f"not refused: resumed at step {trainer.step}", file=sys.stderr)
+        except DistributedError as error:
             print(f"refused: {error}", file=sys.stderr)
+        trainer.close()
 
 
 def sft(out: Path, resume_from: Path | None, args: argparse.Namespace) -> None:
@@ -76,24 +151,11 @@ def sft(out: Path, resume_from: Path | None, args: argparse.Namespace) -> None:
     import numpy as np
     from flax import nnx
 
-    import postax
-    from postax.data import DataConfig, SFTDataset
     from postax.models.hf import param_name
-    from postax.parallel import MeshConfig
-    from postax.recipes.sft import SFTAlgorithm
-    from postax.tokenizer import build_tokenizer
-    from postax.train.checkpoint import CheckpointConfig
-    from postax.train.metrics import MetricsConfig
-    from postax.train.optim import OptimizerConfig
     from postax.train.processes import gather_to_host, is_primary
-    from postax.train.trainer import Trainer, TrainerConfig
 
-    texts = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(5)]
-    data_path = out / "train.jsonl"
     if is_primary():
-        out.mkdir(parents=True, exist_ok=True)
-        data_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        build_tokenizer(texts, out / "tokenizer", vocab_size=300)
+        write_data(out, TEXTS)
         if resume_from is not None:  # its run may still be going: wait for the commit
             step_dir = resume_from / str(args.resume_step)
             deadline = time.monotonic() + WAIT_S
@@ -106,32 +168,8 @@ def sft(out: Path, resume_from: Path | None, args: argparse.Namespace) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("data written")
-    tokenizer = postax.load_tokenizer(out / "tokenizer")
-    dataset = SFTDataset(
-        DataConfig(path=str(data_path), seq_len=32, batch_size=8, seed=1), tokenizer
-    )
-    cfg = postax.ModelConfig(
-        family="llama",
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
-    trainer = Trainer(
-        postax.build_model(cfg, seed=0),
-        SFTAlgorithm(),
-        config=TrainerConfig(
-            steps=args.steps, log_every=1, progress=True, mesh=MeshConfig(fsdp=4, tensor=2)
-        ),
-        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
-        checkpoint=CheckpointConfig(
-            directory=str((out / "ckpt").resolve()), save_every=2, keep_last=5
-        ),
-        metrics=MetricsConfig(directory=str(out)),
-    )
+    dataset = tiny_data(out)
+    trainer = tiny_trainer(out / "ckpt", out, args.steps)
     iterator = dataset.iterator()
     rows = trainer.fit(iterator)
     trainer.close()

@@ -8,19 +8,39 @@ checkpoint) -> Hugging Face export (LoRA merged; the adapter saved alone too).
 A mixture-of-experts model (Qwen3-MoE) also logs its per-layer expert load, and adds the
 router terms the `router:` section weighs (`aux_loss_coef`, `z_loss_coef`;
 `postax.losses.router`) to the cross-entropy.
+
+A vision-language model (a config with `vision`, Gemma 3) reads chat records with image parts
+(`postax.data.images`): the image size and image tokens come from the model's config, batches
+carry `images`, and the loss passes them to the model. Its vision tower and projector are
+frozen unless `train_vision_tower: true`: they are left out of the trained parameters (the
+trainer's `wrt` filter), so the optimizer never sees them (no weight decay moves them either).
+With `lora`, only adapters train, and adapters inside the tower (when `lora.targets` reach it)
+follow the same switch. The FLOPs behind `fraction_of_peak` count the language model only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
 
 from flax import nnx
 
 from postax.data import DataConfig, SFTDataset
+from postax.data.images import (
+    GEMMA3_BOI,
+    GEMMA3_EOI,
+    GEMMA3_IMAGE,
+    ImageInputs,
+    ImageProcessor,
+    ImageTokens,
+)
 from postax.losses.numerics import map_sequence_chunks, token_logprobs
 from postax.losses.router import RouterLossConfig, check_router_loss, router_objective
 from postax.losses.sft import sft_loss, sft_normalizer
-from postax.models import moe
+from postax.models import ModelConfig, moe, preset
+from postax.models.hf import read_config
 from postax.models.lora import LoRAConfig
 from postax.parallel import DistributedConfig
 from postax.recipes.common import (
@@ -37,8 +57,15 @@ from postax.recipes.common import (
     start_run,
     train_and_summarise,
 )
+from postax.sampling.cli import load_checked_tokenizer
+from postax.tokenizer import Tokenizer
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
+from postax.validation import ConfigError
+
+# the parts of a vision-language model that `train_vision_tower` switches (attribute names of
+# `postax.models.gemma3_vlm.VisionLanguageLM`)
+VISION_MODULES = ("vision_tower", "multi_modal_projector")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,9 +85,14 @@ class SFTConfig:
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export: bool = True
+    train_vision_tower: bool = False  # vision-language models: train the tower and projector
 
     def __post_init__(self) -> None:
         check_model_options(self)
+        if not isinstance(self.train_vision_tower, bool):
+            raise ConfigError(
+                f"train_vision_tower={self.train_vision_tower!r} is invalid: true or false"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +115,8 @@ class SFTAlgorithm:
     def loss(self, model, batch, normalizer, rng):
         del rng
         inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+        if "images" in batch:  # a vision-language model's image pixels
+            inputs["images"] = batch["images"]
         if self.router is None:
             logp = model.token_logprobs(
                 batch["tokens"], batch["targets"], chunk_size=self.logits_chunk_size, **inputs
@@ -113,10 +147,66 @@ def sft_algorithm(cfg: SFTConfig, model) -> SFTAlgorithm:
     return SFTAlgorithm(cfg.logits_chunk_size, cfg.router, model_cfg.num_experts_per_tok)
 
 
+def source_config(source: ModelSource) -> ModelConfig:
+    """The architecture a `ModelSource` describes, without building or loading weights."""
+    if source.path is not None:
+        return read_config(source.path)
+    return preset(source.preset) if source.preset else source.config
+
+
+def image_inputs(model_config: ModelConfig, tokenizer: Tokenizer) -> ImageInputs | None:
+    """How the data must present images to `model_config`'s model (its image size and image
+    tokens, named by the tokenizer), or None for a text-only model."""
+    vision = model_config.vision
+    if vision is None:
+        return None
+
+    def token(field: str, default: str) -> str:
+        token_id = getattr(vision, field)
+        if token_id is None:
+            return default
+        try:
+            return tokenizer.id_to_token(token_id)
+        except IndexError as error:
+            raise ConfigError(
+                f"model vision.{field}={token_id} is not a token of the tokenizer at "
+                f"{tokenizer.source} ({tokenizer.vocab_size} tokens)"
+            ) from error
+
+    tokens = ImageTokens(
+        boi_token=token("boi_token_id", GEMMA3_BOI),
+        image_token=token("image_token_id", GEMMA3_IMAGE),
+        eoi_token=token("eoi_token_id", GEMMA3_EOI),
+        tokens_per_image=vision.mm_tokens_per_image,
+    )
+    return ImageInputs(processor=ImageProcessor(image_size=vision.image_size), tokens=tokens)
+
+
+def trained_params(cfg: SFTConfig, model_config: ModelConfig) -> Any:
+    """The trainer's `wrt` filter: LoRA adapters or every parameter, without the vision tower
+    and projector of a vision-language model unless `train_vision_tower`."""
+    base = nnx.LoRAParam if cfg.lora else nnx.Param
+    if model_config.vision is None:
+        if cfg.train_vision_tower:
+            raise ConfigError(
+                f"train_vision_tower=true is invalid: model {model_config.family!r} has no "
+                "vision tower"
+            )
+        return base
+    if cfg.train_vision_tower:
+        return base
+    return nnx.All(base, nnx.Not(nnx.Any(*(nnx.PathContains(m) for m in VISION_MODULES))))
+
+
 def run(cfg: SFTConfig) -> dict:
     """Supervised fine-tuning from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, SFTDataset)
+    model_config = source_config(cfg.model)
+    dataset = SFTDataset
+    if model_config.vision is not None:  # the data needs the model's image settings
+        tokenizer = load_checked_tokenizer(Path(cfg.tokenizer or cfg.model.path))
+        dataset = functools.partial(SFTDataset, images=image_inputs(model_config, tokenizer))
+    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, dataset)
 
     model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     check_vocab(model.config, tokenizer, tokenizer_dir)
@@ -124,7 +214,7 @@ def run(cfg: SFTConfig) -> dict:
         cfg,
         model,
         sft_algorithm(cfg, model),
-        wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
+        wrt=trained_params(cfg, model.config),
         out=out,
         data_stats=train_data.stats.as_dict(),
     )

@@ -114,19 +114,17 @@ _LOAD_PREFIXES = (
 _SAVE_PREFIXES = (("model.", "language_model.model."),)
 
 
-def _get(hf: dict[str, Any], *keys: str) -> Any:
-    """The first of `keys` present in `hf` (config.json spells some ids two ways)."""
-    for key in keys:
-        if key in hf:
-            return hf[key]
-    return None
+def _token_id(hf: dict[str, Any], name: str) -> int:
+    """`{name}_token_index` or `{name}_token_id` (config.json spells both), else the default."""
+    for key in (f"{name}_token_index", f"{name}_token_id"):
+        if hf.get(key) is not None:
+            return int(hf[key])
+    return GEMMA3_DEFAULTS[f"{name}_token_index"]
 
 
 def vision_from_hf(hf: dict[str, Any]) -> VisionConfig:
     """The VisionConfig of a Gemma3ForConditionalGeneration config.json."""
     v = {**SIGLIP_DEFAULTS, **(hf.get("vision_config") or {})}
-    top = {**GEMMA3_DEFAULTS, **{key: value for key, value in hf.items() if value is not None}}
-    image_token = _get(hf, "image_token_index", "image_token_id")
     return VisionConfig(
         hidden_size=int(v["hidden_size"]),
         intermediate_size=int(v["intermediate_size"]),
@@ -137,12 +135,12 @@ def vision_from_hf(hf: dict[str, Any]) -> VisionConfig:
         patch_size=int(v["patch_size"]),
         layer_norm_eps=float(v["layer_norm_eps"]),
         activation=v["hidden_act"],
-        mm_tokens_per_image=int(top["mm_tokens_per_image"]),
-        image_token_id=int(
-            image_token if image_token is not None else GEMMA3_DEFAULTS["image_token_index"]
+        mm_tokens_per_image=int(
+            hf.get("mm_tokens_per_image") or GEMMA3_DEFAULTS["mm_tokens_per_image"]
         ),
-        boi_token_id=_get(top, "boi_token_index", "boi_token_id"),
-        eoi_token_id=_get(top, "eoi_token_index", "eoi_token_id"),
+        image_token_id=_token_id(hf, "image"),
+        boi_token_id=_token_id(hf, "boi"),
+        eoi_token_id=_token_id(hf, "eoi"),
     )
 
 

@@ -17,7 +17,7 @@ from image_fixtures import COLOURS, IMAGE_TOKENS, make_gemma3_tokenizer_dir, wri
 
 from postax.configs import to_dict
 from postax.data import DataConfig, SFTDataset
-from postax.models import build_model
+from postax.models import build_model, load_model
 from postax.models.config import ModelConfig, RopeConfig, VisionConfig
 from postax.models.gemma import gemma_preset
 from postax.models.lora import LoRAConfig, apply_lora
@@ -239,7 +239,6 @@ def test_sft_cli_on_image_jsonl(setup, capsys):
         },
         "optimizer": {"learning_rate": 3e-3, "warmup_steps": 5, "schedule": "constant"},
         "trainer": {"steps": 12, "log_every": 4, "eval_every": 12},
-        "export": False,
     }
     (root / "vlm.yaml").write_text(json.dumps(yaml))  # JSON is YAML
     assert main(["--config", str(root / "vlm.yaml")]) == 0
@@ -251,6 +250,16 @@ def test_sft_cli_on_image_jsonl(setup, capsys):
     assert summary["steps"] == 12 and losses[-1] < losses[0] - 1.0
     assert summary["eval"]["loss"] < losses[0] - 1.0  # held-out images
     assert summary["data"]["examples"] == 3 * 8
+    # the export is a vision-language checkpoint whose tower is the initial one
+    exported = load_model(root / "run" / "final")
+    initial = build_model(config, seed=0)
+    for part in ("vision_tower", "multi_modal_projector"):
+        got, want = _flat(getattr(exported, part)), _flat(getattr(initial, part))
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
+    assert not np.array_equal(
+        np.asarray(exported.model.embed_tokens.weight[...]),
+        np.asarray(initial.model.embed_tokens.weight[...]),
+    )
 
 
 def test_sft_cli_missing_image_is_one_line(setup, tmp_path, capsys):

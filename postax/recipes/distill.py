@@ -48,6 +48,7 @@ from postax.losses.distill import (
     topk_token_divergence,
 )
 from postax.losses.numerics import map_sequence_chunks, token_logprobs
+from postax.losses.router import RouterLossConfig
 from postax.losses.sft import sft_normalizer
 from postax.models import ModelConfig, preset, read_config, save_model
 from postax.parallel import DistributedConfig
@@ -64,6 +65,7 @@ from postax.recipes.common import (
     start_run,
     train_and_summarise,
 )
+from postax.recipes.router_terms import Router, router_for
 from postax.sampling import Sampler, SamplingConfig, SamplingError
 from postax.tokenizer import copy_tokenizer_files
 from postax.train import teacher as teachers
@@ -143,6 +145,9 @@ class DistillConfig:
         tokenizer: Default: the student's path, else the teacher's.
         logits_chunk_size: > 0: student and teacher logits computed this many positions
             at a time (recomputed in the backward pass).
+        router: for a mixture-of-experts student, the router terms added to the loss and
+            the expert-load metrics (`postax.recipes.router_terms`), over the student's
+            real tokens.
     """
 
     output_dir: str
@@ -159,6 +164,7 @@ class DistillConfig:
     eval_data: DataConfig | None = None
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     logits_chunk_size: int = 0
+    router: RouterLossConfig = dataclasses.field(default_factory=RouterLossConfig)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -263,6 +269,7 @@ class DistillAlgorithm:
 
     loss_config: DistillLossConfig
     chunk_size: int = 0
+    router: Router | None = None  # a mixture-of-experts student's router terms
 
     def normalizer(self, batch):
         return sft_normalizer(batch["loss_mask"])
@@ -305,6 +312,7 @@ class DistillAlgorithm:
             batch["tokens"],
             hidden_layers=tuple(s for s, _ in cfg.feature_layers),
             attention_layers=tuple(s for s, _ in cfg.attention_layers),
+            router_logits=self.router is not None,
             **inputs,
         )
         teacher = None
@@ -350,6 +358,12 @@ class DistillAlgorithm:
         )
         if "on_policy" in batch:
             metrics["on_policy_count"] = jnp.sum(batch["on_policy"])
+        if self.router is not None:  # weighted by this micro-batch's share of the tokens
+            share = jnp.sum(batch["loss_mask"]) / normalizer
+            router_loss, router_metrics = self.router.objective(
+                student.router_logits, batch["segment_ids"] > 0, share
+            )
+            return loss + router_loss, {**metrics, **router_metrics}
         return loss, metrics
 
 
@@ -404,7 +418,7 @@ def run(cfg: DistillConfig) -> dict:
     student = build_causal_lm(cfg.model)
     teacher = build_causal_lm(cfg.teacher)
     check_vocab(student.config, tokenizer, tokenizer_dir)
-    algorithm = DistillAlgorithm(cfg.loss, cfg.logits_chunk_size)
+    algorithm = DistillAlgorithm(cfg.loss, cfg.logits_chunk_size, router_for(cfg.router, student))
     trainer = make_trainer(
         cfg,
         build_distiller(cfg, student, teacher),

@@ -32,6 +32,7 @@ from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.losses.dpo import DPOConfig, dpo_loss
 from postax.losses.kto import KTOConfig, kto_loss, kto_reference_point
 from postax.losses.orpo import ORPOConfig, orpo_loss
+from postax.losses.router import RouterLossConfig
 from postax.losses.simpo import SimPOConfig, simpo_loss
 from postax.models.lora import LoRAConfig, lora_disabled
 from postax.parallel import DistributedConfig
@@ -49,6 +50,7 @@ from postax.recipes.common import (
     start_run,
     train_and_summarise,
 )
+from postax.recipes.router_terms import Router, router_for
 from postax.train import reference as ref
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
@@ -72,6 +74,10 @@ class PreferenceConfig:
             always on the fly (see `attach_reference`).
         reference_cache_dir: Default `<output_dir>/reference`.
         reference_batch_size: Examples per batch of the caching pass.
+        router: for a mixture-of-experts model, the router terms added to the loss and the
+            expert-load metrics (`postax.recipes.router_terms`), computed over every real
+            token of the policy's pass over the pairs (KTO: its examples, not the
+            mismatched KL rows).
     """
 
     output_dir: str
@@ -92,6 +98,7 @@ class PreferenceConfig:
     lora: LoRAConfig | None = None
     quantize: str | None = None  # "int8" or "nf4": QLoRA, needs lora
     logits_chunk_size: int = 0
+    router: RouterLossConfig = dataclasses.field(default_factory=RouterLossConfig)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -136,6 +143,7 @@ class PreferenceAlgorithm:
     needs_reference: bool = True
     reference_in_loss: bool = False
     chunk_size: int = 0
+    router: Router | None = None  # a mixture-of-experts model's router terms
 
     def normalizer(self, batch):
         real = (batch["index"] >= 0).astype(jnp.float32)
@@ -150,7 +158,12 @@ class PreferenceAlgorithm:
 
     def loss(self, model, batch, normalizer, rng):
         del rng
-        logp, tokens = ref.sequence_logps(model, batch, chunk_size=self.chunk_size)
+        if self.router is None:
+            logp, tokens = ref.sequence_logps(model, batch, chunk_size=self.chunk_size)
+        else:
+            logp, tokens, routing = ref.sequence_logps_and_router(
+                model, batch, chunk_size=self.chunk_size
+            )
         real = (batch["index"] >= 0).astype(jnp.float32)
         policy = (
             dict(chosen_tokens=tokens[:, 0], rejected_tokens=tokens[:, 1]) if logp.ndim == 2 else {}
@@ -173,7 +186,13 @@ class PreferenceAlgorithm:
                 logp, reference, batch["desirable"], reference_point, self.settings
             )
         total = jnp.sum(losses * real) / normalizer
-        return total, {k: jnp.sum(v * real) / normalizer for k, v in metrics.items()}
+        metrics = {k: jnp.sum(v * real) / normalizer for k, v in metrics.items()}
+        if self.router is not None:  # weighted by this micro-batch's share of the examples
+            router_loss, router_metrics = self.router.objective(
+                *routing, jnp.sum(real) / normalizer
+            )
+            return total + router_loss, {**metrics, **router_metrics}
+        return total, metrics
 
 
 def loss_settings(cfg: PreferenceConfig):
@@ -230,6 +249,7 @@ def run(cfg: PreferenceConfig) -> dict:
         needs_reference=cfg.needs_reference,
         reference_in_loss=in_loss,
         chunk_size=cfg.logits_chunk_size,
+        router=router_for(cfg.router, model),
     )
     trainer = make_trainer(
         cfg,

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from postax.losses.numerics import map_sequence_chunks, token_logprobs
 from postax.models.lora import lora_disabled, lora_modules
 from postax.train.processes import (
     agree,
@@ -70,6 +71,20 @@ def sequence_logps(
     forward pass and restored in the results. With `branch_ids` (a shared
     prompt, rows [P, W]) the results are [P, 2]: branch 1 and branch 2.
     """
+    logp, counts, _ = _sequence_logps(model, batch, prefix, chunk_size, router=False)
+    return logp, counts
+
+
+def sequence_logps_and_router(
+    model, batch: dict[str, jax.Array], *, prefix: str = "", chunk_size: int = 0
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """`sequence_logps` and, from the same forward pass of a mixture-of-experts model, (router
+    logits [sparse layers, rows, L, experts], real-token mask [rows, L]) with the leading axes
+    flattened into rows (`postax.recipes.router_terms`)."""
+    return _sequence_logps(model, batch, prefix, chunk_size, router=True)
+
+
+def _sequence_logps(model, batch, prefix: str, chunk_size: int, *, router: bool):
     tokens = batch[prefix + "tokens"]
     lead, length = tokens.shape[:-1], tokens.shape[-1]
 
@@ -77,20 +92,28 @@ def sequence_logps(
         return batch[prefix + name].reshape(-1, length)
 
     branches = batch.get(prefix + "branch_ids")
-    logp = model.token_logprobs(
-        rows("tokens"),
-        rows("targets"),
+    inputs = dict(
         positions=rows("positions"),
         segment_ids=rows("segment_ids"),
         **({} if branches is None else {"branch_ids": rows("branch_ids")}),
-        chunk_size=chunk_size,
     )
+    routing = None
+    if router:
+        out = model.intermediates(rows("tokens"), router_logits=True, **inputs)
+        logp = map_sequence_chunks(
+            lambda h, y: token_logprobs(model.logits(h), y), chunk_size, out.hidden, rows("targets")
+        )
+        routing = (out.router_logits, rows("segment_ids") > 0)
+    else:
+        logp = model.token_logprobs(
+            rows("tokens"), rows("targets"), chunk_size=chunk_size, **inputs
+        )
     mask = rows("loss_mask").astype(jnp.float32)
     if branches is not None:  # shared prompt: one row [P, W] -> [P, 2] by branch
         per_branch = jnp.stack([branches == 1, branches == 2], axis=1).astype(jnp.float32)
         weights = mask[:, None, :] * per_branch
-        return (logp[:, None, :] * weights).sum(-1), weights.sum(-1)
-    return (logp * mask).sum(-1).reshape(lead), mask.sum(-1).reshape(lead)
+        return (logp[:, None, :] * weights).sum(-1), weights.sum(-1), routing
+    return (logp * mask).sum(-1).reshape(lead), mask.sum(-1).reshape(lead), routing
 
 
 def has_lora(model) -> bool:

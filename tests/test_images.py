@@ -315,3 +315,13 @@ def test_images_for_a_text_only_model_are_refused(tmp_path):
     path = _image_data(tmp_path, [_image_record("imgs/red.png")])
     with pytest.raises(DataError, match=r"is an image, but the model takes no images"):
         SFTDataset(DataConfig(path=str(path), packing=False), load_tokenizer(directory))
+
+
+def test_an_image_that_fails_to_decode_names_its_record(tmp_path):
+    from postax.data import DataError
+
+    dataset, _ = _image_dataset(tmp_path, [_image_record("imgs/red.png")], batch_size=1)
+    png = (tmp_path / "imgs" / "red.png").read_bytes()
+    (tmp_path / "imgs" / "red.png").write_bytes(png[: len(png) // 2])  # header intact
+    with pytest.raises(DataError, match=r"train.jsonl:1: cannot read image '.*red.png'"):
+        dataset.batch(0, 0)

@@ -168,6 +168,25 @@ def test_processes_that_disagree_are_refused_by_all(runs):
         )
 
 
+def test_teacher_top_k_cache_on_two_processes_equals_one(runs):
+    """The trained model's top-k teacher cache, computed by both processes in one collective
+    pass (process 0 writes it, the other finds it on the shared disk) and then found by both,
+    equals the single process's."""
+    for run, processes in (("one", 1), ("two", 2)):
+        for pid in range(processes):
+            flags = json.loads((runs / run / f"teacher-{pid}.json").read_text())
+            assert flags == [True, False], (run, pid)  # computed, then found
+    with (
+        np.load(runs / "one" / "teacher_topk.npz") as a,
+        np.load(runs / "two" / "teacher_topk.npz") as b,
+    ):
+        assert a["values"].shape[-1] == 4 and a["values"].shape == b["values"].shape
+        np.testing.assert_allclose(a["values"], b["values"], rtol=1e-5, atol=1e-5)
+        assert np.mean(a["ids"] == b["ids"]) >= 0.99  # near-ties may order differently
+    caches = list((runs / "two" / "teacher").iterdir())
+    assert len(caches) == 1 and caches[0].is_dir()  # one cache, no temporary left behind
+
+
 def test_each_process_reads_only_its_rows(runs):
     single = json.loads((runs / "one" / "counters-0.json").read_text())
     parts = [json.loads((runs / "two" / f"counters-{i}.json").read_text()) for i in (0, 1)]

@@ -11,7 +11,10 @@ always fsdp=4 x tensor=2 (8 devices in all). Each RUN is one of:
 - `sft:OUT`: tiny SFT from scratch into OUT, `--steps` steps, checkpoints at step 2 and at the
   end. Process 0 writes OUT/losses.json ({step: loss}) and OUT/params.npz (final params,
   gathered); every process writes OUT/counters-I.json (rows and documents its dataset laid out,
-  its rows).
+  its rows). Then the trained model is a distillation teacher: the top-k (k = 4) cache of the
+  dataset's rows is computed into OUT/teacher (a collective pass) and asked for again (found);
+  every process writes OUT/teacher-I.json ([computed, computed again]), process 0
+  OUT/teacher_topk.npz (the cache's values and ids).
 - `sft:OUT=CKPT_DIR`: the same, resumed from step S of the checkpoints in CKPT_DIR, written by
   a run with any process count, perhaps still going: it waits for the committed step directory
   and copies it into OUT/ckpt.
@@ -184,6 +187,24 @@ def sft(out: Path, resume_from: Path | None, args: argparse.Namespace) -> None:
         "rows": None if iterator.rows is None else iterator.rows.tolist(),
     }
     (out / f"counters-{pid}.json").write_text(json.dumps(counters))
+    if resume_from is None:  # the trained model as a distillation teacher: its top-k cache
+        from postax.data.distill import row_batches
+        from postax.train.teacher import load_or_compute_top_k
+
+        def top_k() -> tuple:
+            return load_or_compute_top_k(
+                trainer.model,
+                fingerprint=dataset.fingerprint(),
+                num_rows=dataset.num_rows,
+                batches=lambda: row_batches(dataset, 8),
+                cache_dir=out / "teacher",
+                k=4,
+            )
+
+        (cache, computed), (_, computed_again) = top_k(), top_k()
+        (out / f"teacher-{pid}.json").write_text(json.dumps([computed, computed_again]))
+        if is_primary():
+            np.savez(out / "teacher_topk.npz", values=cache.values, ids=cache.ids)
     if is_primary():
         (out / "losses.json").write_text(json.dumps({str(r["step"]): r["loss"] for r in rows}))
         np.savez(out / "params.npz", **params)

@@ -13,12 +13,16 @@ minibatches (rows shuffled across the processes' blocks) and a held-out evaluati
 and after; the export writes OUT/final. Every process writes OUT/seen-I.json: the (prompt,
 completion, reward) its reward function scored, in order, and the advantages of each
 iteration as the recipe computed them (a wrapper around `grpo.compute_advantages`: the test's
-seam, the recipe is unchanged).
+seam, the recipe is unchanged). Then the same run asked for 3 iterations resumes from the
+checkpoint of the second (every process restores its part) and runs the third: OUT/resumed-I.json
+holds what its reward function scored (the third iteration, the evaluation after) and
+`summary["resumed"]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -108,6 +112,15 @@ def main() -> None:
     pid = jax.process_index()
     seen = {"seen": SEEN, "advantages": advantages}
     (Path(args.out) / f"seen-{pid}.json").write_text(json.dumps(seen))
+    if pid == 0:  # the resumed run writes its own summary (no evaluation before)
+        out = Path(args.out)
+        (out / "summary-first.json").write_text((out / "summary.json").read_text())
+    # the same command asked for a third iteration: resumes from the checkpoint of the second
+    SEEN.clear()
+    advantages.clear()
+    summary = grpo.run(dataclasses.replace(cfg, iterations=3))
+    resumed = {"seen": SEEN, "advantages": advantages, "resumed": summary["resumed"]}
+    (Path(args.out) / f"resumed-{pid}.json").write_text(json.dumps(resumed))
 
 
 if __name__ == "__main__":

@@ -177,6 +177,39 @@ def test_train_vision_tower_trains_it(setup):
     assert len(changed) == len(vision), sorted(set(vision) - set(changed))
 
 
+def test_packed_rows_give_each_document_its_own_loss(setup):
+    """Held-out documents packed three to a row (three images per row) have the summed
+    log-likelihood they have one per row: images reach their own blocks, and attention stays
+    within each document."""
+    root, _, tokenizer, config, _ = setup
+    model = build_model(config, seed=0)
+    inputs = image_inputs(config, tokenizer)
+
+    def nll_sum(**settings):
+        data_config = DataConfig(path=str(root / "heldout.jsonl"), shuffle=False, **settings)
+        dataset = SFTDataset(data_config, tokenizer, images=inputs)
+        total = 0.0
+        for step in range(dataset.steps_per_epoch):
+            batch = dataset.batch(0, step)
+            logp = _logprobs(
+                model, batch.tokens, batch.targets, batch.positions, batch.segment_ids, batch.images
+            )
+            total += float(-(np.asarray(logp) * batch.loss_mask).sum())
+        return total, dataset.stats.rows
+
+    padded, padded_rows = nll_sum(packing=False, seq_len=48, batch_size=12)
+    packed, packed_rows = nll_sum(packing=True, seq_len=144, batch_size=4, max_images_per_row=3)
+    assert (padded_rows, packed_rows) == (12, 4)
+    assert abs(packed - padded) < 1e-5 * abs(padded)
+
+
+@nnx.jit
+def _logprobs(model, tokens, targets, positions, segment_ids, images):
+    return model.token_logprobs(
+        tokens, targets, positions=positions, segment_ids=segment_ids, images=images
+    )
+
+
 def test_lora_adapters_in_the_tower_follow_the_switch(setup):
     """apply_lora wraps the tower's attention projections too; with the tower frozen its
     adapters are left out of the trained parameters (they keep B = 0: no effect)."""

@@ -299,9 +299,6 @@ def test_image_data_errors_name_file_line_and_path(tmp_path):
     assert _error(tmp_path, [three]) == (
         f"{path}:1: field 'messages' holds 3 images, more than data.max_images_per_row=2"
     )
-    assert "data.packing=true is not supported for records with images" in _error(
-        tmp_path, [good], packing=True
-    )
     bad_part = {"messages": [{"role": "user", "content": [{"type": "video"}]}, good["messages"][1]]}
     assert _error(tmp_path, [bad_part]).startswith(
         f"{path}:1: field 'messages'[0]['content'][0] must be a content part"
@@ -325,3 +322,46 @@ def test_an_image_that_fails_to_decode_names_its_record(tmp_path):
     (tmp_path / "imgs" / "red.png").write_bytes(png[: len(png) // 2])  # header intact
     with pytest.raises(DataError, match=r"train.jsonl:1: cannot read image '.*red.png'"):
         dataset.batch(0, 0)
+
+
+def test_pack_with_images_bounds_tokens_and_images():
+    from postax.data.dataset import pack_with_images
+    from postax.data.packing import pack
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, 300)
+    assert pack_with_images(lengths, np.zeros(300, int), 64, 3) == pack(lengths, 64)
+    images = rng.integers(0, 3, 300)
+    rows = pack_with_images(lengths, images, 64, 3)
+    assert sorted(i for row in rows for i in row) == list(range(300))
+    assert all(lengths[row].sum() <= 64 and images[row].sum() <= 3 for row in rows)
+    assert [row[0] for row in rows] == sorted(row[0] for row in rows)
+    # the image bound binds: two-image documents pair up only under max_images=4
+    lengths, images = np.full(6, 10), np.full(6, 2)
+    assert len(pack_with_images(lengths, images, 64, 2)) == 6
+    assert len(pack_with_images(lengths, images, 64, 4)) == 3
+
+
+def test_packed_rows_carry_their_documents_images_in_block_order(tmp_path):
+    records = [
+        _image_record("imgs/red.png"),
+        _image_record("imgs/green.png", "imgs/blue.png", answer="Two."),
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+        _image_record("imgs/blue.png", answer="Blue."),
+    ]
+    dataset, tokenizer = _image_dataset(
+        tmp_path, records, packing=True, seq_len=200, batch_size=2, max_images_per_row=3
+    )
+    processor = ImageProcessor(image_size=8)
+    soft = tokenizer.token_to_id("<image_soft_token>")
+    batch = dataset.batch(0, 0)
+    seen = 0
+    for r in range(2):
+        docs = dataset.row(int(dataset.epoch_order(0)[r]))
+        paths = [p for d in docs for p in dataset.document_images(d)]
+        assert len(paths) <= 3 and (batch.tokens[r] == soft).sum() == 4 * len(paths)
+        for k in range(3):
+            want = processor.load(paths[k]) if k < len(paths) else 0
+            np.testing.assert_array_equal(batch.images[r, k], want)
+        seen += len(docs)
+    assert seen == 4 and dataset.stats.rows == 2

@@ -73,8 +73,8 @@ class DataConfig:
             `{"type": "image", "path": ...}` parts; paths relative to the data file): the most
             images one row carries; batches hold `images` [batch_size, max_images_per_row, 3,
             image_size, image_size] float32, zeros past a row's images. A record with more is
-            a malformed record naming this field. Image records need `packing=False` (one
-            document per row).
+            a malformed record naming this field. Packing fills rows up to this many images
+            as well as up to `seq_len` positions.
     """
 
     path: str

@@ -23,11 +23,11 @@ Images (vision-language models, `SFTDataset(..., images=ImageInputs)`): document
 of their images (and the location of their record), not the pixels; each batch decodes the
 images of its rows (`ImageProcessor.load`) into `Batch.images`, float32 [rows,
 max_images_per_row, 3, image_size, image_size], a row's images in the order of its image token
-blocks and zeros after them. A dataset without image documents has `images=None`. Image
-documents need `packing=False`: packing would have to bound the images of a row as well as its
-tokens, and is refused with an error naming `data.packing`. A document truncated to `seq_len + 1`
-tokens (overlong="truncate") is cut before an image block the cut would split, and keeps only
-the images whose blocks it keeps.
+blocks (its documents in order, each document's images in order) and zeros after them. A
+dataset without image documents has `images=None`. Packing bounds each row's images by
+`max_images_per_row` as well as its positions by `seq_len` (`pack_with_images`). A document
+truncated to `seq_len + 1` tokens (overlong="truncate") is cut before an image block the cut
+would split, and keeps only the images whose blocks it keeps.
 
 Order. Epoch e visits the rows in the order of `numpy.argsort` over raw 64-bit outputs of a
 PCG64 generator seeded with `SeedSequence([seed, e])` (bit generators are stable across numpy
@@ -57,6 +57,7 @@ most documents anyway. It is not done.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -81,6 +82,56 @@ RESUME_HINT = (
 )
 _CHUNK = 1024  # records tokenised together
 BatchT = TypeVar("BatchT", covariant=True)
+
+
+def pack_with_images(
+    lengths: np.ndarray, images: np.ndarray, capacity: int, max_images: int
+) -> list[list[int]]:
+    """`postax.data.packing.pack` under a second capacity: the document indices of each row,
+    rows holding at most `capacity` positions and `max_images` images.
+
+    Best-fit decreasing as `pack` does it: documents longest first (ties by index), each into
+    the open row with the least token room that holds it and has image room for its images
+    (ties: the row with the least image room), else a new row. Open rows are kept per
+    remaining image room in a sorted list of distinct token rooms, so a document costs
+    O(max_images log capacity). Without images it packs exactly as `pack`.
+    """
+    lengths, images = np.asarray(lengths), np.asarray(images)
+    if lengths.size and (lengths.max() > capacity or lengths.min() < 1):
+        raise ValueError(f"document lengths must be in [1, {capacity}]")
+    if images.size and (images.max() > max_images or images.min() < 0):
+        raise ValueError(f"document image counts must be in [0, {max_images}]")
+    rows: list[list[int]] = []
+    free: list[list[int]] = [[] for _ in range(max_images + 1)]  # per image room: token rooms
+    open_rows: list[dict[int, list[int]]] = [{} for _ in range(max_images + 1)]
+    for index in np.argsort(-lengths, kind="stable").tolist():
+        length, need = int(lengths[index]), int(images[index])
+        best: tuple[int, int] | None = None  # (token room, image room) of the chosen row
+        for image_room in range(need, max_images + 1):
+            at = bisect.bisect_left(free[image_room], length)
+            if at < len(free[image_room]) and (best is None or free[image_room][at] < best[0]):
+                best = (free[image_room][at], image_room)
+        if best is None:
+            row, room, image_room = len(rows), capacity - length, max_images - need
+            rows.append([index])
+        else:
+            room, image_room = best
+            candidates = open_rows[image_room][room]
+            row = candidates.pop()
+            if not candidates:
+                del open_rows[image_room][room]
+                del free[image_room][bisect.bisect_left(free[image_room], room)]
+            rows[row].append(index)
+            room, image_room = room - length, image_room - need
+        if room > 0:
+            if room not in open_rows[image_room]:
+                open_rows[image_room][room] = []
+                bisect.insort(free[image_room], room)
+            open_rows[image_room][room].append(row)
+    for row in rows:
+        row.sort()
+    rows.sort(key=lambda row: row[0])
+    return rows
 
 
 def shuffled_order(count: int, seed: int, epoch: int) -> np.ndarray:
@@ -228,7 +279,14 @@ class SFTDataset:
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
         self._ids = np.concatenate([doc.ids for doc in documents])
         self._labels = np.concatenate([doc.labels for doc in documents])
-        if config.packing:
+        if config.packing and self._doc_images:
+            counts_of_images = np.zeros(len(documents), dtype=np.int64)
+            for index, (_, paths) in self._doc_images.items():
+                counts_of_images[index] = len(paths)
+            rows = pack_with_images(
+                lengths - 1, counts_of_images, config.seq_len, config.max_images_per_row
+            )
+        elif config.packing:
             rows = pack(lengths - 1, config.seq_len)
         else:
             rows = [[index] for index in range(len(documents))]
@@ -321,11 +379,6 @@ class SFTDataset:
         return documents, counts
 
     def _keep_images(self, index: int, location: str, paths: tuple[str, ...]) -> None:
-        if self.config.packing:
-            raise DataError(
-                f"{location}: data.packing=true is not supported for records with images "
-                "(a packed row would have to bound its images too); set data.packing=false"
-            )
         self._doc_images[index] = (location, paths)
 
     def _fit(self, document: Document, counts: dict[str, int]) -> Document | None:

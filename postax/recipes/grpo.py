@@ -29,6 +29,14 @@ With several processes (`jax.distributed`) each samples and scores its own promp
 devices and every process then holds the whole scored batch (`rl_common.local`); the host
 steps are those of one process, the scoring passes and updates run over the global mesh.
 
+With a vision-language model (Gemma 3, `postax.models.gemma3_vlm`) chat prompts may hold
+images (content parts `{"type": "image", "path": ...}`, `postax.rl.prompts`): each prompt's
+pixels go with it through sampling, the rollout rows (`images`, repeated per sample), the
+reference and recomputed log-prob passes, the policy update and the held-out evaluation. The
+vision tower and projector stay frozen unless `train_vision_tower: true` (as in SFT).
+`env:`, asynchronous rollouts and several processes are refused with image prompts
+(`rl_common.loop.check_image_prompts`).
+
 Variants are configuration (docs/algorithms.md lists the settings that
 reproduce each paper): GRPO `advantage: grpo`, `policy.aggregation:
 sequence_mean`; Dr.GRPO `advantage: dr_grpo`, `policy.aggregation:
@@ -44,7 +52,6 @@ import dataclasses
 
 import jax
 import numpy as np
-from flax import nnx
 
 from postax.losses.numerics import aggregation_normalizer
 from postax.losses.policy import PolicyLossConfig, policy_loss
@@ -82,6 +89,7 @@ from postax.recipes.rl_common.loop import (
 from postax.recipes.rl_common.producers import group_metrics, training_rows
 from postax.recipes.rl_common.reference import loss_policy_config
 from postax.recipes.rl_common.updates import minibatches, summarise_updates
+from postax.recipes.sft import trained_params
 from postax.rl import advantages as adv
 from postax.rl.groups import pad_rows
 from postax.rl.logprobs import rollout_logprobs, score_rollout
@@ -118,6 +126,7 @@ class GRPOConfig:
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    train_vision_tower: bool = False  # vision-language models: train the tower too
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -216,7 +225,7 @@ def run(cfg: GRPOConfig) -> dict:
     out = start_run(cfg)
     check_prompt_split(cfg, "grpo")  # several processes: what they support, whole groups each
     num_rows = cfg.data.batch_size * cfg.group_size
-    data = load_run_data(cfg, num_rows)
+    data = load_run_data(cfg, num_rows, image_prompts=True)
 
     model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     check_vocab(model.config, data.tokenizer, data.tokenizer_dir)
@@ -229,7 +238,7 @@ def run(cfg: GRPOConfig) -> dict:
         window=window,
         chunk_size=cfg.update.logits_chunk_size,
     )
-    wrt = nnx.LoRAParam if cfg.lora else nnx.Param
+    wrt = trained_params(cfg, model.config)  # LoRA or all; the vision tower frozen by default
     trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)
     loop = start_loop(cfg, trainer, data, trainer.model)
 

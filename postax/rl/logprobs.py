@@ -12,6 +12,9 @@ terms, and its support changes with the parameters).
 Entropy is that of softmax(logits / T) at each column, the distribution the
 tokens were drawn from.
 
+A vision-language model's rows carry `images` [R, images_per_row, 3, S, S] (each row its
+prompt's pixels), passed to the forward pass as the sampler's prefill got them.
+
 With `window` C, the output head runs only on each row's C columns from its
 `completion_start` (the column predicting its first completion token): the
 prompt's columns need hidden states, as context, but no logits. With long
@@ -43,8 +46,9 @@ def rollout_logprobs(
     with `window`, computed on the completion window only (0 elsewhere). With
     chunk_size > 0 the logits exist `chunk_size` positions at a time
     (`map_sequence_chunks`)."""
+    extra = {"images": batch["images"]} if "images" in batch else {}  # image prompts
     hidden = model.hidden_states(
-        batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+        batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], **extra
     )
 
     def head(h, targets):

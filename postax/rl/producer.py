@@ -14,6 +14,9 @@ wraps the producer in `postax.rl.asynchronous.AsyncProducer`, which runs it
 in a thread on its own copy of the weights, up to `max_staleness` iterations
 ahead of the trainer.
 
+Image prompts (a vision-language model): with `images` (`postax.rl.prompts.PromptImages`)
+each prompt's pixels go to the sampler with it (`Sampler.generate_many(..., images=)`).
+
 Reproducibility: draw `round` of iteration `iteration` samples with a seed
 derived from (run seed, iteration, round) by `numpy.random.SeedSequence`, so
 no two draws of a run share a seed and a resumed run draws what the
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from postax.rl.groups import Groups, collect_groups, score_completions
+from postax.rl.prompts import PromptImages
 from postax.rl.rewards import RewardRunner
 from postax.sampling.config import SamplingConfig
 from postax.sampling.sampler import Sampler
@@ -111,7 +115,7 @@ class RolloutProducer:
 
     prompts: the prompt iterator (`PromptDataset.iterator()`), whose position
     `state()`/`restore()` hand to checkpoints. prompts_per_batch: the groups
-    a batch holds (`data.batch_size`).
+    a batch holds (`data.batch_size`). images: the pixels of image prompts (None: text only).
     """
 
     sampler: Sampler
@@ -121,6 +125,7 @@ class RolloutProducer:
     rollout: RolloutConfig
     prompts_per_batch: int
     seed: int
+    images: PromptImages | None = None
 
     def produce(self, iteration: int, timer: PhaseTimer = _untimed) -> Groups:
         """The groups of iteration `iteration`'s rollout batch; `timer("generate")` and
@@ -144,7 +149,10 @@ class RolloutProducer:
         )
         records = next(self.prompts).records
         with timer("generate"):
-            completions = self.sampler.generate_many([(r.ids, sampling) for r in records])
+            pixels = None if self.images is None else [self.images.pixels(r) for r in records]
+            completions = self.sampler.generate_many(
+                [(r.ids, sampling) for r in records], images=pixels
+            )
         with timer("reward"):
             return score_completions(
                 self.runner, self.tokenizer, records, completions, sampling.num_samples

@@ -12,20 +12,43 @@ A prompt longer than `max_prompt_tokens` is dropped and counted (or, with
 names its file and line. Batches of `batch_size` records come in a
 deterministic (optionally shuffled per epoch) order through the same
 resumable `DataIterator` as SFT and preference data.
+
+Images (a vision-language model, Gemma 3; `PromptDataset(..., images=ImageInputs)`): a chat
+prompt's message content may be a list of parts, `{"type": "text", "text": ...}` and
+`{"type": "image", "path": ...}`, as in SFT data (`postax.data.images`); paths are relative to
+the data file. Each image file is checked when the prompts are read (a missing or unreadable
+one is an error naming the file, line, field and path); each rendered image marker is expanded
+into the model's image token block (`ImageTokens.sequence`), as SFT data does. A record keeps
+the resolved paths, not the pixels: `PromptImages` decodes them (the model's
+`ImageProcessor`) when a batch is sampled or trained on, with a small cache so that the
+sampling and the update of one batch decode each image once. `truncate: left` must not cut an
+image block (an error naming the record); `max_images_per_row` bounds a prompt's images (the
+rollout rows' image axis).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from postax.data.dataset import DataIterator, shuffled_order
-from postax.data.sources import BadRecord, DataError, iter_records
+from postax.data.images import (
+    IMAGE_PART,
+    IMAGE_PATH_KEY,
+    ImageError,
+    ImageInputs,
+    ImageProcessor,
+    check_image_file,
+    resolve_path,
+)
+from postax.data.sources import BadRecord, DataError, Record, iter_records
 from postax.tokenizer import Tokenizer
 from postax.validation import ConfigError
 
@@ -42,6 +65,8 @@ class PromptDataConfig:
     fields: the record fields passed to reward functions (default: all but the prompt).
     chat_template: render a string prompt as a user message with the chat
       template (and `system_prompt`, if set, as a system message before it).
+    max_images_per_row: most images a prompt may hold (vision-language models: the image
+      axis of the rollout rows' pixels).
     """
 
     path: str
@@ -55,9 +80,10 @@ class PromptDataConfig:
     limit: int = 0  # read at most this many records (0 = all)
     chat_template: bool = False
     system_prompt: str | None = None
+    max_images_per_row: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_prompt_tokens"):
+        for name in ("batch_size", "max_prompt_tokens", "max_images_per_row"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r} is invalid: an integer >= 1")
@@ -73,12 +99,14 @@ class PromptDataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
-    """One prompt: where it was read, its text (or messages), its token ids, its extra fields."""
+    """One prompt: where it was read, its text (or messages), its token ids, its extra fields
+    and the resolved paths of its images, in the order of their token blocks."""
 
     location: str
     prompt: str | list[dict[str, Any]]
     ids: tuple[int, ...]
     fields: dict[str, Any]
+    images: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +117,13 @@ class PromptBatch:
         return {"records": self.records}
 
 
-def _prompt_ids(prompt: Any, tokenizer: Tokenizer, location: str, field: str) -> list[int]:
+def _prompt_ids(
+    prompt: Any,
+    tokenizer: Tokenizer,
+    location: str,
+    field: str,
+    images: ImageInputs | None = None,
+) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise DataError(f"{location}: field {field!r} is an empty string")
@@ -99,7 +133,12 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer, location: str, field: str) ->
         and prompt
         and all(isinstance(m, Mapping) and {"role", "content"} <= set(m) for m in prompt)
     ):
-        return tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+        expansion = None
+        if images is not None:  # each rendered image marker -> the model's image token block
+            expansion = (images.tokens.boi_token, images.tokens.sequence)
+        return tokenizer.encode_chat(
+            list(prompt), add_generation_prompt=True, marker_expansion=expansion
+        )
     raise DataError(
         f"{location}: field {field!r} must be a non-empty string or a list of chat messages "
         f"({{'role', 'content'}} objects), got {type(prompt).__name__}"
@@ -129,8 +168,18 @@ class PromptDataset:
         "system_prompt",
     )
 
-    def __init__(self, config: PromptDataConfig, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, config: PromptDataConfig, tokenizer: Tokenizer, images: ImageInputs | None = None
+    ) -> None:
         self.config = config
+        self.image_inputs = images
+        self._image_ids: tuple[int, int, int] | None = None  # boi, soft token, eoi
+        if images is not None:
+            tokens = images.tokens
+            self._image_ids = tuple(
+                tokenizer.token_to_id(t)
+                for t in (tokens.boi_token, tokens.image_token, tokens.eoi_token)
+            )
         self.records: list[PromptRecord] = []
         self.dropped = 0
         for record in iter_records(config.path):
@@ -148,11 +197,23 @@ class PromptDataset:
                     *(system if config.system_prompt else []),
                     {"role": "user", "content": prompt},
                 ]
-            ids = _prompt_ids(prompt, tokenizer, record.location, config.prompt_field)
+            paths = self._image_files(prompt, record)
+            ids = _prompt_ids(
+                prompt, tokenizer, record.location, config.prompt_field, self.image_inputs
+            )
+            if paths:
+                self._check_blocks(ids, len(paths), record.location)
             if len(ids) > config.max_prompt_tokens:
                 if config.truncate == "drop":
                     self.dropped += 1
                     continue
+                if paths and np.isin(ids[: -config.max_prompt_tokens], self._image_ids).any():
+                    raise DataError(
+                        f"{record.location}: data.truncate='left' would cut an image block of "
+                        f"this prompt ({len(ids)} tokens, data.max_prompt_tokens="
+                        f"{config.max_prompt_tokens}): raise max_prompt_tokens or use "
+                        "truncate: drop"
+                    )
                 ids = ids[-config.max_prompt_tokens :]
             names = config.fields
             if names is None:
@@ -161,7 +222,7 @@ class PromptDataset:
             if missing:
                 raise DataError(f"{record.location}: missing field(s) {missing} (data.fields)")
             extra = {n: record.fields[n] for n in names}
-            self.records.append(PromptRecord(record.location, prompt, tuple(ids), extra))
+            self.records.append(PromptRecord(record.location, prompt, tuple(ids), extra, paths))
             if config.limit and len(self.records) == config.limit:
                 break
         if len(self.records) < config.batch_size:
@@ -171,6 +232,64 @@ class PromptDataset:
             )
         self.steps_per_epoch = len(self.records) // config.batch_size
         self._fingerprint: str | None = None
+
+    def _image_files(self, prompt: Any, record: Record) -> tuple[str, ...]:
+        """The checked, resolved paths of a chat prompt's image parts (relative paths are
+        relative to the record's file); DataError naming the file, line, field and path."""
+        if not isinstance(prompt, list):
+            return ()
+        field = self.config.prompt_field
+        parts = []
+        for m, message in enumerate(prompt):
+            content = message.get("content") if isinstance(message, Mapping) else None
+            if not isinstance(content, list | tuple):
+                continue
+            for p, part in enumerate(content):
+                if isinstance(part, Mapping) and part.get("type") == IMAGE_PART:
+                    parts.append((f"{field!r}[{m}]['content'][{p}][{IMAGE_PATH_KEY!r}]", part))
+        if not parts:
+            return ()
+        location = record.location
+        if self.image_inputs is None:
+            raise DataError(
+                f"{location}: field {parts[0][0]} is an image, but the model takes no images "
+                "(a text-only model)"
+            )
+        if len(parts) > self.config.max_images_per_row:
+            raise DataError(
+                f"{location}: field {field!r} holds {len(parts)} images, more than "
+                f"data.max_images_per_row={self.config.max_images_per_row}"
+            )
+        base = None if record.file is None else Path(record.file).parent
+        paths = []
+        for at, part in parts:
+            path = part.get(IMAGE_PATH_KEY)
+            if not isinstance(path, str) or not path:
+                raise DataError(f"{location}: field {at} must be a non-empty string, got {path!r}")
+            resolved = resolve_path(path, base)
+            try:
+                check_image_file(resolved)
+            except ImageError as error:
+                raise DataError(f"{location}: field {at}: {error}") from error
+            paths.append(str(resolved))
+        return tuple(paths)
+
+    def _check_blocks(self, ids: list[int], images: int, location: str) -> None:
+        """One image token block (boi, tokens_per_image soft tokens, eoi) per image part."""
+        counts = [int(np.sum(np.asarray(ids) == i)) for i in self._image_ids]
+        per_image = self.image_inputs.tokens.tokens_per_image
+        if counts != [images, images * per_image, images]:
+            raise DataError(
+                f"{location}: field {self.config.prompt_field!r}: the rendered prompt has "
+                f"{counts[0]} image blocks ({counts[1]} image tokens) for {images} image "
+                f"parts: the chat template must render each image part as "
+                f"{self.image_inputs.tokens.boi_token!r}, and text must not contain image tokens"
+            )
+
+    @property
+    def has_images(self) -> bool:
+        """Whether any prompt holds an image."""
+        return any(r.images for r in self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -200,6 +319,8 @@ class PromptDataset:
             for record in self.records:
                 digest.update(np.asarray(record.ids, np.int64).tobytes())
                 digest.update(json.dumps(record.fields, sort_keys=True, default=str).encode())
+                if record.images:  # text-only prompt sets keep their fingerprints
+                    digest.update(json.dumps(record.images).encode())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -217,3 +338,44 @@ def prompt_texts(records: Sequence[PromptRecord], tokenizer: Tokenizer, repeats:
         text = record.prompt if isinstance(record.prompt, str) else tokenizer.decode(record.ids)
         texts.extend([text] * repeats)
     return texts
+
+
+class PromptImages:
+    """The pixels of prompt records' images (`ImageProcessor` of the model), decoded when a
+    batch needs them. The last `cache_size` decoded images are kept, so that sampling a batch
+    and laying out its training rows decode each image once.
+
+    per_row: the image axis of `rows` (`data.max_images_per_row`).
+    """
+
+    def __init__(self, processor: ImageProcessor, per_row: int, *, cache_size: int = 256):
+        self.processor = processor
+        self.per_row = per_row
+        self._load = functools.lru_cache(maxsize=cache_size)(processor.load)
+
+    def pixels(self, record: PromptRecord) -> np.ndarray | None:
+        """float32 [images, 3, S, S] of a record's images (None without images); a file that
+        cannot be decoded is a DataError naming the record."""
+        if not record.images:
+            return None
+        try:
+            return np.stack([self._load(path) for path in record.images])
+        except ImageError as error:
+            raise DataError(f"{record.location}: {error}") from error
+
+    def rows(self, records: Sequence[PromptRecord], repeats: int, num_rows: int) -> np.ndarray:
+        """float32 [num_rows, per_row, 3, S, S]: each record's images `repeats` times (the
+        prompt-major rows of its samples), zeros past a row's images and for filler rows."""
+        size = self.processor.image_size
+        out = np.zeros((num_rows, self.per_row, 3, size, size), np.float32)
+        for i, record in enumerate(records):
+            pixels = self.pixels(record)
+            if pixels is None:
+                continue
+            if len(pixels) > self.per_row:
+                raise DataError(
+                    f"{record.location}: {len(pixels)} images, more than "
+                    f"data.max_images_per_row={self.per_row}"
+                )
+            out[i * repeats : (i + 1) * repeats, : len(pixels)] = pixels
+        return out

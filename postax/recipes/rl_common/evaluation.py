@@ -15,7 +15,7 @@ from postax.recipes.rl_common.producers import episode_runner
 from postax.rl.envs import EpisodeRunner, episode_metrics, episode_returns, record_example
 from postax.rl.envs.tools import tool_metrics
 from postax.rl.groups import score_completions
-from postax.rl.prompts import PromptRecord
+from postax.rl.prompts import PromptImages, PromptRecord
 from postax.rl.rewards import RewardRunner
 from postax.sampling.config import SamplingConfig
 from postax.sampling.sampler import Sampler
@@ -46,6 +46,7 @@ class Evaluator:
         return bool(self.every) and iteration % self.every == 0
 
     local: LocalPolicy | None = None  # several processes: the sampler's policy copy
+    images: PromptImages | None = None  # image prompts: their pixels
 
     def __call__(self) -> dict[str, float]:
         """The held-out metrics. With several processes each samples and scores its block of
@@ -58,8 +59,9 @@ class Evaluator:
         rewards, lengths = np.zeros(0, np.float32), np.zeros(0, np.float64)
         if records:
             with self.local.use() if self.local else contextlib.nullcontext():
+                pixels = None if self.images is None else [self.images.pixels(r) for r in records]
                 completions = self.sampler.generate_many(
-                    [(r.ids, self._sampling()) for r in records]
+                    [(r.ids, self._sampling()) for r in records], images=pixels
                 )
             groups = score_completions(self.runner, self.tokenizer, records, completions, 1)
             values, rewards = groups.per_function, groups.rewards
@@ -136,4 +138,5 @@ def make_evaluator(cfg, sampler: Sampler, data, local=None) -> Evaluator | Episo
         cfg.eval.every,
         cfg.rollout.stop_token_ids,
         local,
+        data.images,
     )

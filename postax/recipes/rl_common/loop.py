@@ -12,6 +12,15 @@ run finishes or the loop over `iterations` is left by an exception. The
 producer thread and the held-out evaluation (in the trainer's thread) score
 with the same reward-function objects, which need not be thread-safe: both
 call them through `SharedRewards`, one lock around every scoring call.
+
+Image prompts (a vision-language model, `load_run_data(..., image_prompts=True)`: GRPO): the
+prompt sets read image parts with the model's image processor and tokens
+(`postax.recipes.sft.image_inputs`), `RunData.images` decodes their pixels for the sampler,
+the training rows (`Loop.rollout_rows`: `images` [rows, data.max_images_per_row, 3, S, S],
+each prompt's pixels repeated for its samples) and the held-out evaluation. What does not
+take images yet is refused before any model is built (`check_image_prompts`): `env:`
+episodes, asynchronous rollouts, several processes, and recipes that do not pass
+`image_prompts=True` (PPO: its value model reads no images).
 """
 
 from __future__ import annotations
@@ -33,11 +42,12 @@ from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
 from postax.recipes.rl_common.local import LocalPolicy
 from postax.recipes.rl_common.producers import NoRewards, make_producer
 from postax.recipes.rl_common.reference import Reference
+from postax.recipes.sft import image_inputs, source_config
 from postax.rl.asynchronous import ABORT_JOIN_TIMEOUT_S, AsyncProducer, producer_module
 from postax.rl.envs import ChatRenderer
 from postax.rl.groups import Groups, rollout_rows
 from postax.rl.producer import RolloutProducer
-from postax.rl.prompts import PromptDataset, PromptRecord
+from postax.rl.prompts import PromptDataConfig, PromptDataset, PromptImages, PromptRecord
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
 from postax.rl.timing import Timer
 from postax.rl.tools.render import with_tools
@@ -63,6 +73,7 @@ class RunData:
     eval_records: list[PromptRecord] | None
     runner: RewardRunner
     plot: bool
+    images: PromptImages | None = None  # image prompts: their pixels
 
 
 def reward_runner(entries: Sequence[RewardConfig]) -> RewardRunner:
@@ -111,12 +122,44 @@ def check_chat_template(cfg, tokenizer) -> None:
         raise ConfigError(f"env.template_name={name!r}: {error}") from error
 
 
-def load_run_data(cfg, num_rows: int) -> RunData:
+def check_image_prompts(cfg, *, image_prompts: bool) -> None:
+    """Image prompts in a run: ConfigError naming the field of what does not take them yet
+    (`image_prompts`: whether the recipe trains on them)."""
+    where = f"data.path={cfg.data.path!r} holds image prompts"
+    if not image_prompts:
+        raise ConfigError(f"{where}: only postax grpo trains on image prompts")
+    for field, value, allowed in (
+        ("env", cfg.env, "null (episodes render text observations only)"),
+        ("rollout.max_staleness", cfg.rollout.max_staleness, "null (synchronous rollouts)"),
+    ):
+        if value is not None:
+            raise ConfigError(f"{field}={value!r} is not supported with image prompts: {allowed}")
+    if multi_process():
+        raise ConfigError(
+            f"distributed: {jax.process_count()} processes are not supported with image "
+            "prompts: run one process"
+        )
+
+
+def load_run_data(cfg, num_rows: int, *, image_prompts: bool = False) -> RunData:
     """Tokenizer (cfg.tokenizer, else the model's directory), prompt sets, reward functions
     and, with `env:`, the chat template episodes render with; every data and config error
-    comes before any model is built."""
+    comes before any model is built. A vision-language model's prompts may hold images
+    (`check_image_prompts` says where they are refused)."""
     check_rows(cfg, num_rows)
-    tokenizer_dir, tokenizer, prompts, eval_prompts = load_data(cfg, PromptDataset)
+    model_config = source_config(cfg.model)
+    inputs: list = []  # the image settings, known once the tokenizer is
+
+    def prompt_dataset(config: PromptDataConfig, tokenizer) -> PromptDataset:
+        if model_config.vision is not None and not inputs:
+            inputs.append(image_inputs(model_config, tokenizer))
+        return PromptDataset(config, tokenizer, images=inputs[0] if inputs else None)
+
+    tokenizer_dir, tokenizer, prompts, eval_prompts = load_data(cfg, prompt_dataset)
+    images = None
+    if prompts.has_images or (eval_prompts is not None and eval_prompts.has_images):
+        check_image_prompts(cfg, image_prompts=image_prompts)
+        images = PromptImages(inputs[0].processor, cfg.data.max_images_per_row)
     check_chat_template(cfg, tokenizer)
     runner = reward_runner(cfg.rewards) if cfg.rewards or cfg.env is None else NoRewards()
     names = [spec.name for spec in runner.specs]
@@ -129,7 +172,7 @@ def load_run_data(cfg, num_rows: int) -> RunData:
     skipped = plot_skipped_because()
     if skipped is not None:
         print(f"warning: {PLOT_FILE} will not be written: {skipped}", file=sys.stderr)
-    return RunData(tokenizer_dir, tokenizer, prompts, eval_records, runner, skipped is None)
+    return RunData(tokenizer_dir, tokenizer, prompts, eval_records, runner, skipped is None, images)
 
 
 def make_rl_trainer(cfg, model, algorithm, *, out: Path, wrt, shown: Sequence[str] = ()):
@@ -229,14 +272,20 @@ class Loop:
     def rollout_rows(self, groups: Groups) -> dict[str, np.ndarray]:
         """The training rows of an iteration's groups: `data.batch_size` x group size rows
         (filler rows past the sampled ones), completions cut at the budget masked out of the
-        loss with `rollout.overlong_filter`."""
+        loss with `rollout.overlong_filter`; with image prompts, `images` [rows, images per row,
+        3, S, S], each prompt's pixels in the rows of its samples (zeros for filler rows)."""
         cfg = self.cfg
-        return rollout_rows(
+        num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
+        rows = rollout_rows(
             groups,
-            num_rows=cfg.data.batch_size * cfg.rollout.samples_per_prompt,
+            num_rows=num_rows,
             pad_id=self.data.tokenizer.pad_token_id,
             overlong_filter=cfg.rollout.overlong_filter,
         ).as_dict()
+        if self.data.images is not None:
+            group_size = cfg.rollout.samples_per_prompt
+            rows["images"] = self.data.images.rows(groups.records, group_size, num_rows)
+        return rows
 
     def end_iteration(self, iteration: int, row: dict[str, float], timer: Timer) -> None:
         """The phase times of `timer`, held-out evaluation when due, then the trainer's

@@ -93,7 +93,8 @@ def make_producer(cfg, sampler: Sampler, data, local=None) -> RolloutProducer | 
         )
         return EpisodeProducer(runner, data.prompts.iterator(), cfg.run.seed)
     producer = RolloutProducer if local is None else SplitRolloutProducer
-    extra = {} if local is None else {"local": local}
+    # several processes: `local`; one process: the pixels of image prompts (or None)
+    extra = {"images": data.images} if local is None else {"local": local}
     return producer(
         sampler,
         data.runner,

@@ -18,6 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from jax.errors import JaxRuntimeError
 from safetensors.numpy import load_file
@@ -306,9 +307,10 @@ def test_failures_end_the_run_within_a_bounded_time(tmp_path):
 
 
 def test_launch_runs_an_sft_recipe_end_to_end(tmp_path):
-    """`postax launch -n 2 -- postax sft` on the shipped tiny config, made smaller: one
-    process's files (config.json, summary.json, final/), the summary printed once, the
-    exported weights whole (gathered from both processes' shards)."""
+    """`postax launch -n 2 -- postax sft` on the shipped tiny config, made smaller, with LoRA:
+    one process's files (config.json, summary.json, adapter/, final/), the summary printed
+    once, the exported weights (adapters merged on the sharded model, then gathered from both
+    processes' shards) equal to those of the same command in one process."""
     records = (ROOT / "examples" / "sft_tiny" / "train.jsonl").read_text().splitlines()[:32]
     (tmp_path / "train.jsonl").write_text("\n".join(records) + "\n")
     out = tmp_path / "run"
@@ -328,6 +330,13 @@ def test_launch_runs_an_sft_recipe_end_to_end(tmp_path):
         "model.config.num_kv_heads": 1,
         "model.config.head_dim": 16,
         "distributed.heartbeat_timeout": 20,
+        "lora.rank": 4,
+        "lora.alpha": 8,
+        # SGD: Adam's first step is lr * sign(gradient), which turns rounding differences of
+        # near-zero gradients (a reduction over processes vs one) into whole steps
+        "optimizer.name": "sgd",
+        "optimizer.learning_rate": 1.0,
+        "optimizer.warmup_steps": 0,
     }
     command = ["postax", "sft", "--config", "configs/sft/tiny.yaml"]
     command += [f"{k}={v}" for k, v in overrides.items()]
@@ -340,3 +349,13 @@ def test_launch_runs_an_sft_recipe_end_to_end(tmp_path):
     tensors = load_file(out / "final" / "model.safetensors")
     assert tensors["model.embed_tokens.weight"].shape == (320, 32)
     assert "[p0] step 1/1" in result.stderr and "[p1] step" not in result.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    single = dict(overrides, output_dir=tmp_path / "single")
+    assert postax_main([*command[1:4], *(f"{k}={v}" for k, v in single.items())]) == 0
+    expected = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    assert tensors.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(tensors[name], value, rtol=0, atol=1e-5, err_msg=name)
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(np.abs(b).max() > 0 for b in lora_b)  # trained: the merge moved W

@@ -378,11 +378,12 @@ def finish_run(
     return summary
 
 
-def gathered(model: nnx.Module) -> nnx.Module:
+def gathered(model: nnx.Module, only: type | None = None) -> nnx.Module:
     """`model` itself in a single-process run. With several processes a copy whose arrays are
     whole on every process (`gather_to_host` of each array that spans processes; random keys
-    stay as they are): what a writer that reads whole arrays needs. A collective: every process
-    calls it, in the same order; then process 0 alone writes."""
+    stay as they are), or only the arrays of variable type `only` (e.g. `nnx.LoRAParam`: the
+    adapters, not the base): what a writer that reads whole arrays needs. A collective: every
+    process calls it, in the same order; then process 0 alone writes."""
     if not multi_process():
         return model
     graphdef, state = nnx.split(model)
@@ -396,7 +397,17 @@ def gathered(model: nnx.Module) -> nnx.Module:
             return gather_to_host(x)
         return x
 
-    return nnx.merge(graphdef, jax.tree.map(whole, state))
+    if only is None:
+        return nnx.merge(graphdef, jax.tree.map(whole, state))
+    selected, rest = nnx.split_state(state, only, ...)
+    return nnx.merge(graphdef, jax.tree.map(whole, selected), rest)
+
+
+def merged_for_export(model: nnx.Module, lora: bool) -> nnx.Module:
+    """The model to write: with LoRA, the adapters merged on the model's own devices (every
+    process of a multi-process run, each merged weight sharded like its base), so that no
+    single device or host ever merges the whole model; then `gathered`."""
+    return gathered(merge_lora(model) if lora else model)
 
 
 def export(model, cfg, tokenizer_dir: Path, out: Path) -> Path:
@@ -404,12 +415,13 @@ def export(model, cfg, tokenizer_dir: Path, out: Path) -> Path:
     the adapter alone in out/adapter). Every process calls it (the weights are `gathered`);
     process 0 writes."""
     final = out / "final"
-    model = gathered(model)
+    if cfg.lora:
+        adapters = gathered(model, nnx.LoRAParam)
+        if is_primary():
+            save_adapter(adapters, out / "adapter")
+    model = merged_for_export(model, bool(cfg.lora))
     if not is_primary():
         return final
-    if cfg.lora:
-        save_adapter(model, out / "adapter")
-        model = merge_lora(model)
     save_model(model, final)
     copy_tokenizer_files(tokenizer_dir, final)
     return final

@@ -21,7 +21,7 @@ from flax import nnx
 
 from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.losses.reward import bradley_terry_loss
-from postax.models.lora import LoRAConfig, apply_lora, merge_lora
+from postax.models.lora import LoRAConfig, apply_lora
 from postax.models.reward import RewardModel, load_reward_model, save_reward_model
 from postax.parallel import DistributedConfig
 from postax.recipes.common import (
@@ -29,9 +29,9 @@ from postax.recipes.common import (
     MetricsSettings,
     ModelSource,
     build_causal_lm,
-    gathered,
     load_data,
     make_trainer,
+    merged_for_export,
     recipe_main,
     start_run,
     train_and_summarise,
@@ -161,10 +161,9 @@ def run(cfg: RewardModelConfig) -> dict:
 
     def export(model) -> None:
         final = out / "final"
-        model = gathered(model)  # every process takes part; process 0 writes
+        model = merged_for_export(model, bool(cfg.lora))  # every process; process 0 writes
         if not is_primary():
             return
-        model = merge_lora(model) if cfg.lora else model
         save_reward_model(model, final, pad_token_id=tokenizer.pad_token_id)
         copy_tokenizer_files(tokenizer_dir, final)
 

@@ -26,7 +26,7 @@ from postax.models import gemma3_vlm
 from postax.models.config import VisionConfig
 from postax.models.gemma3_vlm import VisionLanguageLM, image_blocks
 from postax.models.hf import config_from_hf, config_to_hf
-from postax.models.transformer import run_embedded
+from postax.models.transformer import run_embedded, set_remat
 
 VOCAB, BOI, EOI, IMAGE = 96, 93, 94, 95
 MM_TOKENS = 4
@@ -382,3 +382,29 @@ def test_published_config_reads_as_the_preset():
         },
     }
     assert config_from_hf(published) == postax.preset("Gemma-3-4B-Vision")
+
+
+def test_vision_tower_remat_gives_the_same_gradients(setup):
+    """`set_remat` reaches the tower's encoder (each layer a `remat` in the traced
+    gradient) and leaves its gradients as they were."""
+    _, _, model, batch = setup
+    fresh = postax.build_model(model.config, seed=1)
+    images = batch["images"][:1]
+
+    def tower_gradients():
+        graphdef, state = nnx.split(fresh)
+
+        def loss(state):
+            return jnp.sum(nnx.merge(graphdef, state).image_features(images) ** 2)
+
+        program = str(jax.make_jaxpr(jax.grad(loss))(state))
+        grads = jax.jit(jax.grad(loss))(state)
+        return program, nnx.to_flat_state(grads["vision_tower"])
+
+    program, plain = tower_gradients()
+    set_remat(fresh, True)
+    assert fresh.vision_tower.encoder.remat
+    remat_program, remat = tower_gradients()
+    assert "remat" in remat_program and "remat" not in program
+    for (name, a), (_, b) in zip(plain, remat, strict=True):
+        np.testing.assert_allclose(b[...], a[...], rtol=1e-5, atol=1e-6, err_msg=str(name))

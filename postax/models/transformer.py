@@ -38,6 +38,7 @@ from postax.models.layers import (
 )
 from postax.models.moe import SparseMLP
 from postax.models.stack import REMAT_POLICIES, LayerStack
+from postax.models.vision import VisionEncoder
 
 
 @jax.tree_util.register_dataclass
@@ -413,13 +414,14 @@ class Decoder(nnx.Module):
 
 def set_remat(model: nnx.Module, remat: bool, policy: str = "full") -> None:
     """Turns layer rematerialisation on or off in every decoder stack of `model` (a causal
-    LM, a reward model, an actor-critic with its critic, a distiller's student...): the one
-    switch the trainer flips for whatever model it trains. `policy` names what each layer
-    keeps for the backward pass (`postax.models.stack.REMAT_POLICIES`)."""
+    LM, a reward model, an actor-critic with its critic, a distiller's student...), and in
+    the encoder of a vision tower: the one switch the trainer flips for whatever model it
+    trains. `policy` names what each layer keeps for the backward pass
+    (`postax.models.stack.REMAT_POLICIES`)."""
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat policy {policy!r} is unknown: one of {', '.join(REMAT_POLICIES)}")
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, Decoder):
+        if isinstance(module, Decoder | VisionEncoder):
             module.remat = remat
             module.remat_policy = policy
 

@@ -42,6 +42,7 @@ from flax import nnx
 
 from postax.models.config import VisionConfig
 from postax.models.layers import ACTIVATION_FUNCTIONS, Linear, RMSNorm, make_param
+from postax.models.stack import REMAT_POLICIES
 
 __all__ = [
     "LayerNorm",
@@ -159,6 +160,11 @@ class VisionEncoderLayer(nnx.Module):
 
 
 class VisionEncoder(nnx.Module):
+    """The encoder layers; with `remat` set (`transformer.set_remat`, as for the decoder)
+    each layer is recomputed in the backward pass, keeping only its input: an image's
+    attention probabilities ([heads, patches, patches] float32, 1 GiB at 896 px) would
+    otherwise stay alive for every layer while gradients flow through the tower."""
+
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.layers = nnx.List(
             [
@@ -166,10 +172,15 @@ class VisionEncoder(nnx.Module):
                 for _ in range(cfg.num_layers)
             ]
         )
+        self.remat = False
+        self.remat_policy = "full"  # stack.REMAT_POLICIES
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        call = VisionEncoderLayer.__call__
+        if self.remat:
+            call = nnx.remat(call, policy=REMAT_POLICIES[self.remat_policy])
         for layer in self.layers:
-            x = layer(x)
+            x = call(layer, x)
         return x
 
 

@@ -29,9 +29,10 @@ Interface (what the SFT recipe and the data pipeline build against):
   - when `tokens` are concrete (not traced) they are checked against the images: every
     block must have exactly mm_tokens_per_image tokens, a row no more blocks than
     images_per_row, and image tokens without `images` are an error. Under `jax.jit` these
-    checks cannot run: then surplus blocks reuse the last image's features and image
-    tokens without images are embedded as ordinary tokens (id 0 when the image token id
-    lies outside the vocabulary, as transformers does);
+    checks cannot run: the j-th image token of a row then takes the j-th soft token of the
+    row's images in order (surplus tokens the last one), and image tokens without images
+    are embedded as ordinary tokens (id 0 when the image token id lies outside the
+    vocabulary, as transformers does);
   - `model.prefill(tokens, mask, capacity, images=...)` for the sampler: the prompt's
     image blocks attend bidirectionally during prefill (a prompt's last token, fed by the
     first decoding step, must not be an image token); decoding steps are causal, as in
@@ -45,8 +46,8 @@ Checkpoints: the published files name tensors `language_model.model.*`,
 (`checkpoint_name`); saving writes what transformers 5's `save_pretrained` writes
 (`saved_name`), and a config.json with `text_config`, `vision_config` (`vision_use_head: false`),
 `mm_tokens_per_image`, `image_token_index`, `boi_token_index`, `eoi_token_index`. The
-embeddings are tied (`tie_word_embeddings` at the top level of config.json decides, as in
-transformers). A checkpoint's attention-pooling head (`vision_use_head: true`, unused by
+embeddings are tied unless `tie_word_embeddings` at the top level of config.json (which
+transformers reads for this class) says otherwise. A checkpoint's attention-pooling head (`vision_use_head: true`, unused by
 Gemma 3) is skipped. `postax.load_model(dir, text_only=True)` loads only the language model.
 
 Left out: pan-and-scan crops (a processor feature: the crops are just more images), the

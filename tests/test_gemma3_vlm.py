@@ -27,6 +27,7 @@ from postax.models.config import VisionConfig
 from postax.models.gemma3_vlm import VisionLanguageLM, image_blocks
 from postax.models.hf import config_from_hf, config_to_hf
 from postax.models.transformer import run_embedded, set_remat
+from postax.parallel import LOGICAL_RULES
 
 VOCAB, BOI, EOI, IMAGE = 96, 93, 94, 95
 MM_TOKENS = 4
@@ -408,3 +409,16 @@ def test_vision_tower_remat_gives_the_same_gradients(setup):
     assert "remat" in remat_program and "remat" not in program
     for (name, a), (_, b) in zip(plain, remat, strict=True):
         np.testing.assert_allclose(b[...], a[...], rtol=1e-5, atol=1e-6, err_msg=str(name))
+
+
+def test_every_parameter_has_logical_axes(setup):
+    """Tower and projector weights carry logical axis names like the decoder's, so
+    `postax.parallel`'s rules place them; the projector's two widths never share a mesh axis."""
+    _, _, model, _ = setup
+    known = {*LOGICAL_RULES, "vision_embed", None}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == variable[...].ndim, path
+        assert set(axes) <= known, (path, axes)
+    projector = model.multi_modal_projector.mm_input_projection_weight
+    assert projector.get_metadata()["out_sharding"] == ("vision_embed", "embed")

@@ -15,7 +15,13 @@ in a thread on its own copy of the weights, up to `max_staleness` iterations
 ahead of the trainer.
 
 Image prompts (a vision-language model): with `images` (`postax.rl.prompts.PromptImages`)
-each prompt's pixels go to the sampler with it (`Sampler.generate_many(..., images=)`).
+each prompt's pixels go to the sampler with it (`Sampler.generate_many(..., images=)`). A
+sampled image soft token ends its completion (`image_stop_ids`): as an input of the trainer's
+forward pass, which gets the row's images, it would take an image's features and join an
+image block, while the sampler's decoding step embedded it as a plain token, so the trainer's
+log-probs of the tokens after it would not be the sampler's. As the last token of a
+completion it is a target only (its log-prob is the sampler's); the reward functions see the
+decoded text without it.
 
 Reproducibility: draw `round` of iteration `iteration` samples with a seed
 derived from (run seed, iteration, round) by `numpy.random.SeedSequence`, so
@@ -103,6 +109,14 @@ def rollout_seed(seed: int, iteration: int, round_index: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, round_index]).generate_state(1)[0])
 
 
+def image_stop_ids(sampler: Sampler, stop_token_ids: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The stop ids of rollouts with images: `stop_token_ids` (None: the sampler's defaults,
+    the tokenizer's eos ids) and the model's image soft token (see the module docstring)."""
+    stop = sampler.default_stop_ids() if stop_token_ids is None else tuple(stop_token_ids)
+    image_token = sampler.model.config.vision.image_token_id
+    return stop if image_token in stop else (*stop, image_token)
+
+
 def _untimed(phase: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
@@ -140,12 +154,15 @@ class RolloutProducer:
 
     def draw(self, iteration: int, round_index: int, *, timer: PhaseTimer = _untimed) -> Groups:
         """Samples and scores the next prompt batch (draw `round_index` of `iteration`)."""
+        stop_ids = self.rollout.stop_token_ids
+        if self.images is not None:  # a sampled image token ends its completion
+            stop_ids = image_stop_ids(self.sampler, stop_ids)
         sampling = SamplingConfig(
             max_new_tokens=self.rollout.max_new_tokens,
             temperature=float(self.rollout.temperature),
             num_samples=self.rollout.samples_per_prompt,
             seed=rollout_seed(self.seed, iteration, round_index),
-            stop_token_ids=self.rollout.stop_token_ids,
+            stop_token_ids=stop_ids,
         )
         records = next(self.prompts).records
         with timer("generate"):

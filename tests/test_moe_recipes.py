@@ -1,12 +1,14 @@
-"""A tiny Qwen3-MoE through the preference (DPO) and distillation recipes, with the router
-terms of the `router:` section in their losses (`postax.recipes.router_terms`).
+"""A tiny Qwen3-MoE through the preference (DPO), distillation and GRPO recipes, with the
+router terms of the `router:` section in their losses (`postax.recipes.router_terms`).
 
 Each recipe runs twice from the same initial weights and data: once with router coefficients
 0 and once with aux 0.1, z 0.01. The first step's loss is computed before any update, so the
 two first losses differ by exactly 0.1 * moe_aux_loss + 0.01 * moe_z_loss (the logged terms,
-equal in both runs): the terms enter the loss with the weights the config gives. DPO then
-trains on (the loss falls over the run, the router terms are logged every step) and exports
-a checkpoint that loads back as the same MoE.
+equal in both runs): the terms enter the loss with the weights the config gives. (GRPO: the
+first iteration samples the same completions from the same initial policy; its one update
+step's loss is computed before the update.) DPO then trains on (the loss falls over the run,
+the router terms are logged every step) and exports a checkpoint that loads back as the same
+MoE.
 """
 
 from __future__ import annotations
@@ -120,3 +122,40 @@ def test_distillation_into_a_mixture_of_experts_adds_the_router_terms(files):
         return metrics(files / name)
 
     first_losses_differ_by_the_router_terms(run("distill-off", OFF), run("distill-on", ON))
+
+
+def digit_fraction(prompts, completions, **fields):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def test_grpo_on_a_mixture_of_experts_adds_the_router_terms(files):
+    from postax.recipes import grpo
+    from postax.recipes.common import CheckpointSettings
+    from postax.recipes.rl_common.config import RunSettings, UpdateConfig
+    from postax.rl.producer import RolloutConfig
+    from postax.rl.prompts import PromptDataConfig
+    from postax.rl.rewards import RewardConfig
+
+    prompts = [{"prompt": f"Tell me about the {i}."} for i in ITEMS]
+    (files / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+
+    def run(name: str, router: RouterLossConfig) -> list[dict]:
+        cfg = grpo.GRPOConfig(
+            output_dir=str(files / name),
+            tokenizer=str(files / "tokenizer"),
+            model=ModelSource(config=postax.ModelConfig(**MOE), seed=1),
+            data=PromptDataConfig(path=str(files / "prompts.jsonl"), batch_size=2),
+            rewards=(RewardConfig(name=f"{__name__}:digit_fraction", timeout=None),),
+            iterations=1,
+            rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=6, temperature=1.0),
+            update=UpdateConfig(minibatches=1),
+            checkpoint=CheckpointSettings(save_every=0),
+            run=RunSettings(progress=False),
+            router=router,
+            export=False,
+        )
+        grpo.run(cfg)
+        return metrics(files / name)
+
+    off, on = run("grpo-off", OFF), run("grpo-on", ON)
+    first_losses_differ_by_the_router_terms(off, on)

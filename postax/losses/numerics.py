@@ -72,6 +72,16 @@ def aggregate(
     raise ValueError(f"mode={mode!r} is invalid: one of {AGGREGATIONS}")
 
 
+def aggregation_units(mask: jax.Array, mode: str, *, constant: float | None = None) -> jax.Array:
+    """What `aggregation_normalizer` counts, unclamped, for any part of a batch (a
+    micro-batch's units over the global normalizer: its share of the loss)."""
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    if mode == "token_mean":
+        return jnp.sum(mask)
+    rows = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+    return rows * constant if mode == "sequence_sum_constant" else rows
+
+
 def aggregation_normalizer(
     mask: jax.Array, mode: str, *, constant: float | None = None
 ) -> jax.Array:

@@ -53,8 +53,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from postax.losses.numerics import aggregation_normalizer
+from postax.losses.numerics import aggregation_normalizer, aggregation_units
 from postax.losses.policy import PolicyLossConfig, policy_loss
+from postax.losses.router import RouterLossConfig
 from postax.models.lora import LoRAConfig
 from postax.parallel import DistributedConfig
 from postax.recipes.common import (
@@ -89,10 +90,11 @@ from postax.recipes.rl_common.loop import (
 from postax.recipes.rl_common.producers import group_metrics, training_rows
 from postax.recipes.rl_common.reference import loss_policy_config
 from postax.recipes.rl_common.updates import minibatches, summarise_updates
+from postax.recipes.router_terms import Router, router_for
 from postax.recipes.sft import trained_params
 from postax.rl import advantages as adv
 from postax.rl.groups import pad_rows
-from postax.rl.logprobs import rollout_logprobs, score_rollout
+from postax.rl.logprobs import rollout_logprobs, rollout_logprobs_and_router, score_rollout
 from postax.rl.producer import RolloutConfig
 from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
@@ -127,6 +129,8 @@ class GRPOConfig:
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     train_vision_tower: bool = False  # vision-language models: train the tower too
+    # mixture-of-experts policies: router terms in the update's loss (recipes/router_terms.py)
+    router: RouterLossConfig = dataclasses.field(default_factory=RouterLossConfig)
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -164,6 +168,7 @@ class PolicyGradientAlgorithm:
     constant: float
     window: int | None = None
     chunk_size: int = 0
+    router: Router | None = None  # a mixture-of-experts policy's router terms
 
     def normalizer(self, batch):
         return aggregation_normalizer(
@@ -172,14 +177,24 @@ class PolicyGradientAlgorithm:
 
     def loss(self, model, batch, normalizer, rng):
         del rng
-        logp, entropy = rollout_logprobs(
-            model,
-            batch,
+        options = dict(
             temperature=self.temperature,
             entropy=self.loss_config.entropy_coef > 0,
             window=self.window,
             chunk_size=self.chunk_size,
         )
+        if self.router is None:
+            logp, entropy = rollout_logprobs(model, batch, **options)
+            return self._policy_loss(logp, entropy, batch, normalizer)
+        logp, entropy, routing = rollout_logprobs_and_router(model, batch, **options)
+        loss, metrics = self._policy_loss(logp, entropy, batch, normalizer)
+        units = aggregation_units(  # this micro-batch's share of the policy loss
+            batch["loss_mask"], self.loss_config.aggregation, constant=self.constant
+        )
+        router_loss, router_metrics = self.router.objective(*routing, units / normalizer)
+        return loss + router_loss, {**metrics, **router_metrics}
+
+    def _policy_loss(self, logp, entropy, batch, normalizer):
         return policy_loss(
             logp,
             batch["old_logp"],
@@ -237,6 +252,7 @@ def run(cfg: GRPOConfig) -> dict:
         loss_divisor(cfg, cfg.loss_constant),
         window=window,
         chunk_size=cfg.update.logits_chunk_size,
+        router=router_for(cfg.router, model),
     )
     wrt = trained_params(cfg, model.config)  # LoRA or all; the vision tower frozen by default
     trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)

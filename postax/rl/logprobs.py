@@ -50,7 +50,32 @@ def rollout_logprobs(
     hidden = model.hidden_states(
         batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], **extra
     )
+    return _window_logprobs(model, hidden, batch, temperature, entropy, window, chunk_size)
 
+
+def rollout_logprobs_and_router(
+    model,
+    batch: dict[str, jax.Array],
+    *,
+    temperature: float,
+    entropy: bool = False,
+    window: int | None = None,
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array]]:
+    """`rollout_logprobs` and, from the same forward pass of a mixture-of-experts model,
+    (router logits [sparse layers, R, W, experts], real-token mask [R, W])
+    (`postax.recipes.router_terms`)."""
+    out = model.intermediates(
+        batch["tokens"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        router_logits=True,
+    )
+    logp, ent = _window_logprobs(model, out.hidden, batch, temperature, entropy, window, chunk_size)
+    return logp, ent, (out.router_logits, batch["segment_ids"] > 0)
+
+
+def _window_logprobs(model, hidden, batch, temperature, entropy, window, chunk_size):
     def head(h, targets):
         return logprobs_from_logits(
             model.logits(h), targets, temperature=temperature, entropy=entropy

@@ -43,7 +43,8 @@ _PER_TOKEN = {  # reported mean: the metric total it divides by the completion t
 
 
 def summarise_updates(fetched: list[dict[str, Any]]) -> dict[str, float]:
-    """Per-iteration update metrics: losses averaged over steps, token totals turned into means.
+    """Per-iteration update metrics: losses (and router terms, `moe_*`) averaged over steps,
+    token totals turned into means.
 
     `first_*` metrics come from the first minibatch of the first epoch, where
     (with sampler log-probs) the ratio measures sampler/trainer agreement.
@@ -52,6 +53,9 @@ def summarise_updates(fetched: list[dict[str, Any]]) -> dict[str, float]:
     steps = len(fetched)
     for name in ("loss", "grad_norm", "learning_rate", "policy_loss", "kl_loss", "value_loss"):
         if name in fetched[0]:
+            out[name] = float(np.mean([float(m[name]) for m in fetched]))
+    for name in fetched[0]:  # a mixture-of-experts policy's router terms and expert loads
+        if name.startswith("moe_"):
             out[name] = float(np.mean([float(m[name]) for m in fetched]))
     tokens = sum(float(m.get("completion_tokens", 0.0)) for m in fetched)
     for name, total in _PER_TOKEN.items():

@@ -24,15 +24,19 @@ import numpy as np
 import pytest
 from image_fixtures import COLOURS, IMAGE_TOKENS, QUESTION, colour_image, make_gemma3_tokenizer_dir
 
+from postax.cli import main as cli_main
+from postax.configs import to_dict
 from postax.data import DataConfig, SFTDataset
+from postax.data.sources import DataError
 from postax.losses.policy import PolicyLossConfig
 from postax.models import build_model, load_model
 from postax.models.config import ModelConfig, RopeConfig, VisionConfig
 from postax.models.gemma import gemma_preset
 from postax.models.hf import save_model
-from postax.recipes import grpo
+from postax.recipes import grpo, ppo
 from postax.recipes.common import CheckpointSettings, ModelSource, copy_tokenizer_files
-from postax.recipes.rl_common.config import RunSettings
+from postax.recipes.rl_common import loop as rl_loop
+from postax.recipes.rl_common.config import RunSettings, UpdateConfig
 from postax.recipes.sft import SFTAlgorithm, image_inputs
 from postax.rl.groups import rollout_rows
 from postax.rl.logprobs import score_rollout
@@ -43,6 +47,7 @@ from postax.sampling.sampler import Sampler, SamplingConfig
 from postax.tokenizer import load_tokenizer
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import Trainer, TrainerConfig
+from postax.validation import ConfigError
 
 IMAGE_SIZE = 16
 TOKENS_PER_IMAGE = 4
@@ -297,3 +302,130 @@ def test_grpo_learns_colours_from_images(setup):
     # on-policy first minibatch: the trainer's log-probs are the sampler's in every iteration
     # (8e-3 before a sampled image token ended its completion: see postax.rl.producer)
     assert mismatch <= 1e-5
+
+
+# ---------------------------------------------------------------- what is refused
+
+
+def image_config(root: Path, tokenizer_dir: Path, config: ModelConfig, **changes):
+    defaults = dict(
+        output_dir=str(root / "refused"),
+        tokenizer=str(tokenizer_dir),
+        model=ModelSource(config=config),
+        data=PromptDataConfig(
+            path=str(write_prompts(root, "refusals", per_colour=1, seed=7)), batch_size=3
+        ),
+        rewards=(RewardConfig(name=f"{__name__}:colour_first", timeout=None),),
+        iterations=1,
+        rollout=RolloutConfig(samples_per_prompt=2, max_new_tokens=NEW_TOKENS),
+        run=RunSettings(progress=False),
+        export=False,
+    )
+    return grpo.GRPOConfig(**{**defaults, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"env": "single_turn"},
+            "env='single_turn' is not supported with image prompts: null (episodes render text only)",
+        ),
+        (
+            {
+                "rollout": RolloutConfig(
+                    samples_per_prompt=2, max_new_tokens=NEW_TOKENS, max_staleness=1
+                ),
+                "update": UpdateConfig(old_logprobs="recompute"),
+                "policy": PolicyLossConfig(importance_cap=2.0),
+            },
+            "rollout.max_staleness=1 is not supported with image prompts: null (synchronous rollouts)",
+        ),
+    ],
+    ids=["env", "async"],
+)
+def test_refused_with_image_prompts(setup, changes, message):
+    root, tokenizer_dir, _, config = setup
+    with pytest.raises(ConfigError) as error:
+        grpo.run(image_config(root, tokenizer_dir, config, **changes))
+    assert str(error.value) == message
+
+
+def test_several_processes_refused(setup, monkeypatch):
+    root, tokenizer_dir, _, config = setup
+    monkeypatch.setattr(rl_loop, "multi_process", lambda: True)
+    with pytest.raises(
+        ConfigError,
+        match=r"^distributed: \d+ processes are not supported with image prompts yet: run one process$",
+    ):
+        grpo.run(image_config(root, tokenizer_dir, config))
+
+
+def test_ppo_refuses_image_prompts(setup):
+    root, tokenizer_dir, _, config = setup
+    grpo_cfg = image_config(root, tokenizer_dir, config)
+    cfg = ppo.PPOConfig(
+        output_dir=str(root / "ppo"),
+        tokenizer=str(tokenizer_dir),
+        model=ModelSource(config=config),
+        data=grpo_cfg.data,
+        rewards=grpo_cfg.rewards,
+        iterations=1,
+        update=UpdateConfig(minibatches=1),
+        run=RunSettings(progress=False),
+        export=False,
+    )
+    with pytest.raises(ConfigError) as error:
+        ppo.run(cfg)
+    assert str(error.value) == (
+        f"data.path={cfg.data.path!r} holds image prompts: only postax grpo trains on image prompts"
+    )
+
+
+def test_prompt_data_errors(setup, tmp_path):
+    """A text-only model, too many images, a left cut through an image block: one line each,
+    naming the file, line and field."""
+    _, _, tokenizer, config = setup
+    path = write_prompts(tmp_path, "p", per_colour=1, seed=8)
+    inputs = image_inputs(config, tokenizer)
+    with pytest.raises(DataError) as error:
+        PromptDataset(PromptDataConfig(path=str(path), batch_size=1), tokenizer)
+    assert str(error.value) == (
+        f"{path}:1: field 'prompt'[0]['content'][0]['path'] is an image, but the model takes no "
+        "images (a text-only model)"
+    )
+    two = [{"role": "user", "content": [{"type": "image", "path": "p/red0.png"}] * 2}]
+    (tmp_path / "two.jsonl").write_text(json.dumps({"prompt": two}) + "\n")
+    with pytest.raises(
+        DataError,
+        match=r"two.jsonl:1: field 'prompt' holds 2 images, more than data.max_images_per_row=1$",
+    ):
+        PromptDataset(
+            PromptDataConfig(path=str(tmp_path / "two.jsonl"), batch_size=1), tokenizer, inputs
+        )
+    cut = PromptDataConfig(path=str(path), batch_size=1, max_prompt_tokens=8, truncate="left")
+    with pytest.raises(
+        DataError, match=r"p.jsonl:1: data.truncate='left' would cut an image block"
+    ):
+        PromptDataset(cut, tokenizer, inputs)
+
+
+def test_missing_image_is_one_cli_line(setup, tmp_path, capsys):
+    _, tokenizer_dir, _, config = setup
+    record = {"prompt": user_turn("nowhere.png"), "answer": "red"}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
+    yaml = {
+        "output_dir": str(tmp_path / "run"),
+        "tokenizer": str(tokenizer_dir),
+        "model": {"config": to_dict(config)},
+        "data": {"path": str(tmp_path / "bad.jsonl"), "batch_size": 1},
+        "rewards": [{"name": f"{__name__}:colour_first"}],
+        "iterations": 1,
+    }
+    (tmp_path / "bad.yaml").write_text(json.dumps(yaml))  # JSON is YAML
+    assert cli_main(["grpo", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"postax grpo: {tmp_path / 'bad.jsonl'}:1: field 'prompt'[0]['content'][0]['path']: "
+        f"image {str(tmp_path / 'nowhere.png')!r} does not exist"
+    )

@@ -129,7 +129,7 @@ def check_image_prompts(cfg, *, image_prompts: bool) -> None:
     if not image_prompts:
         raise ConfigError(f"{where}: only postax grpo trains on image prompts")
     for field, value, allowed in (
-        ("env", cfg.env, "null (episodes render text observations only)"),
+        ("env", None if cfg.env is None else cfg.env.name, "null (episodes render text only)"),
         ("rollout.max_staleness", cfg.rollout.max_staleness, "null (synchronous rollouts)"),
     ):
         if value is not None:
@@ -137,7 +137,7 @@ def check_image_prompts(cfg, *, image_prompts: bool) -> None:
     if multi_process():
         raise ConfigError(
             f"distributed: {jax.process_count()} processes are not supported with image "
-            "prompts: run one process"
+            "prompts yet: run one process"
         )
 
 

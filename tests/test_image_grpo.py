@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 from image_fixtures import COLOURS, IMAGE_TOKENS, QUESTION, colour_image, make_gemma3_tokenizer_dir
 
 from postax.cli import main as cli_main
-from postax.configs import to_dict
+from postax.configs import load_config, to_dict
 from postax.data import DataConfig, SFTDataset
 from postax.data.sources import DataError
 from postax.losses.policy import PolicyLossConfig
@@ -37,7 +38,7 @@ from postax.recipes import grpo, ppo
 from postax.recipes.common import CheckpointSettings, ModelSource, copy_tokenizer_files
 from postax.recipes.rl_common import loop as rl_loop
 from postax.recipes.rl_common.config import RunSettings, UpdateConfig
-from postax.recipes.sft import SFTAlgorithm, image_inputs
+from postax.recipes.sft import SFTAlgorithm, SFTConfig, image_inputs
 from postax.rl.groups import rollout_rows
 from postax.rl.logprobs import score_rollout
 from postax.rl.producer import RolloutConfig, RolloutProducer
@@ -49,6 +50,7 @@ from postax.train.optim import OptimizerConfig
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
 TOKENS_PER_IMAGE = 4
 NEW_TOKENS = 4
@@ -429,3 +431,34 @@ def test_missing_image_is_one_cli_line(setup, tmp_path, capsys):
         f"postax grpo: {tmp_path / 'bad.jsonl'}:1: field 'prompt'[0]['content'][0]['path']: "
         f"image {str(tmp_path / 'nowhere.png')!r} does not exist"
     )
+
+
+def test_shipped_example_data_fits_its_configs(tmp_path):
+    """examples/image_colours/make_data.py writes prompts and a tokenizer whose image tokens are
+    the ids the shipped configs' model names: the prompt sets read with that model's image
+    settings, each prompt with one image block."""
+    spec = importlib.util.spec_from_file_location(
+        "image_colours_make_data", ROOT / "examples" / "image_colours" / "make_data.py"
+    )
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    out = make_data.write(tmp_path, train=2, held_out=1, warm=1)
+    sft_cfg = load_config(SFTConfig, ROOT / "examples" / "image_colours" / "warm-sft.yaml")
+    grpo_cfg = load_config(grpo.GRPOConfig, ROOT / "examples" / "image_colours" / "grpo.yaml")
+    assert grpo_cfg.model.path == str(Path(sft_cfg.output_dir) / "final")
+    model_config = sft_cfg.model.config
+    tokenizer = load_tokenizer(out / "tokenizer")
+    assert model_config.vocab_size >= tokenizer.vocab_size
+    inputs = image_inputs(model_config, tokenizer)
+    assert inputs.tokens.image_token == IMAGE_TOKENS[2]
+    for name in ("train", "held_out"):
+        data = PromptDataConfig(path=str(out / f"{name}.jsonl"), batch_size=1)
+        prompts = PromptDataset(data, tokenizer, inputs)
+        assert len(prompts) == 3 * (2 if name == "train" else 1)
+        for record in prompts.records:
+            assert len(record.images) == 1 and Path(record.images[0]).is_file()
+            assert record.ids.count(model_config.vision.image_token_id) == 4
+    warm = SFTDataset(
+        dataclasses.replace(sft_cfg.data, path=str(out / "warm.jsonl")), tokenizer, images=inputs
+    )
+    assert warm.batch(0, 0).images.shape[1:] == (1, 3, 16, 16)

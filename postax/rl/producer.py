@@ -166,10 +166,12 @@ class RolloutProducer:
         )
         records = next(self.prompts).records
         with timer("generate"):
-            pixels = None if self.images is None else [self.images.pixels(r) for r in records]
-            completions = self.sampler.generate_many(
-                [(r.ids, sampling) for r in records], images=pixels
-            )
+            requests = [(r.ids, sampling) for r in records]
+            if self.images is None:
+                completions = self.sampler.generate_many(requests)
+            else:
+                pixels = [self.images.pixels(r) for r in records]
+                completions = self.sampler.generate_many(requests, images=pixels)
         with timer("reward"):
             return score_completions(
                 self.runner, self.tokenizer, records, completions, sampling.num_samples

@@ -231,6 +231,7 @@ class PromptDataset:
                 f"(data.batch_size={config.batch_size})"
             )
         self.steps_per_epoch = len(self.records) // config.batch_size
+        self.has_images = any(r.images for r in self.records)  # whether any prompt holds one
         self._fingerprint: str | None = None
 
     def _image_files(self, prompt: Any, record: Record) -> tuple[str, ...]:
@@ -286,11 +287,6 @@ class PromptDataset:
                 f"{self.image_inputs.tokens.boi_token!r}, and text must not contain image tokens"
             )
 
-    @property
-    def has_images(self) -> bool:
-        """Whether any prompt holds an image."""
-        return any(r.images for r in self.records)
-
     def __len__(self) -> int:
         return len(self.records)
 
@@ -342,13 +338,14 @@ def prompt_texts(records: Sequence[PromptRecord], tokenizer: Tokenizer, repeats:
 
 class PromptImages:
     """The pixels of prompt records' images (`ImageProcessor` of the model), decoded when a
-    batch needs them. The last `cache_size` decoded images are kept, so that sampling a batch
-    and laying out its training rows decode each image once.
+    batch needs them. The last `cache_size` decoded images are kept (size it to a rollout
+    batch's images: at Gemma 3's 896 x 896 one image is 9.6 MB of float32), so that sampling a
+    batch and laying out its training rows decode each image once.
 
     per_row: the image axis of `rows` (`data.max_images_per_row`).
     """
 
-    def __init__(self, processor: ImageProcessor, per_row: int, *, cache_size: int = 256):
+    def __init__(self, processor: ImageProcessor, per_row: int, *, cache_size: int = 64):
         self.processor = processor
         self.per_row = per_row
         self._load = functools.lru_cache(maxsize=cache_size)(processor.load)

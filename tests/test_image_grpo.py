@@ -134,6 +134,11 @@ def write_random_answers(directory: Path, name: str, per_colour: int, seed: int)
     return path
 
 
+def text_length(prompts, completions, **fields):
+    """The completion's length in characters / 10: varies between a random model's samples."""
+    return [len(c) / 10 for c in completions]
+
+
 def colour_first(prompts, completions, answer, **fields):
     """1 when the completion starts with the right colour word."""
     return [
@@ -304,6 +309,41 @@ def test_grpo_learns_colours_from_images(setup):
     # on-policy first minibatch: the trainer's log-probs are the sampler's in every iteration
     # (8e-3 before a sampled image token ended its completion: see postax.rl.producer)
     assert mismatch <= 1e-5
+
+
+def test_reference_and_recomputed_logprobs_read_the_images(setup):
+    """KL in the loss (a frozen reference copy) and recomputed old log-probs, with dynamic
+    sampling, on image prompts: before the first update the policy is the reference and the
+    recomputed log-probs are the sampler's, so the first iteration's KL and log-ratio are ~0;
+    a reference or recompute pass that dropped the images would differ by ~0.35 nats per token
+    (see the blanked-image check above)."""
+    root, tokenizer_dir, _, config = setup
+    cfg = image_config(
+        root,
+        tokenizer_dir,
+        config,
+        output_dir=str(root / "kl_run"),
+        iterations=2,
+        rollout=RolloutConfig(
+            samples_per_prompt=4,
+            max_new_tokens=NEW_TOKENS,
+            dynamic_sampling=True,
+            max_sampling_rounds=2,
+        ),
+        rewards=(RewardConfig(name=f"{__name__}:text_length", timeout=None),),
+        policy=PolicyLossConfig(kl_coef=0.1),
+        update=UpdateConfig(old_logprobs="recompute"),
+        optimizer=OptimizerConfig(learning_rate=1e-2),
+    )
+    grpo.run(cfg)
+    lines = (root / "kl_run" / "metrics.jsonl").read_text().splitlines()
+    rows = {r["step"]: r for r in map(json.loads, lines) if "optimizer_steps" in r}
+    assert sorted(rows) == [1, 2]
+    shown = ("kl", "first_logprob_mismatch", "reward_std", "filler_groups")
+    print({i: {k: rows[i][k] for k in shown} for i in (1, 2)})
+    assert rows[1]["completion_length"] > 0 and rows[1]["filler_groups"] == 0  # trained rows
+    assert abs(rows[1]["kl"]) <= 1e-6 and rows[1]["first_logprob_mismatch"] <= 1e-5
+    assert rows[2]["kl"] > 1e-4  # the policy moved away from the reference after one update
 
 
 # ---------------------------------------------------------------- what is refused

@@ -28,6 +28,7 @@ from image_fixtures import COLOURS, IMAGE_TOKENS, QUESTION, colour_image, make_g
 from postax.cli import main as cli_main
 from postax.configs import load_config, to_dict
 from postax.data import DataConfig, SFTDataset
+from postax.data.images import image_inputs
 from postax.data.sources import DataError
 from postax.losses.policy import PolicyLossConfig
 from postax.models import build_model, load_model
@@ -38,12 +39,13 @@ from postax.recipes import grpo, ppo
 from postax.recipes.common import CheckpointSettings, ModelSource, copy_tokenizer_files
 from postax.recipes.rl_common import loop as rl_loop
 from postax.recipes.rl_common.config import RunSettings, UpdateConfig
-from postax.recipes.sft import SFTAlgorithm, SFTConfig, image_inputs
+from postax.recipes.sft import SFTAlgorithm, SFTConfig
 from postax.rl.groups import rollout_rows
 from postax.rl.logprobs import score_rollout
 from postax.rl.producer import RolloutConfig, RolloutProducer
 from postax.rl.prompts import PromptDataConfig, PromptDataset, PromptImages
 from postax.rl.rewards import RewardConfig, RewardRunner, build_reward_specs
+from postax.sampling.config import SamplingError
 from postax.sampling.sampler import Sampler, SamplingConfig
 from postax.tokenizer import load_tokenizer
 from postax.train.optim import OptimizerConfig
@@ -502,3 +504,25 @@ def test_shipped_example_data_fits_its_configs(tmp_path):
         dataclasses.replace(sft_cfg.data, path=str(out / "warm.jsonl")), tokenizer, images=inputs
     )
     assert warm.batch(0, 0).images.shape[1:] == (1, 3, 16, 16)
+
+
+def test_sampler_chat_prompts_with_image_parts(setup):
+    """A chat prompt's image part becomes its whole image block in the sampler (the ids the
+    prompt data builds), and the images given must match the blocks one for one."""
+    root, _, tokenizer, config = setup
+    path = write_prompts(root, "sampler_chat", per_colour=1, seed=2)
+    inputs = image_inputs(config, tokenizer)
+    dataset = PromptDataset(PromptDataConfig(path=str(path), batch_size=1), tokenizer, inputs)
+    record = dataset.records[0]
+    sampler = Sampler(build_model(config, seed=0), tokenizer)
+    chat = user_turn(record.images[0])
+    assert sampler.encode_prompt(chat) == list(record.ids)
+    pixels = inputs.processor.load(record.images[0])[None]
+    greedy = SamplingConfig(max_new_tokens=2, temperature=0.0)
+    by_chat = sampler.generate([chat], greedy, images=[pixels])
+    by_ids = sampler.generate([list(record.ids)], greedy, images=[pixels])
+    assert by_chat[0].token_ids == by_ids[0].token_ids
+    with pytest.raises(SamplingError, match=r"2 image\(s\) given for 1 image block"):
+        sampler.generate([chat], greedy, images=[np.concatenate([pixels, pixels])])
+    with pytest.raises(SamplingError, match=r"images are not an array of preprocessed pixels"):
+        sampler.generate([chat], greedy, images=[[pixels[0], pixels[0, :1]]])

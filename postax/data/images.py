@@ -248,3 +248,31 @@ class ImageInputs:
             raise TypeError(f"processor must be an ImageProcessor, got {self.processor!r}")
         if not isinstance(self.tokens, ImageTokens):
             raise TypeError(f"tokens must be ImageTokens, got {self.tokens!r}")
+
+
+def image_inputs(model_config, tokenizer) -> ImageInputs | None:
+    """How the data must present images to `model_config`'s model (a `ModelConfig`: its image
+    size and image tokens, named by `tokenizer`), or None for a text-only model."""
+    vision = model_config.vision
+    if vision is None:
+        return None
+
+    def token(field: str, default: str) -> str:
+        token_id = getattr(vision, field)
+        if token_id is None:
+            return default
+        try:
+            return tokenizer.id_to_token(token_id)
+        except IndexError as error:
+            raise ConfigError(
+                f"model vision.{field}={token_id} is not a token of the tokenizer at "
+                f"{tokenizer.source} ({tokenizer.vocab_size} tokens)"
+            ) from error
+
+    tokens = ImageTokens(
+        boi_token=token("boi_token_id", GEMMA3_BOI),
+        image_token=token("image_token_id", GEMMA3_IMAGE),
+        eoi_token=token("eoi_token_id", GEMMA3_EOI),
+        tokens_per_image=vision.mm_tokens_per_image,
+    )
+    return ImageInputs(processor=ImageProcessor(image_size=vision.image_size), tokens=tokens)

@@ -28,14 +28,7 @@ from typing import Any
 from flax import nnx
 
 from postax.data import DataConfig, SFTDataset
-from postax.data.images import (
-    GEMMA3_BOI,
-    GEMMA3_EOI,
-    GEMMA3_IMAGE,
-    ImageInputs,
-    ImageProcessor,
-    ImageTokens,
-)
+from postax.data.images import image_inputs
 from postax.losses.numerics import map_sequence_chunks, token_logprobs
 from postax.losses.router import RouterLossConfig, check_router_loss, router_objective
 from postax.losses.sft import sft_loss, sft_normalizer
@@ -58,7 +51,6 @@ from postax.recipes.common import (
     train_and_summarise,
 )
 from postax.sampling.cli import load_checked_tokenizer
-from postax.tokenizer import Tokenizer
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError
@@ -152,34 +144,6 @@ def source_config(source: ModelSource) -> ModelConfig:
     if source.path is not None:
         return read_config(source.path)
     return preset(source.preset) if source.preset else source.config
-
-
-def image_inputs(model_config: ModelConfig, tokenizer: Tokenizer) -> ImageInputs | None:
-    """How the data must present images to `model_config`'s model (its image size and image
-    tokens, named by the tokenizer), or None for a text-only model."""
-    vision = model_config.vision
-    if vision is None:
-        return None
-
-    def token(field: str, default: str) -> str:
-        token_id = getattr(vision, field)
-        if token_id is None:
-            return default
-        try:
-            return tokenizer.id_to_token(token_id)
-        except IndexError as error:
-            raise ConfigError(
-                f"model vision.{field}={token_id} is not a token of the tokenizer at "
-                f"{tokenizer.source} ({tokenizer.vocab_size} tokens)"
-            ) from error
-
-    tokens = ImageTokens(
-        boi_token=token("boi_token_id", GEMMA3_BOI),
-        image_token=token("image_token_id", GEMMA3_IMAGE),
-        eoi_token=token("eoi_token_id", GEMMA3_EOI),
-        tokens_per_image=vision.mm_tokens_per_image,
-    )
-    return ImageInputs(processor=ImageProcessor(image_size=vision.image_size), tokens=tokens)
 
 
 def trained_params(cfg: SFTConfig, model_config: ModelConfig) -> Any:

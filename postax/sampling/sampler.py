@@ -63,8 +63,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from postax.data.images import image_inputs
 from postax.host_memory import trim_heap
-from postax.models.gemma3_vlm import VisionLanguageLM, check_image_tokens
+from postax.models.gemma3_vlm import VisionLanguageLM, check_image_tokens, image_block_lengths
 from postax.models.transformer import CausalLM
 from postax.sampling.batching import (
     RowResult,
@@ -174,7 +175,11 @@ class Sampler:
         elif isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
             if self.tokenizer is None:
                 raise SamplingError(f"{where} is a chat but the Sampler has no tokenizer")
-            ids = self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+            kwargs = {}
+            inputs = image_inputs(self.model.config, self.tokenizer)
+            if inputs is not None:  # each image part becomes its whole block of image tokens
+                kwargs["marker_expansion"] = (inputs.tokens.boi_token, inputs.tokens.sequence)
+            ids = self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True, **kwargs)
         elif not isinstance(prompt, bytes) and (
             isinstance(prompt, Sequence) or hasattr(prompt, "__array__")
         ):
@@ -358,7 +363,14 @@ class Sampler:
                 )
             return None
         vision = self.model.config.vision
-        pixels = None if images is None else np.asarray(images, np.float32)
+        try:
+            pixels = None if images is None else np.asarray(images, np.float32)
+        except (ValueError, TypeError) as e:
+            raise SamplingError(
+                f"{where}: images are not an array of preprocessed pixels [n, "
+                f"{vision.num_channels}, {vision.image_size}, {vision.image_size}] "
+                f"(postax.data.images.ImageProcessor makes them): {e}"
+            ) from None
         if pixels is not None and len(pixels) == 0:
             pixels = None
         want = (vision.num_channels, vision.image_size, vision.image_size)
@@ -371,6 +383,12 @@ class Sampler:
             check_image_tokens(np.asarray([ids]), None if pixels is None else len(pixels), vision)
         except ValueError as e:
             raise SamplingError(f"{where}: {str(e).replace('row 0', 'the prompt')}") from None
+        blocks = len(image_block_lengths(ids, vision.image_token_id))
+        if pixels is not None and len(pixels) != blocks:
+            raise SamplingError(
+                f"{where}: {len(pixels)} image(s) given for {blocks} image block(s) in the "
+                "prompt: one image per block (a chat's image part makes one block)"
+            )
         if ids[-1] == vision.image_token_id:
             raise SamplingError(f"{where}: the prompt ends with an image token: end it with text")
         return pixels

@@ -15,7 +15,7 @@ call them through `SharedRewards`, one lock around every scoring call.
 
 Image prompts (a vision-language model, `load_run_data(..., image_prompts=True)`: GRPO): the
 prompt sets read image parts with the model's image processor and tokens
-(`postax.recipes.sft.image_inputs`), `RunData.images` decodes their pixels for the sampler,
+(`postax.data.images.image_inputs`), `RunData.images` decodes their pixels for the sampler,
 the training rows (`Loop.rollout_rows`: `images` [rows, data.max_images_per_row, 3, S, S],
 each prompt's pixels repeated for its samples) and the held-out evaluation. What does not
 take images yet is refused before any model is built (`check_image_prompts`): `env:`
@@ -36,13 +36,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from postax.data.images import image_inputs
 from postax.recipes.common import export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
 from postax.recipes.rl_common.local import LocalPolicy
 from postax.recipes.rl_common.producers import NoRewards, make_producer
 from postax.recipes.rl_common.reference import Reference
-from postax.recipes.sft import image_inputs, source_config
+from postax.recipes.sft import source_config
 from postax.rl.asynchronous import ABORT_JOIN_TIMEOUT_S, AsyncProducer, producer_module
 from postax.rl.envs import ChatRenderer
 from postax.rl.groups import Groups, rollout_rows

@@ -11,6 +11,7 @@ where attention's causal query blocking (`layers.dot_product_attention`) would c
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -422,3 +423,49 @@ def test_every_parameter_has_logical_axes(setup):
         assert set(axes) <= known, (path, axes)
     projector = model.multi_modal_projector.mm_input_projection_weight
     assert projector.get_metadata()["out_sharding"] == ("vision_embed", "embed")
+
+
+def test_reward_model_from_a_vision_language_checkpoint_exports_its_text_model(setup, tmp_path):
+    """A reward model on Gemma 3's language model (its tensors are text-only) writes a text
+    config.json, which transformers loads with every tensor found and the same rewards."""
+    from flax import nnx
+
+    from postax.models.reward import RewardModel, save_reward_model
+
+    _, _, model, batch = setup
+    reward = RewardModel.from_causal_lm(model, rngs=nnx.Rngs(0), score_std=0.5)
+    assert reward.config.vision is None
+    save_reward_model(reward, tmp_path, pad_token_id=0)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "vision_config" not in written and written["model_type"] == "gemma3_text"
+    loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    text = np.where(batch["tokens"] == model.config.vision.image_token_id, 5, batch["tokens"])
+    with torch.no_grad():
+        expected = loaded.eval()(torch.as_tensor(text[:1, 10:])).logits[:, 0].numpy()
+    np.testing.assert_allclose(np.asarray(reward(text[:1, 10:])), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_recipes_leave_the_tower_out_of_the_trained_variables(setup):
+    """`without_vision` (preference, PPO, distillation, and SFT/GRPO unless
+    train_vision_tower): the trained variables are the language model's, never the tower's
+    or the projector's; a text-only model's filter is unchanged."""
+    from flax import nnx
+
+    from postax.recipes.common import without_vision
+
+    _, _, model, _ = setup
+    paths = [
+        ".".join(map(str, path))
+        for path, _ in nnx.to_flat_state(nnx.state(model, without_vision(nnx.Param, model.config)))
+    ]
+    everything = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    frozen = set(everything) - set(paths)
+    assert paths and all(p.startswith(("vision_tower", "multi_modal_projector")) for p in frozen)
+    assert any(p.startswith("vision_tower") for p in frozen)
+    assert any(p.startswith("multi_modal_projector") for p in frozen)
+    assert any(p.startswith("model.layers") for p in paths)
+    text = dataclasses.replace(model.config, vision=None)
+    assert without_vision(nnx.Param, text) is nnx.Param

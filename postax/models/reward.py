@@ -50,6 +50,7 @@ forward pass per shape: what RL reward functions call.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -116,8 +117,13 @@ class RewardModel(nnx.Module):
         decoder: Decoder | None = None,
         score_std: float = SCORE_STD,
     ):
-        """decoder: an existing decoder to use (shared, not copied); else a random one."""
+        """decoder: an existing decoder to use (shared, not copied); else a random one.
+
+        A reward model scores text: a vision-language config (Gemma 3) gives its language
+        model only (the config without `vision`), so that the checkpoint it writes is the text
+        `*ForSequenceClassification` its tensors are."""
         param_dtype = dtype if param_dtype is None else param_dtype
+        cfg = dataclasses.replace(cfg, vision=None) if cfg.vision is not None else cfg
         self.config = cfg
         self.model = (
             Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

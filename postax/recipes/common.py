@@ -219,6 +219,20 @@ def local_checkpoint(path: str, field: str) -> str:
     return str(target)
 
 
+# the parts of a vision-language model that stay frozen unless a recipe trains them
+# (attribute names of `postax.models.gemma3_vlm.VisionLanguageLM`)
+VISION_MODULES = ("vision_tower", "multi_modal_projector")
+
+
+def without_vision(trained: Any, model_config) -> Any:
+    """The variable filter `trained` without a vision-language model's tower and projector
+    (`model_config` has `vision`): frozen, they never reach the optimizer (a zero gradient
+    alone would not keep them: AdamW's weight decay would still shrink them)."""
+    if model_config.vision is None:
+        return trained
+    return nnx.All(trained, nnx.Not(nnx.Any(*(nnx.PathContains(m) for m in VISION_MODULES))))
+
+
 def resolve_model_paths(cfg):
     """`cfg` with every model it loads from a path (`model`, distillation's `teacher`) and its
     `tokenizer` given as a Hugging Face directory: `local_checkpoint` of each."""

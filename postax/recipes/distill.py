@@ -64,6 +64,7 @@ from postax.recipes.common import (
     recipe_main,
     start_run,
     train_and_summarise,
+    without_vision,
 )
 from postax.recipes.router_terms import Router, router_for
 from postax.sampling import Sampler, SamplingConfig, SamplingError
@@ -423,7 +424,7 @@ def run(cfg: DistillConfig) -> dict:
         cfg,
         build_distiller(cfg, student, teacher),
         algorithm,
-        wrt=teachers.TRAINED,
+        wrt=without_vision(teachers.TRAINED, student.config),  # the tower frozen
         out=out,
         data_stats=train_data.stats.as_dict(),
     )

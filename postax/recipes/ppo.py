@@ -61,6 +61,7 @@ from postax.recipes.common import (
     check_vocab,
     recipe_main,
     start_run,
+    without_vision,
 )
 from postax.recipes.rl_common.config import (
     KL_IN_REWARD,
@@ -348,7 +349,7 @@ def run(cfg: PPOConfig) -> dict:
         window=window,
         chunk_size=cfg.update.logits_chunk_size,
     )
-    wrt = trained_variables(cfg)
+    wrt = without_vision(trained_variables(cfg), model.config)  # the tower frozen
     trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)
     loop = start_loop(cfg, trainer, data, trainer.model.policy)
 

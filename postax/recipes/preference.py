@@ -49,6 +49,7 @@ from postax.recipes.common import (
     recipe_main,
     start_run,
     train_and_summarise,
+    without_vision,
 )
 from postax.recipes.router_terms import Router, router_for
 from postax.train import reference as ref
@@ -255,7 +256,7 @@ def run(cfg: PreferenceConfig) -> dict:
         cfg,
         model,
         algorithm,
-        wrt=nnx.LoRAParam if cfg.lora else nnx.Param,
+        wrt=without_vision(nnx.LoRAParam if cfg.lora else nnx.Param, model.config),
         out=out,
         data_stats=train_data.stats.as_dict(),
     )

@@ -49,15 +49,12 @@ from postax.recipes.common import (
     recipe_main,
     start_run,
     train_and_summarise,
+    without_vision,
 )
 from postax.sampling.cli import load_checked_tokenizer
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError
-
-# the parts of a vision-language model that `train_vision_tower` switches (attribute names of
-# `postax.models.gemma3_vlm.VisionLanguageLM`)
-VISION_MODULES = ("vision_tower", "multi_modal_projector")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,9 +154,7 @@ def trained_params(cfg: SFTConfig, model_config: ModelConfig) -> Any:
                 "vision tower"
             )
         return base
-    if cfg.train_vision_tower:
-        return base
-    return nnx.All(base, nnx.Not(nnx.Any(*(nnx.PathContains(m) for m in VISION_MODULES))))
+    return base if cfg.train_vision_tower else without_vision(base, model_config)
 
 
 def run(cfg: SFTConfig) -> dict:

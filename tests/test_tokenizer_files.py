@@ -76,6 +76,21 @@ def test_copy_tokenizer_files_copies_what_load_tokenizer_reads(
     assert_same_tokenizer(tokenizer_dir, destination)
 
 
+def test_a_multimodal_processor_config_travels_with_the_tokenizer(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """transformers' AutoProcessor of a Gemma 3 export reads these beside the tokenizer."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tokenizer_dir, source)
+    (source / "preprocessor_config.json").write_text('{"image_processor_type": "x"}')
+    (source / "processor_config.json").write_text('{"processor_class": "y"}')
+    copied = copy_tokenizer_files(source, tmp_path / "copy")
+    assert {"preprocessor_config.json", "processor_config.json"} <= set(map(str, copied))
+    assert (tmp_path / "copy" / "processor_config.json").read_text() == '{"processor_class": "y"}'
+
+
 def test_sft_export_keeps_named_chat_templates(tokenizer_dir: Path, tmp_path: Path) -> None:
     tokenizer = load_tokenizer(tokenizer_dir)
     model_config = postax.ModelConfig(

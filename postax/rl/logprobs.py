@@ -65,11 +65,13 @@ def rollout_logprobs_and_router(
     """`rollout_logprobs` and, from the same forward pass of a mixture-of-experts model,
     (router logits [sparse layers, R, W, experts], real-token mask [R, W])
     (`postax.recipes.router_terms`)."""
+    extra = {"images": batch["images"]} if "images" in batch else {}  # image prompts
     out = model.intermediates(
         batch["tokens"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
         router_logits=True,
+        **extra,
     )
     logp, ent = _window_logprobs(model, out.hidden, batch, temperature, entropy, window, chunk_size)
     return logp, ent, (out.router_logits, batch["segment_ids"] > 0)

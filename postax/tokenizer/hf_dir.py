@@ -96,13 +96,20 @@ def tokenizer_files(directory: str | os.PathLike[str]) -> list[Path]:
     ]
 
 
+# A multimodal model's processor settings (transformers' AutoProcessor reads them beside the
+# tokenizer); copied with the tokenizer when the source has them.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def copy_tokenizer_files(
     source_dir: str | os.PathLike[str], destination_dir: str | os.PathLike[str]
 ) -> list[Path]:
     """Copy every file `load_tokenizer` reads from `source_dir` into `destination_dir` (named
-    templates into its `additional_chat_templates/` folder); return the copied paths, relative."""
+    templates into its `additional_chat_templates/` folder), and a multimodal model's processor
+    files (`PROCESSOR_FILES`) where there are some; return the copied paths, relative."""
     source, destination = Path(source_dir), Path(destination_dir)
     copied = tokenizer_files(source)
+    copied += [Path(name) for name in PROCESSOR_FILES if (source / name).is_file()]
     for relative in copied:
         (destination / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source / relative, destination / relative)

@@ -452,6 +452,13 @@ def test_prompt_data_errors(setup, tmp_path):
         DataError, match=r"p.jsonl:1: data.truncate='left' would cut an image block"
     ):
         PromptDataset(cut, tokenizer, inputs)
+    # image tokens typed into a prompt without image parts would take no image (or another's)
+    stray = [{"role": "user", "content": f"What is {IMAGE_TOKENS[2]} this?"}]
+    (tmp_path / "stray.jsonl").write_text(json.dumps({"prompt": stray}) + "\n")
+    with pytest.raises(DataError, match=r"stray.jsonl:1: .* 0 image blocks \(1 image tokens\)"):
+        PromptDataset(
+            PromptDataConfig(path=str(tmp_path / "stray.jsonl"), batch_size=1), tokenizer, inputs
+        )
 
 
 def test_missing_image_is_one_cli_line(setup, tmp_path, capsys):

@@ -303,6 +303,16 @@ def test_image_data_errors_name_file_line_and_path(tmp_path):
     assert _error(tmp_path, [bad_part]).startswith(
         f"{path}:1: field 'messages'[0]['content'][0] must be a content part"
     )
+    # image tokens typed into text without image parts: refused in every format
+    stray = "look <image_soft_token> here"
+    for record in (
+        {"text": stray},
+        {"prompt": stray, "completion": "ok"},
+        {"messages": [{"role": "user", "content": stray}, good["messages"][1]]},
+    ):
+        message = _error(tmp_path, [record])
+        assert message.startswith(f"{path}:1: "), message
+        assert "image tokens" in message and "image parts" in message, message
 
 
 def test_images_for_a_text_only_model_are_refused(tmp_path):

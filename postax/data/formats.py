@@ -273,15 +273,29 @@ class Encoder:
         encoded = iter(self.tokenizer.batch_encode(texts, add_special_tokens=False))
         eos = [self.tokenizer.eos_token_id] if self.config.add_eos else []
         documents: list[Document | RecordError] = []
-        for item in prepared:
+        for record, item in zip(records, prepared, strict=True):
             if isinstance(item, tuple) and len(item) == 1:  # text
                 ids = [*self._bos, *next(encoded), *eos]
-                item = _document(ids, [True] * len(ids))
+                item = self._without_images(_document(ids, [True] * len(ids)), record.location)
             elif isinstance(item, tuple):  # prompt, completion
                 head, tail = [*self._bos, *next(encoded)], [*next(encoded), *eos]
                 item = _document(head + tail, [False] * len(head) + [True] * len(tail))
+                item = self._without_images(item, record.location)
             documents.append(item)
         return documents
+
+    def _without_images(self, document: Document, location: str) -> Document | RecordError:
+        """`document` (plain text: no image parts), or a RecordError when its text holds a
+        vision-language model's image tokens: without an image they would take another
+        document's image (or a blank one) in the model."""
+        if self.image_token_ids is None or not np.isin(document.ids, self.image_token_ids).any():
+            return document
+        return RecordError(
+            f"{location}: the text holds image tokens ({self.images.tokens.boi_token!r}, "
+            f"{self.images.tokens.image_token!r} or {self.images.tokens.eoi_token!r}) but the "
+            'record has no image parts: images come only from {"type": "image", "path": ...} '
+            "parts of chat messages"
+        )
 
     def _chat(self, messages: list[dict[str, Any]], where: str, location: str, **kwargs: Any):
         if self.images is not None:
@@ -407,7 +421,7 @@ class Encoder:
         messages, tools = self._with_tools(messages, tools, location)
         where = f"{prompt_name!r}/{completion_name!r}"
         encoding = self._chat(messages, where, location, tools=tools)
-        return _document(encoding.ids, encoding.assistant_mask)
+        return self._with_images(encoding.ids, encoding.assistant_mask, (), where, location)
 
     def _conversational(
         self, prompt: Any, completion: Any, record: Record, tools: list | None = None

@@ -201,7 +201,7 @@ class PromptDataset:
             ids = _prompt_ids(
                 prompt, tokenizer, record.location, config.prompt_field, self.image_inputs
             )
-            if paths:
+            if self.image_inputs is not None:  # no image parts: no image tokens either
                 self._check_blocks(ids, len(paths), record.location)
             if len(ids) > config.max_prompt_tokens:
                 if config.truncate == "drop":

@@ -37,6 +37,12 @@ PUBLISHED_BILLIONS = {
 }
 
 
+# Building transformers' own model of these on the meta device takes ~20-40 s (tens of
+# thousands of expert modules): their family's code is checked against transformers at a
+# smaller size (Qwen3-30B-A3B), and their count against the published one above.
+CHECKED_BY_A_SMALLER_SIZE = {"Qwen3-235B-A22B"}
+
+
 def abstract_count(cfg) -> int:
     model = postax.abstract_model(cfg)
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -55,6 +61,8 @@ def test_preset_parameter_count(name):
     published = PUBLISHED_BILLIONS[name]
     digits = len(published.partition(".")[2])
     assert abs(count / 1e9 - float(published)) <= 10.0**-digits, count
+    if name in CHECKED_BY_A_SMALLER_SIZE:
+        return
     hf_config = transformers.AutoConfig.for_model(**config_to_hf(cfg))
     with torch.device("meta"):
         reference = transformers.AutoModelForCausalLM.from_config(hf_config)

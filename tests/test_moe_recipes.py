@@ -1,10 +1,10 @@
-"""A tiny Qwen3-MoE through the preference (DPO), distillation and GRPO recipes, with the
+"""A tiny Qwen3-MoE through the preference (DPO), distillation, GRPO and PPO recipes, with the
 router terms of the `router:` section in their losses (`postax.recipes.router_terms`).
 
 Each recipe runs twice from the same initial weights and data: once with router coefficients
 0 and once with aux 0.1, z 0.01. The first step's loss is computed before any update, so the
 two first losses differ by exactly 0.1 * moe_aux_loss + 0.01 * moe_z_loss (the logged terms,
-equal in both runs): the terms enter the loss with the weights the config gives. (GRPO: the
+equal in both runs): the terms enter the loss with the weights the config gives. (GRPO, PPO: the
 first iteration samples the same completions from the same initial policy; its one update
 step's loss is computed before the update.) DPO then trains on (the loss falls over the run,
 the router terms are logged every step) and exports a checkpoint that loads back as the same
@@ -128,8 +128,10 @@ def digit_fraction(prompts, completions, **fields):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
-def test_grpo_on_a_mixture_of_experts_adds_the_router_terms(files):
-    from postax.recipes import grpo
+@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
+def test_rl_on_a_mixture_of_experts_adds_the_router_terms(files, recipe):
+    from postax.losses.policy import PolicyLossConfig
+    from postax.recipes import grpo, ppo
     from postax.recipes.common import CheckpointSettings
     from postax.recipes.rl_common.config import RunSettings, UpdateConfig
     from postax.rl.producer import RolloutConfig
@@ -138,9 +140,10 @@ def test_grpo_on_a_mixture_of_experts_adds_the_router_terms(files):
 
     prompts = [{"prompt": f"Tell me about the {i}."} for i in ITEMS]
     (files / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    module, config_class = {"grpo": (grpo, grpo.GRPOConfig), "ppo": (ppo, ppo.PPOConfig)}[recipe]
 
     def run(name: str, router: RouterLossConfig) -> list[dict]:
-        cfg = grpo.GRPOConfig(
+        cfg = config_class(
             output_dir=str(files / name),
             tokenizer=str(files / "tokenizer"),
             model=ModelSource(config=postax.ModelConfig(**MOE), seed=1),
@@ -148,14 +151,15 @@ def test_grpo_on_a_mixture_of_experts_adds_the_router_terms(files):
             rewards=(RewardConfig(name=f"{__name__}:digit_fraction", timeout=None),),
             iterations=1,
             rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=6, temperature=1.0),
-            update=UpdateConfig(minibatches=1),
+            policy=PolicyLossConfig(kl_coef=0.0),
+            update=UpdateConfig(epochs=1, minibatches=1),  # the one step's loss: before it
             checkpoint=CheckpointSettings(save_every=0),
             run=RunSettings(progress=False),
             router=router,
             export=False,
         )
-        grpo.run(cfg)
+        module.run(cfg)
         return metrics(files / name)
 
-    off, on = run("grpo-off", OFF), run("grpo-on", ON)
+    off, on = run(f"{recipe}-off", OFF), run(f"{recipe}-on", ON)
     first_losses_differ_by_the_router_terms(off, on)

@@ -94,16 +94,33 @@ class ActorCritic(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """The policy's final hidden states [b, c, embed] (the output head's input) and the
         values [b, c] at `columns`, for callers that run the head in chunks."""
+        picked, values, _ = self._hidden_and_values(batch, columns, router=False)
+        return picked, values
+
+    def hidden_values_and_router(
+        self, batch: dict[str, jax.Array], columns: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+        """`hidden_and_values` and, from the same forward pass of a mixture-of-experts
+        policy, (its router logits [sparse layers, b, t, experts], the real-token mask
+        [b, t]). A separate critic's router is not included (it is not the policy)."""
+        return self._hidden_and_values(batch, columns, router=True)
+
+    def _hidden_and_values(self, batch, columns, *, router: bool):
         kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-        hidden = self.policy.hidden_states(batch["tokens"], **kwargs)
+        routing = None
+        if router:
+            out = self.policy.intermediates(batch["tokens"], router_logits=True, **kwargs)
+            hidden, routing = out.hidden, (out.router_logits, batch["segment_ids"] > 0)
+        else:
+            hidden = self.policy.hidden_states(batch["tokens"], **kwargs)
         if columns is None:
             b, t = batch["tokens"].shape
             columns = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)
         if self.critic is None:
-            return picked, self.value_head(picked)
+            return picked, self.value_head(picked), routing
         critic_hidden = self.critic.hidden_states(batch["tokens"], **kwargs)
-        return picked, self.critic.score_hidden(critic_hidden, columns)
+        return picked, self.critic.score_hidden(critic_hidden, columns), routing
 
 
 def critic_from_policy(policy: CausalLM, *, rngs: nnx.Rngs) -> RewardModel:

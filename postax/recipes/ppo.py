@@ -46,8 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from postax.losses.numerics import aggregation_normalizer, map_sequence_chunks, masked_whiten
+from postax.losses.numerics import (
+    aggregation_normalizer,
+    aggregation_units,
+    map_sequence_chunks,
+    masked_whiten,
+)
 from postax.losses.policy import PolicyLossConfig, policy_loss
+from postax.losses.router import RouterLossConfig
 from postax.losses.value import value_loss
 from postax.models.lora import LoRAConfig
 from postax.models.reward import load_reward_model
@@ -84,6 +90,7 @@ from postax.recipes.rl_common.loop import (
 from postax.recipes.rl_common.producers import group_metrics, training_rows
 from postax.recipes.rl_common.reference import loss_policy_config
 from postax.recipes.rl_common.updates import minibatches, summarise_updates
+from postax.recipes.router_terms import Router, router_for
 from postax.rl import advantages as adv
 from postax.rl.envs import episode_token_rewards
 from postax.rl.groups import pad_rows
@@ -170,6 +177,8 @@ class PPOConfig:
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    # mixture-of-experts policies: router terms in the update's loss (recipes/router_terms.py)
+    router: RouterLossConfig = dataclasses.field(default_factory=RouterLossConfig)
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -197,6 +206,7 @@ class PPOAlgorithm:
     constant: float
     window: int | None = None
     chunk_size: int = 0
+    router: Router | None = None  # a mixture-of-experts policy's router terms
 
     def normalizer(self, batch):
         return aggregation_normalizer(
@@ -210,7 +220,10 @@ class PPOAlgorithm:
         else:
             columns, inside = window_columns(batch, self.window)
             window = functools.partial(gather_window, columns=columns, inside=inside)
-        hidden, values = model.hidden_and_values(batch, columns)
+        if self.router is None:
+            hidden, values = model.hidden_and_values(batch, columns)
+        else:
+            hidden, values, routing = model.hidden_values_and_router(batch, columns)
         with_entropy = self.loss_config.entropy_coef > 0
         logp, entropy = map_sequence_chunks(
             lambda h, y: logprobs_from_logits(
@@ -241,7 +254,14 @@ class PPOAlgorithm:
             clip=self.value.clip,
             aggregation=self.loss_config.aggregation,
         )
-        return p_loss + self.value.coef * v_loss, {**metrics, **v_metrics}
+        loss, metrics = p_loss + self.value.coef * v_loss, {**metrics, **v_metrics}
+        if self.router is not None:  # weighted by this micro-batch's share of the policy loss
+            units = aggregation_units(
+                batch["loss_mask"], self.loss_config.aggregation, constant=self.constant
+            )
+            router_loss, router_metrics = self.router.objective(*routing, units / normalizer)
+            return loss + router_loss, {**metrics, **router_metrics}
+        return loss, metrics
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "logprobs", "window", "chunk_size"))
@@ -348,6 +368,7 @@ def run(cfg: PPOConfig) -> dict:
         loss_divisor(cfg),
         window=window,
         chunk_size=cfg.update.logits_chunk_size,
+        router=router_for(cfg.router, model.policy),
     )
     wrt = without_vision(trained_variables(cfg), model.config)  # the tower frozen
     trainer = make_rl_trainer(cfg, model, algorithm, out=out, wrt=wrt, shown=SHOWN)

@@ -469,3 +469,20 @@ def test_recipes_leave_the_tower_out_of_the_trained_variables(setup):
     assert any(p.startswith("model.layers") for p in paths)
     text = dataclasses.replace(model.config, vision=None)
     assert without_vision(nnx.Param, text) is nnx.Param
+
+
+def test_the_tower_in_groups_of_images_gives_the_same_features(setup):
+    """`images_per_tower_call` bounds the tower's temporaries (a sequential map over groups of
+    images); the features and logits do not depend on it (float rounding aside)."""
+    _, _, model, batch = setup
+    images = jnp.asarray(batch["images"])
+    whole = np.asarray(model.image_features(images))
+    model.images_per_tower_call = 1
+    try:
+        grouped = np.asarray(model.image_features(images))
+        logits = np.asarray(model(batch["tokens"], images=images, attention_mask=batch["mask"]))
+    finally:
+        model.images_per_tower_call = 8
+    np.testing.assert_allclose(grouped, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    expected = np.asarray(model(batch["tokens"], images=images, attention_mask=batch["mask"]))
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -287,19 +287,32 @@ class VisionLanguageLM(CausalLM):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.vision_tower = SiglipVisionTower(cfg.vision, **kw)
         self.multi_modal_projector = MultiModalProjector(cfg.vision, cfg.hidden_size, **kw)
+        # images the tower encodes at a time (a sequential map over groups of this many): at
+        # 896 px one image's tower pass needs ~1.4 GiB of temporaries, so a rollout batch of
+        # 128 rows encoded at once would not fit an accelerator; results are the same
+        self.images_per_tower_call = 8
 
     @exact_float32
     def image_features(self, images: jax.Array) -> jax.Array:
-        """pixels [b, n, channels, size, size] -> soft tokens [b, n, mm_tokens, hidden]."""
+        """pixels [b, n, channels, size, size] -> soft tokens [b, n, mm_tokens, hidden], the
+        tower run on `images_per_tower_call` images at a time."""
         if images.ndim != 5:
             raise ValueError(
                 f"images of shape {tuple(images.shape)} are invalid: expected [batch, "
                 "images_per_row, channels, image_size, image_size]"
             )
         b, n = images.shape[:2]
-        features = self.multi_modal_projector(
-            self.vision_tower(images.reshape(-1, *images.shape[2:]))
-        )
+        flat = images.reshape(-1, *images.shape[2:])
+
+        def encode(pixels):
+            return self.multi_modal_projector(self.vision_tower(pixels))
+
+        if flat.shape[0] <= self.images_per_tower_call:
+            features = encode(flat)
+        else:  # groups of images_per_tower_call, one after the other: bounded temporaries
+            features = jax.lax.map(
+                lambda one: encode(one[None])[0], flat, batch_size=self.images_per_tower_call
+            )
         return features.reshape(b, n, *features.shape[1:])
 
     def embed_inputs(

@@ -187,7 +187,7 @@ def test_teacher_top_k_cache_on_two_processes_equals_one(runs):
     assert len(caches) == 1 and caches[0].is_dir()  # one cache, no temporary left behind
 
 
-def test_each_process_reads_only_its_rows(runs):
+def test_each_process_reads_only_its_rows_and_tokenises_its_share(runs):
     single = json.loads((runs / "one" / "counters-0.json").read_text())
     parts = [json.loads((runs / "two" / f"counters-{i}.json").read_text()) for i in (0, 1)]
     assert single["rows"] is None  # one process reads whole batches
@@ -196,6 +196,10 @@ def test_each_process_reads_only_its_rows(runs):
     assert sum(p["rows_read"] for p in parts) == single["rows_read"] > 0
     assert sum(p["documents_read"] for p in parts) == single["documents_read"]
     assert all(0 < p["documents_read"] < single["documents_read"] for p in parts)
+    # the tokenising is split too: each process encoded half of the 60 records (every other
+    # one), and the exchange gave both the single process's dataset (the runs above are equal)
+    assert single["records_encoded"] == 60
+    assert [p["records_encoded"] for p in parts] == [30, 30]
 
 
 def test_checkpoints_resume_on_another_process_count(runs):

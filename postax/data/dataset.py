@@ -43,16 +43,16 @@ arrays), while the order, the batch boundaries and the pad bucket stay those of 
 so the global batch is the single-process one whatever the process count. `rows_read` and
 `documents_read` count what a process laid out.
 
-What stays global, and why: every process reads and tokenises the whole data set when it builds
-the dataset. Packing (best-fit decreasing over the documents' token counts), the pad buckets, the
-number of steps per epoch, the statistics and the fingerprint a resume checks all need every
-document's token count, and a token count is only known after tokenising; reading every record is
-also what lets every data error surface before anything is compiled. What each process keeps is
-the flat token arrays (about 5 bytes per token); what it does per step is local. Tokenising
-a share per process and exchanging the counts would need collectives in the data layer, and it
-would not stay a share: a document lands in another process's rows whenever the epoch's shuffle
-moves its row to another position, so after a few epochs every process would have tokenised
-most documents anyway. It is not done.
+What stays global, and why: every process reads every record (a cheap pass that also lets every
+data error surface before anything is compiled) and ends with every document's tokens. Packing
+(best-fit decreasing over the documents' token counts), the pad buckets, the number of steps per
+epoch, the statistics and the fingerprint a resume checks all need every document's token count,
+and a document lands in another process's rows whenever an epoch's shuffle moves its row, so
+each process keeps the flat token arrays (about 5 bytes per token). The tokenising itself, the
+costly part, is split: with `share` (`EncodingShare`, which the recipes pass in a multi-process
+run) each process encodes every count-th record of each chunk and one exchange per chunk gives
+all of them every document (`records_encoded` counts a process's share). A data error in any
+process's share is raised by every process, the same way.
 """
 
 from __future__ import annotations
@@ -229,6 +229,19 @@ def _check_tokenizer(config: DataConfig, tokenizer: Tokenizer, format: str) -> N
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodingShare:
+    """Tokenisation split over the `count` processes of a run: this process (`index`) encodes
+    every count-th record of each chunk, starting at its index, and `exchange` (a collective:
+    every process's value, in process order; `postax.train.processes.allgather_objects`) gives
+    every process all the documents, in record order. The dataset is then the one a single
+    process builds; each process did 1/count of the tokenising."""
+
+    index: int
+    count: int
+    exchange: Callable[[Any], list[Any]]
+
+
 class SFTDataset:
     """Tokenised supervised fine-tuning data, laid out in rows.
 
@@ -256,11 +269,18 @@ class SFTDataset:
     )
 
     def __init__(
-        self, config: DataConfig, tokenizer: Tokenizer, *, images: ImageInputs | None = None
+        self,
+        config: DataConfig,
+        tokenizer: Tokenizer,
+        *,
+        images: ImageInputs | None = None,
+        share: EncodingShare | None = None,
     ) -> None:
         if not isinstance(config, DataConfig):
             raise TypeError(f"config must be a DataConfig, got {type(config).__name__}")
         self.config = config
+        self.share = share
+        self.records_encoded = 0  # records this process tokenised (its share with `share`)
         self.pad_token_id = tokenizer.pad_token_id
         self.image_inputs = images
         # document index -> (record location, image paths), for documents with images only
@@ -335,7 +355,7 @@ class SFTDataset:
 
         def flush() -> None:
             good = [item for item in chunk if isinstance(item, Record)]
-            encoded = iter(encoder.encode(good, format) if good else ())
+            encoded = iter(self._encode(encoder, good, format))
             for item in chunk:
                 result = item if isinstance(item, RecordError) else next(encoded)
                 if isinstance(result, RecordError):
@@ -377,6 +397,19 @@ class SFTDataset:
                 stacklevel=3,
             )
         return documents, counts
+
+    def _encode(self, encoder: Encoder, records: list[Record], format: str | None) -> list:
+        """The documents (or RecordErrors) of `records`: all encoded here, or with `share`
+        this process's every count-th record from its index, then exchanged (a collective:
+        every process flushes the same chunks, so each calls it as often as the others)."""
+        if self.share is None:
+            self.records_encoded += len(records)
+            return encoder.encode(records, format) if records else []
+        count, index = self.share.count, self.share.index
+        mine = records[index::count]
+        self.records_encoded += len(mine)
+        parts = self.share.exchange(encoder.encode(mine, format) if mine else [])
+        return [parts[i % count][i // count] for i in range(len(records))]
 
     def _keep_images(self, index: int, location: str, paths: tuple[str, ...]) -> None:
         self._doc_images[index] = (location, paths)

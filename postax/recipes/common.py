@@ -33,6 +33,7 @@ import jax
 from flax import nnx
 
 from postax.configs import load_config, to_dict
+from postax.data.dataset import EncodingShare
 from postax.models import ModelConfig, build_model, load_model, preset, save_model
 from postax.models.hf import FAMILY_OF_CONFIG, read_hf_config
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
@@ -44,6 +45,7 @@ from postax.tokenizer import copy_tokenizer_files
 from postax.train.checkpoint import CheckpointConfig
 from postax.train.metrics import MetricsConfig, cache_dir, training_flops_per_token
 from postax.train.processes import (
+    allgather_objects,
     check_same_everywhere,
     gather_to_host,
     is_primary,
@@ -284,6 +286,16 @@ def start_run(cfg) -> Path:
     if is_primary():
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return out
+
+
+def encoding_share() -> EncodingShare | None:
+    """How an SFT dataset splits its tokenising over the processes of this run (None: one
+    process tokenises everything)."""
+    if not multi_process():
+        return None
+    return EncodingShare(
+        index=jax.process_index(), count=jax.process_count(), exchange=allgather_objects
+    )
 
 
 def load_data(cfg, dataset_class):

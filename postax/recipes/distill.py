@@ -58,6 +58,7 @@ from postax.recipes.common import (
     ModelSource,
     build_causal_lm,
     check_vocab,
+    encoding_share,
     gathered,
     load_data,
     make_trainer,
@@ -413,7 +414,9 @@ def run(cfg: DistillConfig) -> dict:
             f"distill runs as one process only (this run has {jax.process_count()}): 0 for "
             "several processes"
         )
-    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, SFTDataset)
+    tokenizer_dir, tokenizer, train_data, eval_data = load_data(
+        cfg, functools.partial(SFTDataset, share=encoding_share())
+    )
 
     check_models(cfg, source_config(cfg.model), source_config(cfg.teacher))  # before any weights
     student = build_causal_lm(cfg.model)

@@ -43,6 +43,7 @@ from postax.recipes.common import (
     build_policy,
     check_model_options,
     check_vocab,
+    encoding_share,
     export,
     load_data,
     make_trainer,
@@ -161,10 +162,10 @@ def run(cfg: SFTConfig) -> dict:
     """Supervised fine-tuning from a config; returns the run summary."""
     out = start_run(cfg)
     model_config = source_config(cfg.model)
-    dataset = SFTDataset
+    dataset = functools.partial(SFTDataset, share=encoding_share())  # split over processes
     if model_config.vision is not None:  # the data needs the model's image settings
         tokenizer = load_checked_tokenizer(Path(cfg.tokenizer or cfg.model.path))
-        dataset = functools.partial(SFTDataset, images=image_inputs(model_config, tokenizer))
+        dataset = functools.partial(dataset, images=image_inputs(model_config, tokenizer))
     tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, dataset)
 
     model = build_policy(cfg.model, cfg.lora, cfg.quantize)

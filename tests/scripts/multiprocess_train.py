@@ -75,14 +75,16 @@ def main() -> None:
 TEXTS = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(5)]
 
 
-def tiny_data(out: Path):
-    """The SFT dataset and tokenizer that `write_data` wrote under `out`."""
+def tiny_data(out: Path, split: bool = True):
+    """The SFT dataset and tokenizer that `write_data` wrote under `out`, its tokenising split
+    over the processes as the recipes split it (`split`)."""
     import postax
     from postax.data import DataConfig, SFTDataset
+    from postax.recipes.common import encoding_share
 
     tokenizer = postax.load_tokenizer(out / "tokenizer")
     config = DataConfig(path=str(out / "train.jsonl"), seq_len=32, batch_size=8, seed=1)
-    return SFTDataset(config, tokenizer)
+    return SFTDataset(config, tokenizer, share=encoding_share() if split else None)
 
 
 def write_data(out: Path, texts: list[str]) -> None:
@@ -140,7 +142,7 @@ def probe(out: Path, checkpoints: Path) -> None:
     for where, data_of in ((checkpoints if pid == 0 else empty, 0), (empty, pid)):
         multihost_utils.sync_global_devices("probe data written")
         trainer = tiny_trainer(where, mine, steps=3)
-        dataset = tiny_data(out / f"process-{data_of}")
+        dataset = tiny_data(out / f"process-{data_of}", split=False)  # other data: no exchange
         try:
             trainer.restore(dataset.iterator())
             print(f"not refused: resumed at step {trainer.step}", file=sys.stderr)
@@ -184,6 +186,7 @@ def sft(out: Path, resume_from: Path | None, args: argparse.Namespace) -> None:
     counters = {
         "rows_read": dataset.rows_read,
         "documents_read": dataset.documents_read,
+        "records_encoded": dataset.records_encoded,
         "rows": None if iterator.rows is None else iterator.rows.tolist(),
     }
     (out / f"counters-{pid}.json").write_text(json.dumps(counters))

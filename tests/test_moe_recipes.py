@@ -163,3 +163,39 @@ def test_rl_on_a_mixture_of_experts_adds_the_router_terms(files, recipe):
 
     off, on = run(f"{recipe}-off", OFF), run(f"{recipe}-on", ON)
     first_losses_differ_by_the_router_terms(off, on)
+
+
+def test_reward_model_on_a_mixture_of_experts_adds_the_router_terms(files):
+    from postax.recipes import reward_model
+
+    def run(name: str, router: RouterLossConfig) -> list[dict]:
+        cfg = reward_model.RewardModelConfig(
+            output_dir=str(files / name),
+            tokenizer=str(files / "tokenizer"),
+            model=ModelSource(config=postax.ModelConfig(**MOE), seed=1),
+            data=PreferenceDataConfig(path=str(files / "pairs.jsonl"), seq_len=24, batch_size=4),
+            trainer=TrainerConfig(steps=1, log_every=1, progress=False),
+            router=router,
+            export=name == "rm-on",
+        )
+        reward_model.run(cfg)
+        return metrics(files / name)
+
+    first_losses_differ_by_the_router_terms(run("rm-off", OFF), run("rm-on", ON))
+    # the export is a Qwen3MoeForSequenceClassification transformers loads whole, same rewards
+    import numpy as np
+    import torch
+    import transformers
+
+    from postax.models.reward import load_reward_model
+
+    loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        files / "rm-on" / "final", output_loading_info=True
+    )
+    assert type(loaded).__name__ == "Qwen3MoeForSequenceClassification"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokens = np.random.RandomState(0).randint(1, 300, (2, 10))
+    ours = np.asarray(load_reward_model(files / "rm-on" / "final")(tokens))
+    with torch.no_grad():
+        theirs = loaded.eval()(torch.as_tensor(tokens)).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -72,6 +72,7 @@ ARCHITECTURES = {
     "llama": "LlamaForSequenceClassification",
     "qwen2": "Qwen2ForSequenceClassification",
     "qwen3": "Qwen3ForSequenceClassification",
+    "qwen3_moe": "Qwen3MoeForSequenceClassification",
     "gemma": "GemmaForSequenceClassification",
     "gemma2": "Gemma2ForSequenceClassification",
     "gemma3": "Gemma3TextForSequenceClassification",
@@ -81,6 +82,7 @@ ARCHITECTURE_MODEL_TYPES = {
     "LlamaForSequenceClassification": "llama",
     "Qwen2ForSequenceClassification": "qwen2",
     "Qwen3ForSequenceClassification": "qwen3",
+    "Qwen3MoeForSequenceClassification": "qwen3_moe",
     "GemmaForSequenceClassification": "gemma",
     "Gemma2ForSequenceClassification": "gemma2",
     "Gemma3TextForSequenceClassification": "gemma3_text",
@@ -176,6 +178,18 @@ class RewardModel(nnx.Module):
         w = self.score.weight[...].astype(self.dtype)
         out = matmul_transposed(picked.astype(self.dtype), w, preferred_element_type=jnp.float32)
         return out[..., 0].reshape(index.shape)
+
+    def rewards_and_router(
+        self, tokens: jax.Array, *, attention_mask: jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """float32 rewards [b] (as `__call__` with `attention_mask`) and, from the same pass of
+        a mixture-of-experts decoder, (router logits [sparse layers, b, t, experts], the
+        real-token mask [b, t]) (`postax.recipes.router_terms`)."""
+        out = CausalLM.intermediates(
+            self, tokens, router_logits=True, attention_mask=attention_mask
+        )
+        valid = attention_mask.astype(bool)
+        return self.score_hidden(out.hidden, last_token_index(valid)), (out.router_logits, valid)
 
     def __call__(
         self,

@@ -21,6 +21,7 @@ from flax import nnx
 
 from postax.data.preference import PreferenceDataConfig, PreferenceDataset
 from postax.losses.reward import bradley_terry_loss
+from postax.losses.router import RouterLossConfig
 from postax.models.lora import LoRAConfig, apply_lora
 from postax.models.reward import RewardModel, load_reward_model, save_reward_model
 from postax.parallel import DistributedConfig
@@ -36,6 +37,7 @@ from postax.recipes.common import (
     start_run,
     train_and_summarise,
 )
+from postax.recipes.router_terms import Router, router_for
 from postax.tokenizer import copy_tokenizer_files
 from postax.train.optim import OptimizerConfig
 from postax.train.processes import is_primary
@@ -68,6 +70,8 @@ class RewardModelConfig:
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    # a mixture-of-experts decoder: router terms in the loss (recipes/router_terms.py)
+    router: RouterLossConfig = dataclasses.field(default_factory=RouterLossConfig)
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -100,6 +104,7 @@ class RewardAlgorithm:
     batch's per-pair `margin` when the data has one, else the constant `margin`."""
 
     margin: float = 0.0
+    router: Router | None = None  # a mixture-of-experts decoder's router terms
 
     def normalizer(self, batch):
         return jnp.maximum(jnp.sum((batch["index"] >= 0).astype(jnp.float32)), 1.0)
@@ -108,7 +113,11 @@ class RewardAlgorithm:
         del rng
         ids, mask = full_sequences(batch)
         pairs, _, length = ids.shape
-        rewards = model(ids.reshape(-1, length), attention_mask=mask.reshape(-1, length))
+        rows, row_mask = ids.reshape(-1, length), mask.reshape(-1, length)
+        if self.router is None:
+            rewards = model(rows, attention_mask=row_mask)
+        else:
+            rewards, routing = model.rewards_and_router(rows, attention_mask=row_mask)
         rewards = rewards.reshape(pairs, 2)
         margin = batch.get("margin")  # per pair, from data.margin_field
         if margin is None and self.margin:
@@ -116,7 +125,13 @@ class RewardAlgorithm:
         losses, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1], margin)
         real = (batch["index"] >= 0).astype(jnp.float32)
         total = jnp.sum(losses * real) / normalizer
-        return total, {k: jnp.sum(v * real) / normalizer for k, v in metrics.items()}
+        metrics = {k: jnp.sum(v * real) / normalizer for k, v in metrics.items()}
+        if self.router is not None:  # weighted by this micro-batch's share of the pairs
+            router_loss, router_metrics = self.router.objective(
+                *routing, jnp.sum(real) / normalizer
+            )
+            return total + router_loss, {**metrics, **router_metrics}
+        return total, metrics
 
 
 def build_reward_model(cfg: RewardModelConfig) -> RewardModel:
@@ -147,7 +162,7 @@ def run(cfg: RewardModelConfig) -> dict:
     trainer = make_trainer(
         cfg,
         model,
-        RewardAlgorithm(cfg.margin),
+        RewardAlgorithm(cfg.margin, router_for(cfg.router, model)),
         wrt=trained_filter(cfg),
         out=out,
         data_stats=train_data.stats.as_dict(),

@@ -3,6 +3,7 @@ template and solid-colour images."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import numpy as np
 from PIL import Image
 from tokenizers import AddedToken
 
+from postax.models.config import ModelConfig, RopeConfig, VisionConfig
+from postax.models.gemma import gemma_preset
 from tokenizer_fixtures import GEMMA, _tokenizer_config, build_backend, write_json
 
 # Gemma 3's chat template as published with the instruction-tuned checkpoints
@@ -118,3 +121,35 @@ def write_colour_data(directory: Path, name: str, per_colour: int, seed: int) ->
     path = directory / f"{name}.jsonl"
     path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+def tiny_vlm_config(tokenizer, *, image_size: int = 16, tokens_per_image: int = 4) -> ModelConfig:
+    """A tiny random Gemma 3 vision-language config whose image token ids are `tokenizer`'s."""
+    text = gemma_preset(
+        "gemma3",
+        vocab=448,
+        window=128,
+        local_theta=10000.0,
+        rope=RopeConfig(theta=1000000.0),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16.0,
+        max_position_embeddings=256,
+    )
+    vision = VisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        image_size=image_size,
+        patch_size=4,
+        mm_tokens_per_image=tokens_per_image,
+        image_token_id=tokenizer.token_to_id(IMAGE_TOKENS[2]),
+        boi_token_id=tokenizer.token_to_id(IMAGE_TOKENS[0]),
+        eoi_token_id=tokenizer.token_to_id(IMAGE_TOKENS[1]),
+    )
+    return dataclasses.replace(text, vision=vision)

@@ -23,7 +23,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from image_fixtures import COLOURS, IMAGE_TOKENS, QUESTION, colour_image, make_gemma3_tokenizer_dir
+from image_fixtures import (
+    COLOURS,
+    IMAGE_TOKENS,
+    QUESTION,
+    colour_image,
+    make_gemma3_tokenizer_dir,
+    tiny_vlm_config,
+)
 
 from postax.cli import main as cli_main
 from postax.configs import load_config, to_dict
@@ -32,8 +39,7 @@ from postax.data.images import image_inputs
 from postax.data.sources import DataError
 from postax.losses.policy import PolicyLossConfig
 from postax.models import build_model, load_model
-from postax.models.config import ModelConfig, RopeConfig, VisionConfig
-from postax.models.gemma import gemma_preset
+from postax.models.config import ModelConfig
 from postax.models.hf import save_model
 from postax.recipes import grpo, ppo
 from postax.recipes.common import CheckpointSettings, ModelSource, copy_tokenizer_files
@@ -56,38 +62,6 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
 TOKENS_PER_IMAGE = 4
 NEW_TOKENS = 4
-
-
-def tiny_vlm_config(tokenizer) -> ModelConfig:
-    """A tiny random Gemma 3 vision-language config whose image token ids are `tokenizer`'s."""
-    text = gemma_preset(
-        "gemma3",
-        vocab=448,
-        window=128,
-        local_theta=10000.0,
-        rope=RopeConfig(theta=1000000.0),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        query_pre_attn_scalar=16.0,
-        max_position_embeddings=256,
-    )
-    vision = VisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=4,
-        mm_tokens_per_image=TOKENS_PER_IMAGE,
-        image_token_id=tokenizer.token_to_id(IMAGE_TOKENS[2]),
-        boi_token_id=tokenizer.token_to_id(IMAGE_TOKENS[0]),
-        eoi_token_id=tokenizer.token_to_id(IMAGE_TOKENS[1]),
-    )
-    return dataclasses.replace(text, vision=vision)
 
 
 def user_turn(image: str) -> list[dict]:

@@ -13,13 +13,16 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from image_fixtures import COLOURS, IMAGE_TOKENS, make_gemma3_tokenizer_dir, write_colour_data
+from image_fixtures import (
+    COLOURS,
+    make_gemma3_tokenizer_dir,
+    tiny_vlm_config,
+    write_colour_data,
+)
 
 from postax.configs import to_dict
 from postax.data import DataConfig, SFTDataset
 from postax.models import build_model, load_model
-from postax.models.config import ModelConfig, RopeConfig, VisionConfig
-from postax.models.gemma import gemma_preset
 from postax.models.lora import LoRAConfig, apply_lora
 from postax.models.stack import unstacked_copy
 from postax.recipes.common import ModelSource
@@ -34,38 +37,6 @@ from postax.tokenizer import load_tokenizer
 from postax.train.optim import OptimizerConfig
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
-
-
-def tiny_vlm_config(tokenizer, *, image_size: int = 16, tokens_per_image: int = 4) -> ModelConfig:
-    """A tiny random Gemma 3 vision-language config whose image token ids are `tokenizer`'s."""
-    text = gemma_preset(
-        "gemma3",
-        vocab=448,
-        window=128,
-        local_theta=10000.0,
-        rope=RopeConfig(theta=1000000.0),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        query_pre_attn_scalar=16.0,
-        max_position_embeddings=256,
-    )
-    vision = VisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        image_size=image_size,
-        patch_size=4,
-        mm_tokens_per_image=tokens_per_image,
-        image_token_id=tokenizer.token_to_id(IMAGE_TOKENS[2]),
-        boi_token_id=tokenizer.token_to_id(IMAGE_TOKENS[0]),
-        eoi_token_id=tokenizer.token_to_id(IMAGE_TOKENS[1]),
-    )
-    return dataclasses.replace(text, vision=vision)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from postax.data import DataConfig, PreferenceDataConfig, PreferenceDataset, SFTDataset
+from postax.data.preference_encode import PreferenceRecordError
 from postax.tokenizer import build_tokenizer, load_tokenizer
 from postax.train import reference as ref
 from postax.train import teacher as teachers
@@ -234,6 +236,21 @@ def test_dpo_with_its_reference_cache_on_two_processes_equals_one(runs):
     np.testing.assert_allclose(one["losses"], two["losses"], rtol=1e-6)
     assert one["losses"][-1] < one["losses"][0]
     assert_close_params(params(runs / "dpo_one"), params(runs / "dpo_two"), 1e-6)
+    # the pairs were tokenised half by each process (every other record), and the exchange
+    # gave both the single process's dataset: the losses and reference log-probs above agree
+    encoded = [
+        json.loads((runs / run / f"dpo-counters-{i}.json").read_text())["records_encoded"]
+        for run, i in (("dpo_one", 0), ("dpo_two", 0), ("dpo_two", 1))
+    ]
+    assert encoded == [12, 6, 6]
+
+
+def test_a_preference_record_error_survives_the_exchange_between_processes():
+    # each process's share of encoded records (errors included) is pickled to the others
+    error = PreferenceRecordError("train.jsonl:3: field 'chosen' is empty", "empty")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is PreferenceRecordError
+    assert (str(copy), copy.reason) == (str(error), error.reason)
 
 
 # -- in one process: the pieces the runs above put together ---------------------------------------

@@ -241,6 +241,16 @@ class EncodingShare:
     count: int
     exchange: Callable[[Any], list[Any]]
 
+    def encode(self, encode: Callable[[list], list], records: list) -> tuple[list, int]:
+        """(`encode(records)`'s results in record order, how many records this process encoded):
+        this process encodes its every count-th record from its index, and one exchange gives
+        it the others'. A collective: every process calls it with the same records, as often as
+        the others. `encode` maps a list of records to one result (a document or a record's
+        error, both picklable) each."""
+        mine = records[self.index :: self.count]
+        parts = self.exchange(encode(mine) if mine else [])
+        return [parts[i % self.count][i // self.count] for i in range(len(records))], len(mine)
+
 
 class SFTDataset:
     """Tokenised supervised fine-tuning data, laid out in rows.
@@ -405,11 +415,9 @@ class SFTDataset:
         if self.share is None:
             self.records_encoded += len(records)
             return encoder.encode(records, format) if records else []
-        count, index = self.share.count, self.share.index
-        mine = records[index::count]
-        self.records_encoded += len(mine)
-        parts = self.share.exchange(encoder.encode(mine, format) if mine else [])
-        return [parts[i % count][i // count] for i in range(len(records))]
+        results, encoded = self.share.encode(lambda part: encoder.encode(part, format), records)
+        self.records_encoded += encoded
+        return results
 
     def _keep_images(self, index: int, location: str, paths: tuple[str, ...]) -> None:
         self._doc_images[index] = (location, paths)

@@ -5,7 +5,10 @@ SimPO (`kind="paired"`), and KTO (Ethayarajh et al. 2024, "KTO: Model Alignment 
 Theoretic Optimization"; `kind="unpaired"`). Records come from the same sources as SFT data
 (`postax.data.sources`); `postax.data.preference_encode` tokenises them (the prompt once, each
 completion as its continuation: see there for plain strings and chat templates) and
-`PreferenceDataset` reads and tokenises everything up front, as `SFTDataset` does.
+`PreferenceDataset` reads and tokenises everything up front, as `SFTDataset` does. In a
+multi-process run (`share`, an `EncodingShare` the recipes pass in) each process tokenises every
+count-th record of each chunk and one exchange per chunk gives every process all the examples
+(`records_encoded` counts a process's share); the dataset is the single process's.
 
 Lengths. A prompt of more than `max_prompt_len` tokens (default `seq_len`) keeps its last
 `max_prompt_len` tokens (bos and system prompt go first). A sequence holds at most
@@ -59,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from postax.data.dataset import DataIterator, shuffled_order
+from postax.data.dataset import DataIterator, EncodingShare, shuffled_order
 from postax.data.formats import Document
 from postax.data.packing import layout
 from postax.data.preference_config import PreferenceDataConfig
@@ -262,9 +265,17 @@ class PreferenceDataset:
         "shared_prompt",
     )
 
-    def __init__(self, config: PreferenceDataConfig, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        config: PreferenceDataConfig,
+        tokenizer: Tokenizer,
+        *,
+        share: EncodingShare | None = None,
+    ) -> None:
         if not isinstance(config, PreferenceDataConfig):
             raise TypeError(f"config must be a PreferenceDataConfig, got {type(config).__name__}")
+        self.share = share
+        self.records_encoded = 0  # records this process tokenised (its share with `share`)
         if config.chat_template and not tokenizer.chat_templates:
             raise DataError(
                 "data.chat_template=True needs a chat template, but the tokenizer at "
@@ -337,7 +348,7 @@ class PreferenceDataset:
 
         def flush() -> None:
             good = [item for item in chunk if isinstance(item, Record)]
-            encoded = iter(encoder.encode(good) if good else ())
+            encoded = iter(self._encode(encoder, good))
             for item in chunk:
                 result = item if isinstance(item, PreferenceRecordError) else next(encoded)
                 if isinstance(result, PreferenceRecordError):
@@ -365,6 +376,17 @@ class PreferenceDataset:
                 stacklevel=3,
             )
         return examples, counts, skipped
+
+    def _encode(self, encoder: PreferenceEncoder, records: list[Record]) -> list:
+        """The examples (or PreferenceRecordErrors) of `records`: all encoded here, or with
+        `share` this process's share, exchanged (`EncodingShare.encode`; every process flushes
+        the same chunks, so each calls the collective as often as the others)."""
+        if self.share is None:
+            self.records_encoded += len(records)
+            return encoder.encode(records) if records else []
+        results, encoded = self.share.encode(encoder.encode, records)
+        self.records_encoded += encoded
+        return results
 
     def _fit(self, example: Example, counts: dict[str, int]) -> Example | None:
         """Apply the prompt limit and the overlong rule; None if the example is left out."""

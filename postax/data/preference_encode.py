@@ -48,6 +48,9 @@ class PreferenceRecordError(RecordError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickled whole: a multi-process run exchanges encoded records
+        return type(self), (str(self), self.reason)
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:

@@ -20,6 +20,7 @@ rewards, margin, preference accuracy, completion log-probs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from postax.recipes.common import (
     build_policy,
     check_model_options,
     check_vocab,
+    encoding_share,
     export,
     load_data,
     make_trainer,
@@ -239,7 +241,10 @@ def attach_reference(cfg: PreferenceConfig, model, dataset: PreferenceDataset, i
 def run(cfg: PreferenceConfig) -> dict:
     """Preference tuning from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, PreferenceDataset)
+    tokenizer_dir, tokenizer, train_data, eval_data = load_data(
+        cfg,
+        functools.partial(PreferenceDataset, share=encoding_share()),  # split over processes
+    )
 
     model = build_policy(cfg.model, cfg.lora, cfg.quantize)
     check_vocab(model.config, tokenizer, tokenizer_dir)

@@ -15,6 +15,7 @@ followed by the targets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 from flax import nnx
@@ -30,6 +31,7 @@ from postax.recipes.common import (
     MetricsSettings,
     ModelSource,
     build_causal_lm,
+    encoding_share,
     load_data,
     make_trainer,
     merged_for_export,
@@ -156,7 +158,10 @@ def trained_filter(cfg: RewardModelConfig):
 def run(cfg: RewardModelConfig) -> dict:
     """Reward-model training from a config; returns the run summary."""
     out = start_run(cfg)
-    tokenizer_dir, tokenizer, train_data, eval_data = load_data(cfg, PreferenceDataset)
+    tokenizer_dir, tokenizer, train_data, eval_data = load_data(
+        cfg,
+        functools.partial(PreferenceDataset, share=encoding_share()),  # split over processes
+    )
 
     model = build_reward_model(cfg)
     trainer = make_trainer(

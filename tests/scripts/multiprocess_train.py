@@ -251,7 +251,9 @@ def dpo(out: Path) -> None:
         multihost_utils.sync_global_devices("dpo data written")
     tokenizer = postax.load_tokenizer(out / "tokenizer")
     config = PreferenceDataConfig(path=str(out / "train.jsonl"), seq_len=24, batch_size=8)
-    dataset = PreferenceDataset(config, tokenizer)
+    from postax.recipes.common import encoding_share
+
+    dataset = PreferenceDataset(config, tokenizer, share=encoding_share())
     model = postax.build_model(
         postax.ModelConfig(
             family="llama",
@@ -303,6 +305,8 @@ def dpo(out: Path) -> None:
         param_name(p): gather_to_host(v[...])
         for p, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
     }
+    counters = {"records_encoded": dataset.records_encoded}  # this process's tokenising share
+    (out / f"dpo-counters-{jax.process_index()}.json").write_text(json.dumps(counters))
     if is_primary():
         result = {
             "losses": [r["loss"] for r in rows],

@@ -11,7 +11,9 @@ A prompt longer than `max_prompt_tokens` is dropped and counted (or, with
 `truncate: left`, cut from the left); a malformed record raises an error that
 names its file and line. Batches of `batch_size` records come in a
 deterministic (optionally shuffled per epoch) order through the same
-resumable `DataIterator` as SFT and preference data.
+resumable `DataIterator` as SFT and preference data. In a multi-process run (`share`, an
+`EncodingShare`) each process encodes every count-th record of each chunk and one exchange per
+chunk gives every process all the prompts (`records_encoded` counts a process's share).
 
 Images (a vision-language model, Gemma 3; `PromptDataset(..., images=ImageInputs)`): a chat
 prompt's message content may be a list of parts, `{"type": "text", "text": ...}` and
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from postax.data.dataset import DataIterator, shuffled_order
+from postax.data.dataset import DataIterator, EncodingShare, shuffled_order
 from postax.data.images import (
     IMAGE_PART,
     IMAGE_PATH_KEY,
@@ -51,6 +53,8 @@ from postax.data.images import (
 from postax.data.sources import BadRecord, DataError, Record, iter_records
 from postax.tokenizer import Tokenizer
 from postax.validation import ConfigError
+
+_CHUNK = 256  # records read, then encoded (split over the processes with `share`) at a time
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -169,10 +173,17 @@ class PromptDataset:
     )
 
     def __init__(
-        self, config: PromptDataConfig, tokenizer: Tokenizer, images: ImageInputs | None = None
+        self,
+        config: PromptDataConfig,
+        tokenizer: Tokenizer,
+        images: ImageInputs | None = None,
+        *,
+        share: EncodingShare | None = None,
     ) -> None:
         self.config = config
         self.image_inputs = images
+        self.share = share
+        self.records_encoded = 0  # records this process tokenised (its share with `share`)
         self._image_ids: tuple[int, int, int] | None = None  # boi, soft token, eoi
         if images is not None:
             tokens = images.tokens
@@ -182,27 +193,44 @@ class PromptDataset:
             )
         self.records: list[PromptRecord] = []
         self.dropped = 0
+        chunk: list[Record | BadRecord] = []
         for record in iter_records(config.path):
-            if isinstance(record, BadRecord):
-                raise DataError(f"{record.location}: {record.message}")
-            if config.prompt_field not in record.fields:
-                raise DataError(
-                    f"{record.location}: missing field {config.prompt_field!r} "
-                    f"(data.prompt_field); fields present: {sorted(record.fields)}"
-                )
-            prompt = record.fields[config.prompt_field]
-            if config.chat_template and isinstance(prompt, str) and prompt:
-                system = [{"role": "system", "content": config.system_prompt}]
-                prompt = [
-                    *(system if config.system_prompt else []),
-                    {"role": "user", "content": prompt},
-                ]
-            paths = self._image_files(prompt, record)
-            ids = _prompt_ids(
-                prompt, tokenizer, record.location, config.prompt_field, self.image_inputs
+            chunk.append(record)
+            if len(chunk) == _CHUNK:
+                if self._keep(chunk, tokenizer):
+                    break  # data.limit reached
+                chunk = []
+        else:
+            self._keep(chunk, tokenizer)
+        if len(self.records) < config.batch_size:
+            raise DataError(
+                f"{config.path}: {len(self.records)} usable prompt(s), fewer than one batch "
+                f"(data.batch_size={config.batch_size})"
             )
-            if self.image_inputs is not None:  # no image parts: no image tokens either
-                self._check_blocks(ids, len(paths), record.location)
+        self.steps_per_epoch = len(self.records) // config.batch_size
+        self.has_images = any(r.images for r in self.records)  # whether any prompt holds one
+        self._fingerprint: str | None = None
+
+    def _keep(self, chunk: list[Record | BadRecord], tokenizer: Tokenizer) -> bool:
+        """Encodes a chunk of records (with `share`, this process's share, exchanged: every
+        process reads the same chunks, so each calls the collective as often as the others) and
+        keeps their prompts in file order; raises the first record's error; True once
+        `data.limit` prompts are kept."""
+        config = self.config
+
+        def encode(records: list) -> list:
+            return [self._encode(record, tokenizer) for record in records]
+
+        if self.share is None:
+            encoded = encode(chunk)
+            self.records_encoded += len(chunk)
+        else:
+            encoded, count = self.share.encode(encode, chunk)
+            self.records_encoded += count
+        for record, result in zip(chunk, encoded, strict=True):
+            if isinstance(result, DataError):
+                raise result
+            prompt, paths, ids = result
             if len(ids) > config.max_prompt_tokens:
                 if config.truncate == "drop":
                     self.dropped += 1
@@ -224,15 +252,39 @@ class PromptDataset:
             extra = {n: record.fields[n] for n in names}
             self.records.append(PromptRecord(record.location, prompt, tuple(ids), extra, paths))
             if config.limit and len(self.records) == config.limit:
-                break
-        if len(self.records) < config.batch_size:
-            raise DataError(
-                f"{config.path}: {len(self.records)} usable prompt(s), fewer than one batch "
-                f"(data.batch_size={config.batch_size})"
+                return True
+        return False
+
+    def _encode(
+        self, record: Record | BadRecord, tokenizer: Tokenizer
+    ) -> tuple[Any, tuple[str, ...], list[int]] | DataError:
+        """(prompt as rendered, its image paths, its ids) of one record, or its DataError
+        (returned, not raised: a process's share of results is sent to the others whole)."""
+        config = self.config
+        if isinstance(record, BadRecord):
+            return DataError(f"{record.location}: {record.message}")
+        if config.prompt_field not in record.fields:
+            return DataError(
+                f"{record.location}: missing field {config.prompt_field!r} "
+                f"(data.prompt_field); fields present: {sorted(record.fields)}"
             )
-        self.steps_per_epoch = len(self.records) // config.batch_size
-        self.has_images = any(r.images for r in self.records)  # whether any prompt holds one
-        self._fingerprint: str | None = None
+        prompt = record.fields[config.prompt_field]
+        if config.chat_template and isinstance(prompt, str) and prompt:
+            system = [{"role": "system", "content": config.system_prompt}]
+            prompt = [
+                *(system if config.system_prompt else []),
+                {"role": "user", "content": prompt},
+            ]
+        try:
+            paths = self._image_files(prompt, record)
+            ids = _prompt_ids(
+                prompt, tokenizer, record.location, config.prompt_field, self.image_inputs
+            )
+            if self.image_inputs is not None:  # no image parts: no image tokens either
+                self._check_blocks(ids, len(paths), record.location)
+        except DataError as error:
+            return error
+        return prompt, paths, ids
 
     def _image_files(self, prompt: Any, record: Record) -> tuple[str, ...]:
         """The checked, resolved paths of a chat prompt's image parts (relative paths are

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from postax.data.images import image_inputs
-from postax.recipes.common import export, finish_run, load_data, make_trainer
+from postax.recipes.common import encoding_share, export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
 from postax.recipes.rl_common.local import LocalPolicy
@@ -154,7 +154,8 @@ def load_run_data(cfg, num_rows: int, *, image_prompts: bool = False) -> RunData
     def prompt_dataset(config: PromptDataConfig, tokenizer) -> PromptDataset:
         if model_config.vision is not None and not inputs:
             inputs.append(image_inputs(model_config, tokenizer))
-        return PromptDataset(config, tokenizer, images=inputs[0] if inputs else None)
+        images = inputs[0] if inputs else None
+        return PromptDataset(config, tokenizer, images, share=encoding_share())
 
     tokenizer_dir, tokenizer, prompts, eval_prompts = load_data(cfg, prompt_dataset)
     images = None

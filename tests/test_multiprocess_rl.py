@@ -1,7 +1,7 @@
-"""GRPO on several JAX processes (gloo collectives on CPU) equals one process.
+"""GRPO and PPO on several JAX processes (gloo collectives on CPU) equal one process.
 
 Two local processes with 4 fake devices each run the tiny GRPO of
-tests/scripts/multiprocess_grpo.py (`grpo.run`: 2 iterations of 4 prompts x 4 samples, the
+tests/scripts/multiprocess_rl.py (`grpo.run`: 2 iterations of 4 prompts x 4 samples, the
 KL in the loss, recomputed old log-probs, 2 minibatches, held-out evaluation, export) beside
 one process with 8 devices, over the same fsdp=4 x tensor=2 mesh; one pair and one single
 process in all.
@@ -14,7 +14,11 @@ advantages, and bitwise equal held-out results. Losses, KL and gradient norms ag
 1e-7 on a loss of 3e-3) and the exported parameters to 1e-6 (measured 2e-7; 7.5e-7 with Adam
 at 1e-2): the gradient sums run through gloo across processes, through XLA's all-reduce
 within one, and the sampler log-probs come from a 4-device rather than an 8-device layout.
-The tests after the run check the pieces in this process.
+The same processes then run a tiny PPO (2 iterations, the KL in the reward, a value head):
+the same completions and rewards, values, returns and advantages within 1e-6 / 5e-6
+(`TARGETS_ATOL`), losses and final parameters (policy and value head) within 1e-6, and the
+checkpoint the pair wrote restores its parameters bitwise. The tests after the runs check the
+pieces in this process.
 """
 
 from __future__ import annotations
@@ -39,8 +43,15 @@ from postax.train.processes import allgather_objects, process_share
 from postax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_grpo.py"
+SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_rl.py"
 TIMEOUT = 240
+# PPO's values, returns and (whitened) advantages of 2 processes x 4 devices against 1 x 8: not
+# bitwise. The critic's scoring pass is the same SPMD program over the same mesh, but its
+# collectives sum through gloo across the processes and through XLA's all-reduce within one
+# (iteration 1, the same weights and tokens: values up to 1.2e-7 apart); the KL in the rewards
+# reads the sampler's log-probs, from a 4-device rather than an 8-device layout. Measured:
+# values 1.2e-7, returns 1.6e-7, advantages 4.8e-7 (whitening divides by the batch's std).
+TARGETS_ATOL = {"values": 1e-6, "returns": 1e-6, "advantages": 5e-6}
 
 
 def free_port() -> int:
@@ -95,26 +106,35 @@ def seen(run: Path, pid: int) -> dict:
     return json.loads((run / f"seen-{pid}.json").read_text())
 
 
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def iteration_rows(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "optimizer_steps" in r]
+    return [r for r in metric_rows(run) if "optimizer_steps" in r]
+
+
+def assert_scored_in_halves(one: list, parts: list[list], sizes: list[int]) -> None:
+    """What the single process's reward function scored (`one`: batches of `sizes` in turn) is,
+    batch by batch, process 0's half then process 1's (`parts`), bitwise: each process sampled
+    and scored its own block of every batch, nothing else."""
+    assert len(one) == sum(sizes)
+    assert [len(p) for p in parts] == [sum(sizes) // 2] * 2
+    start, halves = 0, [0, 0]
+    for size in sizes:
+        together = []
+        for pid, part in enumerate(parts):
+            together += part[halves[pid] : halves[pid] + size // 2]
+            halves[pid] += size // 2
+        assert together == one[start : start + size]  # prompts, completions and rewards
+        start += size
 
 
 def test_grpo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
     one = seen(runs / "one", 0)
     parts = [seen(runs / "two", pid) for pid in (0, 1)]
     # each process scored its own half of every batch: eval before, 2 iterations, eval after
-    sizes = [8, 16, 16, 8]
-    assert len(one["seen"]) == sum(sizes)
-    assert [len(p["seen"]) for p in parts] == [sum(sizes) // 2] * 2
-    start, halves = 0, [0, 0]
-    for size in sizes:
-        together = []
-        for pid, part in enumerate(parts):
-            together += part["seen"][halves[pid] : halves[pid] + size // 2]
-            halves[pid] += size // 2
-        assert together == one["seen"][start : start + size]  # completions and rewards, bitwise
-        start += size
+    assert_scored_in_halves(one["seen"], [p["seen"] for p in parts], [8, 16, 16, 8])
     assert len({r["completion"] for r in one["seen"]}) > 8  # sampled, not all alike
     # every process computed the advantages of the whole batch, bitwise those of one process
     assert len(one["advantages"]) == 2
@@ -153,15 +173,8 @@ def test_grpo_resumes_on_two_processes_as_on_one(runs):
     one = json.loads((runs / "one" / "resumed-0.json").read_text())
     parts = [json.loads((runs / "two" / f"resumed-{pid}.json").read_text()) for pid in (0, 1)]
     assert one["resumed"] is True and all(p["resumed"] is True for p in parts)
-    sizes = [16, 8]  # the third iteration, then the evaluation after
-    start, halves = 0, [0, 0]
-    for size in sizes:
-        together = []
-        for pid, part in enumerate(parts):
-            together += part["seen"][halves[pid] : halves[pid] + size // 2]
-            halves[pid] += size // 2
-        assert together == one["seen"][start : start + size]
-        start += size
+    # the third iteration, then the evaluation after
+    assert_scored_in_halves(one["seen"], [p["seen"] for p in parts], [16, 8])
     assert len(one["advantages"]) == 1
     assert parts[0]["advantages"] == parts[1]["advantages"] == one["advantages"]
     first = {
@@ -172,6 +185,54 @@ def test_grpo_resumes_on_two_processes_as_on_one(runs):
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2, 3]
     for name in ("loss", "policy_loss", "kl", "grad_norm"):
         assert rows_two[2][name] == pytest.approx(rows_one[2][name], rel=1e-6, abs=1e-6), name
+
+
+def test_ppo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
+    """PPO in the same processes (tests/scripts/multiprocess_rl.py: 2 iterations, then the
+    same command again, restoring the last checkpoint). Each process scored its own prompts;
+    the critic's values (a scoring pass over the global mesh, gathered), the GAE advantages
+    and returns every process computed, the losses and the final policy and value head equal
+    the single process's; the checkpoint the pair wrote restores their parameters."""
+    one = json.loads((runs / "one" / "ppo-0.json").read_text())
+    parts = [json.loads((runs / "two" / f"ppo-{pid}.json").read_text()) for pid in (0, 1)]
+    for run in (one, *parts):
+        assert (run["resumed"], run["resumed_again"]) == (False, True)
+    assert_scored_in_halves(one["seen"], [p["seen"] for p in parts], [16, 16])
+    assert len({r["completion"] for r in one["seen"]}) > 8  # sampled, not all alike
+    assert [r["prompt"] for r in one["seen"][:16]] != [r["prompt"] for r in one["seen"][16:]]
+
+    assert len(one["targets"]) == 2
+    for index, expected in enumerate(one["targets"]):
+        assert np.abs(np.asarray(expected["values"])).max() > 1e-3  # a random head: not all 0
+        # every process computed the whole batch's targets, the same ones, bitwise
+        assert parts[0]["targets"][index] == parts[1]["targets"][index]
+        for name, atol in TARGETS_ATOL.items():
+            np.testing.assert_allclose(
+                np.asarray(parts[0]["targets"][index][name]),
+                np.asarray(expected[name]),
+                rtol=0,
+                atol=atol,
+                err_msg=f"iteration {index + 1}: {name}",
+            )
+
+    rows_one = iteration_rows(runs / "one" / "ppo")
+    rows_two = iteration_rows(runs / "two" / "ppo")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for name in ("loss", "policy_loss", "value_loss", "value_error", "grad_norm", "kl_reward"):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
+        for name in ("reward", "reward_std", "completion_length"):
+            assert b[name] == a[name], name
+
+    a = np.load(runs / "one" / "ppo-params.npz")
+    b = np.load(runs / "two" / "ppo-params.npz")
+    assert a.keys() == b.keys() and any(k.startswith("value_head") for k in a) and len(a) > 5
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
+    restored = np.load(runs / "two" / "ppo-restored.npz")
+    assert restored.keys() == b.keys()
+    for name in b:
+        np.testing.assert_array_equal(restored[name], b[name], err_msg=name)
 
 
 # -- in one process: the pieces ------------------------------------------------------------------
@@ -266,12 +327,19 @@ def test_merged_groups_are_the_batch_in_global_prompt_order():
     assert merged.records == ["r0", "r1"]
 
 
-def test_ppo_and_on_policy_distillation_refuse_several_processes(tmp_path, monkeypatch):
-    """One line naming the recipe, before any data or model is read (not a silent wrong run)."""
+def test_on_policy_distillation_refuses_several_processes_and_ppo_what_grpo_refuses(
+    tmp_path, monkeypatch
+):
+    """One line naming the recipe, before any data or model is read (not a silent wrong run):
+    on-policy distillation refuses several processes; PPO runs on them
+    (test_ppo_on_two_processes_of_four_devices_equals_one_of_eight) but, as GRPO, refuses
+    asynchronous rollouts (and `env:`) there."""
+    import jax
+
     import postax
     from postax.configs import from_dict
     from postax.data import DataConfig
-    from postax.recipes import distill, ppo
+    from postax.recipes import common, distill, ppo
     from postax.recipes.common import ModelSource
     from postax.train.trainer import TrainerConfig
 
@@ -285,13 +353,20 @@ def test_ppo_and_on_policy_distillation_refuse_several_processes(tmp_path, monke
             "tokenizer": str(example / "tokenizer"),
             "model": {"config": model},
             "data": {"path": str(example / "train.jsonl"), "batch_size": 8},
+            "rollout": {"samples_per_prompt": 1, "max_staleness": 0},
             "rewards": [{"name": f"{__name__}:test_one_process_gathers_only_its_own_objects"}],
             "iterations": 1,
         },
     )
-    monkeypatch.setattr(ppo, "multi_process", lambda: True)
-    with pytest.raises(ConfigError, match=r"^postax ppo runs as one process only \(this run"):
-        ppo.run(cfg)
+    with monkeypatch.context() as patch:  # 2 processes, as far as the recipe's own checks go
+        patch.setattr(jax, "process_count", lambda: 2)
+        patch.setattr(common, "multi_process", lambda: False)  # no config exchange to join
+        with pytest.raises(ConfigError) as error:
+            ppo.run(cfg)
+    assert str(error.value) == (
+        "rollout.max_staleness=0 is not supported by postax ppo with 2 processes: null "
+        "(synchronous rollouts), or run it as one process"
+    )
     cfg = distill.DistillConfig(
         output_dir=str(tmp_path / "distill"),
         model=ModelSource(config=postax.ModelConfig(**model)),

@@ -30,6 +30,14 @@ after a turn's last token is the value at the next turn's first sampled token (g
 lambda apply per sampled token, not per turn); each turn's reward sits on the turn's last
 sampled token and the final reward on the episode's last (`episode_token_rewards`).
 
+With several processes (`jax.distributed`) each samples and scores its own prompts on its own
+devices and every process then holds the whole scored batch (`rl_common.local`), as in GRPO:
+the reference, values and recomputed log-probs run over the global mesh on the rows each
+process's devices hold (`score_inputs`) and come back whole to every host (`gather_to_host`),
+so GAE, the whitening over the batch and the minibatch shuffle are the host steps of one
+process on the same values; the updates of policy and critic run over the global mesh.
+`env:` and asynchronous rollouts are refused there (`check_prompt_split`).
+
 Deviations from Ouyang et al.: no pretraining-mix term (PPO-ptx); the KL
 coefficient is fixed (no adaptive controller); advantages are whitened per
 rollout batch (as most implementations do) unless `value.whiten_advantages`
@@ -42,7 +50,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -82,6 +89,7 @@ from postax.recipes.rl_common.config import (
     logits_window,
     loss_divisor,
 )
+from postax.recipes.rl_common.local import check_prompt_split, gather_to_host, score_inputs
 from postax.recipes.rl_common.loop import (
     load_run_data,
     make_rl_trainer,
@@ -105,7 +113,6 @@ from postax.rl.prompts import PromptDataConfig
 from postax.rl.rewards import RewardConfig
 from postax.rl.timing import Timer
 from postax.train.optim import OptimizerConfig
-from postax.train.processes import multi_process
 from postax.validation import ConfigError
 
 
@@ -349,11 +356,7 @@ def gae_targets(
 def run(cfg: PPOConfig) -> dict:
     """PPO from a config; returns the run summary."""
     out = start_run(cfg)
-    if multi_process():  # its value-model rows and rollouts are single-process only for now
-        raise ConfigError(
-            f"postax ppo runs as one process only (this run has {jax.process_count()}): "
-            "use postax grpo for several processes"
-        )
+    check_prompt_split(cfg, "ppo")  # several processes: what they support, whole groups each
     num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
     data = load_run_data(cfg, num_rows)
 
@@ -383,7 +386,7 @@ def run(cfg: PPOConfig) -> dict:
 
         # 3. reference (or the KL for the reward), values and old log-probs, no gradient
         with timer("score"):
-            device_rows = {k: jnp.asarray(v) for k, v in rows.items()}
+            device_rows = score_inputs(trainer, rows)  # several processes: this one's rows
             kl = loop.reference.reward_kl(rows, device_rows, temperature)
             rows.update(loop.reference.loss_columns(device_rows, temperature))
             recompute = cfg.update.old_logprobs == RECOMPUTED_LOGPROBS
@@ -395,8 +398,9 @@ def run(cfg: PPOConfig) -> dict:
                 window,
                 cfg.update.logits_chunk_size,
             )
-            rows["old_values"] = np.asarray(values) * rows["loss_mask"]
-            rows["old_logp"] = np.asarray(old_logp) if recompute else rows["sampler_logp"]
+            # whole on every process: GAE and the whitening below are host steps over the batch
+            rows["old_values"] = gather_to_host(values) * rows["loss_mask"]
+            rows["old_logp"] = gather_to_host(old_logp) if recompute else rows["sampler_logp"]
 
         # 4. token rewards -> GAE -> advantages and value targets (filler rows get 0)
         sampled_rows = {k: v[:sampled] for k, v in rows.items()}

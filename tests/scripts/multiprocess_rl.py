@@ -1,13 +1,14 @@
-"""One process of a (possibly) multi-process tiny GRPO run; tests/test_multiprocess_rl.py starts it.
+"""One process of a (possibly) multi-process tiny GRPO and PPO run; tests/test_multiprocess_rl.py
+starts it.
 
-    python tests/scripts/multiprocess_grpo.py OUT DATA --process-id I --num-processes N --port P
+    python tests/scripts/multiprocess_rl.py OUT DATA --process-id I --num-processes N --port P
 
 DATA holds the arithmetic example (train.jsonl, eval.jsonl, tokenizer/). With N > 1 the
 process joins a local coordinator at 127.0.0.1:P through the recipe's `distributed:` section
 (gloo collectives on CPU); set XLA_FLAGS=--xla_force_host_platform_device_count=K for K
 devices per process. The mesh is fsdp=4 x tensor=2 (8 devices in all).
 
-The run: `postax grpo` (`grpo.run`) for 2 iterations of 4 prompts x 4 samples, with the KL in
+GRPO: `postax grpo` (`grpo.run`) for 2 iterations of 4 prompts x 4 samples, with the KL in
 the loss (a reference scoring pass), recomputed old log-probs (a policy scoring pass), 2
 minibatches (rows shuffled across the processes' blocks) and a held-out evaluation before
 and after; the export writes OUT/final. Every process writes OUT/seen-I.json: the (prompt,
@@ -17,6 +18,18 @@ seam, the recipe is unchanged). Then the same run asked for 3 iterations resumes
 checkpoint of the second (every process restores its part) and runs the third: OUT/resumed-I.json
 holds what its reward function scored (the third iteration, the evaluation after) and
 `summary["resumed"]`.
+
+PPO, in the same processes (no second start-up, join or sampler compile: the same rollout
+shapes): `postax ppo` (`ppo.run`) into OUT/ppo for 2 iterations of 4 prompts x 4 samples (a
+value head with random initial weights, so the values are not 0; the KL in the reward: a
+reference scoring pass; recomputed old log-probs; 1 epoch of 2 minibatches; Adam at 1e-3; no
+held-out evaluation or export, which are GRPO's code, tested above). OUT/ppo-I.json holds
+what the reward function scored and, per iteration, the values, advantages and returns the
+recipe computed (a wrapper around `ppo.gae_targets`). Then the same command runs again: it
+restores the last checkpoint and has nothing left to run. Process 0 writes OUT/ppo-params.npz
+and OUT/ppo-restored.npz, every trained parameter (policy and value head) at the end of the
+run and as restored (the trainers caught by a wrapper around `ppo.make_rl_trainer`, their
+state gathered).
 """
 
 from __future__ import annotations
@@ -121,6 +134,69 @@ def main() -> None:
     summary = grpo.run(dataclasses.replace(cfg, iterations=3))
     resumed = {"seen": SEEN, "advantages": advantages, "resumed": summary["resumed"]}
     (Path(args.out) / f"resumed-{pid}.json").write_text(json.dumps(resumed))
+
+    run_ppo(cfg, Path(args.out), pid)
+
+
+def run_ppo(grpo_cfg, out: Path, pid: int) -> None:
+    """PPO over the same data, model, mesh and processes (see the module docstring)."""
+    from flax import nnx
+
+    from postax.recipes import ppo
+    from postax.recipes.common import gathered
+    from postax.recipes.rl_common.config import UpdateConfig
+    from postax.train.optim import OptimizerConfig
+
+    targets: list[dict] = []
+    gae_targets = ppo.gae_targets
+
+    def recorded(cfg, rewards, rows, kl, token_rewards=None):
+        advantages, returns = gae_targets(cfg, rewards, rows, kl, token_rewards)
+        targets.append(
+            {
+                "values": np.asarray(rows["old_values"]).tolist(),
+                "advantages": np.asarray(advantages).tolist(),
+                "returns": np.asarray(returns).tolist(),
+            }
+        )
+        return advantages, returns
+
+    trainers: list = []
+    make_rl_trainer = ppo.make_rl_trainer
+
+    def caught(*a, **kw):
+        trainers.append(make_rl_trainer(*a, **kw))
+        return trainers[-1]
+
+    ppo.gae_targets, ppo.make_rl_trainer = recorded, caught
+    cfg = ppo.PPOConfig(
+        output_dir=str(out / "ppo"),
+        tokenizer=grpo_cfg.tokenizer,
+        model=grpo_cfg.model,
+        data=grpo_cfg.data,
+        rewards=grpo_cfg.rewards,
+        iterations=2,
+        rollout=grpo_cfg.rollout,  # GRPO's shapes: its compiled sampler serves
+        value=ppo.ValueConfig(head_std=0.05),
+        update=UpdateConfig(epochs=1, minibatches=2, old_logprobs="recompute"),
+        # Adam at 3e-3 put rare tokens' embedding rows 9.5e-7 apart (tiny gradients, scaled up)
+        optimizer=OptimizerConfig(learning_rate=1e-3, schedule="constant"),
+        checkpoint=grpo_cfg.checkpoint,
+        run=grpo_cfg.run,
+        distributed=grpo_cfg.distributed,
+        export=False,
+    )
+    SEEN.clear()
+    first = ppo.run(cfg)
+    ran = {"seen": list(SEEN), "targets": list(targets), "resumed": first["resumed"]}
+    again = ppo.run(cfg)  # restores the checkpoint of iteration 2: nothing left to run
+    ran["resumed_again"] = again["resumed"]
+    (out / f"ppo-{pid}.json").write_text(json.dumps(ran))
+    for name, trainer in zip(("ppo-params", "ppo-restored"), trainers, strict=True):
+        params = nnx.state(gathered(trainer.model), nnx.Param)  # a collective: every process
+        if pid == 0:
+            flat = {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
+            np.savez(out / f"{name}.npz", **flat)
 
 
 if __name__ == "__main__":

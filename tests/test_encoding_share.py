@@ -6,7 +6,8 @@ and gets the other's results. The datasets must equal the one a single process b
 thread must have encoded its half (first record, third, ... for index 0), and a malformed
 record in either half must be raised by both, naming its line. The real two-process runs
 (gloo collectives) are in tests/test_multiprocess.py; these check the logic of each dataset
-in a second, across chunk boundaries (300 records: chunks of 256 and 44).
+in seconds, across chunk boundaries (1,100 records: SFT and preference data encode 1,024 at a
+time, RL prompts 256).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from postax.data.dataset import EncodingShare
 from postax.rl.prompts import PromptDataConfig, PromptDataset
 from postax.tokenizer import build_tokenizer, load_tokenizer
 
-RECORDS = 300
+RECORDS = 1100
 
 
 class Exchange:
@@ -124,12 +125,12 @@ def test_two_shares_build_the_single_process_dataset(kind, tokenizer, tmp_path):
     for half in halves:
         assert not isinstance(half, Exception), half
         assert contents(half) == contents(single)
-    # 256 + 44 records: 128 + 22 each
-    assert [half.records_encoded for half in halves] == [150, 150]
+    # every chunk has an even number of records: half each
+    assert [half.records_encoded for half in halves] == [550, 550]
 
 
 @pytest.mark.parametrize("kind", [sft, preference, prompts])
-@pytest.mark.parametrize("bad_line", [1, 2, 258])  # index 0's share, index 1's, second chunk
+@pytest.mark.parametrize("bad_line", [1, 2, 1026])  # index 0's share, index 1's, a later chunk
 def test_a_malformed_record_in_either_share_is_raised_by_both(kind, bad_line, tokenizer, tmp_path):
     build = kind(tmp_path, bad_line=bad_line)
     with pytest.raises(ValueError) as single:

@@ -14,7 +14,10 @@ phase loads, so all run the same weights.
   (all 7 projections, alpha 32), under each of `--settings`: "default"
   (postax's defaults: no remat, the whole logits tensor at once) and
   "memory" (`trainer.remat` with `--remat-policy`, `SFTAlgorithm(
-  logits_chunk_size=--logits-chunk)`); `common.TrainSettings`.
+  logits_chunk_size=--logits-chunk)`); `common.TrainSettings`. The memory
+  settings fuse the head's gradient into the forward chunk loop (SFT's
+  default); `--unfused-head` recomputes the chunks' logits in the backward
+  pass instead (`SFTAlgorithm(fused_head=False)`, the path before it).
 - torch: `transformers` `AutoModelForCausalLM` with `torch.optim.AdamW` and the
   same loss (sum of token NLL over trained tokens / their count), the fastest
   peer on this machine. When a postax setting rematerialises ("memory"), the
@@ -121,7 +124,9 @@ def run_postax(args, checkpoint: Path, lora: bool) -> dict:
         wrt = nnx.LoRAParam
     trainer = Trainer(
         model,
-        SFTAlgorithm(logits_chunk_size=settings.logits_chunk_size),
+        SFTAlgorithm(
+            logits_chunk_size=settings.logits_chunk_size, fused_head=not args.unfused_head
+        ),
         wrt=wrt,
         # the policy only with remat: TrainerConfig validates it (postax.models.stack)
         config=TrainerConfig(
@@ -274,6 +279,12 @@ def main() -> None:
     parser.add_argument(
         "--remeasure-peak", action="store_true", help="measure the matmul peak again first"
     )
+    parser.add_argument(
+        "--unfused-head",
+        action="store_true",
+        help="postax with logits chunks: recompute the chunks' logits in the backward pass "
+        "(SFTAlgorithm(fused_head=False)) instead of taking their gradient in the forward pass",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--torch-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -322,9 +333,12 @@ def main() -> None:
                 command.append("--torch-checkpointing")
             elif setting:
                 command += common.settings_argv(settings[setting])
+                command += ["--unfused-head"] * args.unfused_head
             result = phases.run_phase(command, result_path)
             if kind != "torch" and setting:
-                result["settings"] = settings[setting].describe()
+                chunked = settings[setting].logits_chunk_size > 0
+                head = ", unfused head" if chunked and args.unfused_head else ""
+                result["settings"] = settings[setting].describe() + head
             if name == "torch":
                 torch_tps = args.batch * args.seq / result["step_seconds"]
             rows.append(table_row(name, result, args, cfg, torch_tps))

@@ -152,14 +152,16 @@ def test_sft_loss_adds_the_router_terms_and_logs_the_load():
 
 def test_trainer_step_with_router_terms_over_two_micro_batches():
     """SGD at lr 1: new params = old - grad. The loss, the metrics and every gradient equal
-    the hand-written objective summed over the micro-batches (rows i, i + 2, ...)."""
+    the hand-written objective summed over the micro-batches (rows i, i + 2, ...). The trainer's
+    loss takes the head in chunks of 5 positions (the fused head of `SFTAlgorithm`), the hand
+    objective the whole logits at once."""
     batch = sft_batch(seed=1)
     model = moe_model()
     before = nnx.state(moe_model(), nnx.Param)
     reference = moe_model()
     trainer = Trainer(
         model,
-        SFTAlgorithm(router=ROUTER, top_k=TOP_K),
+        SFTAlgorithm(5, router=ROUTER, top_k=TOP_K),
         config=TrainerConfig(steps=1, micro_batches=2, progress=False),
         optimizer=OptimizerConfig(
             name="sgd", learning_rate=1.0, beta1=0.0, schedule="constant", max_grad_norm=None

@@ -19,8 +19,16 @@ def sft_loss(
     token_logp: jax.Array, loss_mask: jax.Array, normalizer: jax.Array
 ) -> tuple[jax.Array, dict]:
     """(loss share of this micro-batch, metrics) from per-token log-probs [batch, seq]."""
-    nll = masked_sum(-token_logp, loss_mask)
-    return nll / normalizer, {"nll_sum": nll, "loss_tokens": jnp.sum(loss_mask.astype(jnp.float32))}
+    return sft_loss_from_nll_sum(masked_sum(-token_logp, loss_mask), loss_mask, normalizer)
+
+
+def sft_loss_from_nll_sum(
+    nll_sum: jax.Array, loss_mask: jax.Array, normalizer: jax.Array
+) -> tuple[jax.Array, dict]:
+    """`sft_loss` from the micro-batch's summed NLL of the trained tokens, sum(-logp *
+    loss_mask) (e.g. a fused head's `-fused_logprob_sum(..., weights=loss_mask)`)."""
+    loss_tokens = jnp.sum(loss_mask.astype(jnp.float32))
+    return nll_sum / normalizer, {"nll_sum": nll_sum, "loss_tokens": loss_tokens}
 
 
 def sft_normalizer(loss_mask: jax.Array) -> jax.Array:

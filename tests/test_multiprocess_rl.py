@@ -238,6 +238,25 @@ def test_ppo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
 # -- in one process: the pieces ------------------------------------------------------------------
 
 
+def test_on_policy_distillation_on_two_processes_equals_one(runs):
+    one = json.loads((runs / "one" / "distill-0.json").read_text())
+    parts = [json.loads((runs / "two" / f"distill-{pid}.json").read_text()) for pid in (0, 1)]
+    # steps 0 and 2 were on-policy; each process sampled its block of the 8 prompts (one
+    # process samples outside process_share) and got the others' completions
+    assert one["shares"] == [] and [p["shares"] for p in parts] == [[[0, 4]] * 2, [[4, 8]] * 2]
+    assert len(one["sampled"]) == 2 and all(len(batch) == 8 for batch in one["sampled"])
+    for part in parts:  # the streams of one process: the same completions, bitwise
+        assert part["sampled"] == one["sampled"]
+    assert len({tuple(c) for batch in one["sampled"] for c in batch}) > 8  # sampled, not alike
+    # the loss is a KL (~0.01), a difference of O(1) log-probs summed: float32 rounding of
+    # those (the sums run through gloo across processes) is ~1e-7 of them, ~1e-6 of the KL
+    assert parts[0]["final_loss"] == pytest.approx(one["final_loss"], rel=0, abs=1e-7)
+    a, b = (np.load(run / "distill-params.npz") for run in (runs / "one", runs / "two"))
+    assert a.files == b.files and len(a.files) > 5
+    for name in a.files:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
+
+
 def test_prompt_blocks_cover_the_batch_in_order(monkeypatch):
     import jax
 
@@ -327,21 +346,14 @@ def test_merged_groups_are_the_batch_in_global_prompt_order():
     assert merged.records == ["r0", "r1"]
 
 
-def test_on_policy_distillation_refuses_several_processes_and_ppo_what_grpo_refuses(
-    tmp_path, monkeypatch
-):
+def test_ppo_refuses_on_several_processes_what_grpo_refuses(tmp_path, monkeypatch):
     """One line naming the recipe, before any data or model is read (not a silent wrong run):
-    on-policy distillation refuses several processes; PPO runs on them
-    (test_ppo_on_two_processes_of_four_devices_equals_one_of_eight) but, as GRPO, refuses
-    asynchronous rollouts (and `env:`) there."""
+    PPO runs on several processes (test_ppo_on_two_processes_of_four_devices_equals_one_of_eight)
+    but, as GRPO, refuses asynchronous rollouts (and `env:`) there."""
     import jax
 
-    import postax
     from postax.configs import from_dict
-    from postax.data import DataConfig
-    from postax.recipes import common, distill, ppo
-    from postax.recipes.common import ModelSource
-    from postax.train.trainer import TrainerConfig
+    from postax.recipes import common, ppo
 
     example = ROOT / "examples" / "arithmetic"
     model = {"family": "llama", "vocab_size": 320, "hidden_size": 16, "intermediate_size": 16}
@@ -367,16 +379,3 @@ def test_on_policy_distillation_refuses_several_processes_and_ppo_what_grpo_refu
         "rollout.max_staleness=0 is not supported by postax ppo with 2 processes: null "
         "(synchronous rollouts), or run it as one process"
     )
-    cfg = distill.DistillConfig(
-        output_dir=str(tmp_path / "distill"),
-        model=ModelSource(config=postax.ModelConfig(**model)),
-        teacher=ModelSource(config=postax.ModelConfig(**model)),
-        tokenizer=str(example / "tokenizer"),
-        data=DataConfig(path=str(example / "train.jsonl"), seq_len=16, batch_size=8),
-        trainer=TrainerConfig(steps=1, progress=False),
-        on_policy=distill.OnPolicyConfig(fraction=0.5, max_new_tokens=4),
-        teacher_logits="on_the_fly",
-    )
-    monkeypatch.setattr(distill, "multi_process", lambda: True)
-    with pytest.raises(ConfigError, match=r"on_policy.fraction=0.5: on-policy distillation"):
-        distill.run(cfg)

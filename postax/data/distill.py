@@ -16,7 +16,9 @@ buckets that holds it.
 Every choice is a pure function of (seed, step): the coin of step s, the
 documents whose prompts it uses (`shuffled_order(documents, seed, s)`), and
 the seed handed to `generate`, so a resumed run makes the same choices; its
-state is the dataset iterator's plus the step.
+state is the dataset iterator's plus the step. With several processes (`select_rows`) every
+process takes the same steps and prompts; `generate` returns every prompt's completion (the
+recipe has each process sample its share and exchanges them), and each process keeps its rows.
 """
 
 from __future__ import annotations
@@ -134,6 +136,16 @@ class OnPolicyMix:
         self.dataset, self.iterator, self.generate = dataset, iterator, generate
         self.fraction, self.max_new_tokens, self.seed = fraction, max_new_tokens, seed
         self.step = 0
+        self.rows: np.ndarray | None = None  # this process's rows (`select_rows`), or all
+
+    def select_rows(self, rows_for: Callable[[int], np.ndarray] | None) -> bool:
+        """Several processes: yield only rows `rows_for(batch_size)` of each global batch (the
+        dataset's through its iterator; of an on-policy batch, built whole from every process's
+        samples, those rows). Returns whether the batches are now process-local."""
+        local = self.iterator.select_rows(rows_for)
+        size = self.dataset.config.batch_size
+        self.rows = np.asarray(rows_for(size), np.int64) if local and rows_for else None
+        return local
 
     def __iter__(self) -> Iterator[_Flagged]:
         return self
@@ -163,6 +175,8 @@ class OnPolicyMix:
                 batch_size=self.dataset.config.batch_size,
                 pad_id=self.dataset.pad_token_id,
             )
+            if self.rows is not None:
+                arrays = {k: v[self.rows] for k, v in arrays.items()}
             batch = _Flagged(arrays, True)
         else:
             batch = _Flagged(next(self.iterator).as_dict(), False)

@@ -67,12 +67,13 @@ from postax.recipes.common import (
     train_and_summarise,
     without_vision,
 )
+from postax.recipes.rl_common.local import LocalPolicy
 from postax.recipes.router_terms import Router, router_for
 from postax.sampling import Sampler, SamplingConfig, SamplingError
 from postax.tokenizer import copy_tokenizer_files
 from postax.train import teacher as teachers
 from postax.train.optim import OptimizerConfig
-from postax.train.processes import is_primary, multi_process
+from postax.train.processes import allgather_objects, is_primary, multi_process, process_share
 from postax.train.trainer import TrainerConfig
 from postax.validation import ConfigError, is_int, is_number, require
 
@@ -393,14 +394,30 @@ def cached_teacher(cfg: DistillConfig, teacher, dataset: SFTDataset) -> tuple[An
     )
 
 
-def student_sampler(cfg: DistillConfig, student, tokenizer):
-    """generate(prompts, step) -> completions, sampled from the live student."""
-    sampler = Sampler(student, tokenizer, max_batch_size=cfg.on_policy.max_batch_size)
+def student_sampler(cfg: DistillConfig, student, tokenizer, mesh):
+    """generate(prompts, step) -> completions, sampled from the live student.
+
+    With several processes each samples its block of the prompts (`process_share`) from a copy
+    of the student whole on its own devices (`LocalPolicy`, refreshed for each on-policy step:
+    a collective, and every process takes the same steps), with the sample ids a single process
+    gives them, and one exchange gives every process all the completions: the rows of one
+    process's run."""
+    local = LocalPolicy(student, mesh) if multi_process() else None
+    sampled = student if local is None else local.module
+    sampler = Sampler(sampled, tokenizer, max_batch_size=cfg.on_policy.max_batch_size)
 
     def generate(prompts, step: int):
         sampling = cfg.on_policy.sampling(cfg.on_policy.seed * 1_000_003 + step)
-        completions = sampler.generate_many([(p.tolist(), sampling) for p in prompts])
-        return [c.token_ids for c in completions]
+        if local is None:
+            completions = sampler.generate_many([(p.tolist(), sampling) for p in prompts])
+            return [c.token_ids for c in completions]
+        share = process_share(len(prompts))
+        with local.use():
+            completions = sampler.generate_many(
+                [(prompts[i].tolist(), sampling) for i in share], seed_offsets=list(share)
+            )
+        parts = allgather_objects([c.token_ids for c in completions])
+        return [ids for part in parts for ids in part]
 
     return generate
 
@@ -408,12 +425,6 @@ def student_sampler(cfg: DistillConfig, student, tokenizer):
 def run(cfg: DistillConfig) -> dict:
     """Knowledge distillation from a config; returns the run summary."""
     out = start_run(cfg)
-    if cfg.on_policy.fraction > 0 and multi_process():  # its sampler is single-process only
-        raise ConfigError(
-            f"on_policy.fraction={cfg.on_policy.fraction!r}: on-policy distillation in postax "
-            f"distill runs as one process only (this run has {jax.process_count()}): 0 for "
-            "several processes"
-        )
     tokenizer_dir, tokenizer, train_data, eval_data = load_data(
         cfg, functools.partial(SFTDataset, share=encoding_share())
     )
@@ -452,7 +463,7 @@ def run(cfg: DistillConfig) -> dict:
         iterator = OnPolicyMix(
             train_data,
             iterator,
-            student_sampler(cfg, trainer.model.student, tokenizer),
+            student_sampler(cfg, trainer.model.student, tokenizer, trainer.mesh),
             fraction=cfg.on_policy.fraction,
             max_new_tokens=cfg.on_policy.max_new_tokens,
             seed=cfg.on_policy.seed,

@@ -30,6 +30,13 @@ restores the last checkpoint and has nothing left to run. Process 0 writes OUT/p
 and OUT/ppo-restored.npz, every trained parameter (policy and value head) at the end of the
 run and as restored (the trainers caught by a wrapper around `ppo.make_rl_trainer`, their
 state gathered).
+
+On-policy distillation, in the same processes: `postax distill` (`distill.run`) into
+OUT/distill, 3 steps of 8 prompts of the training file (`on_policy.fraction` 0.7, seed 0: steps
+0 and 2 on-policy, step 1 the dataset's), a teacher of the same shape with other weights, on
+the fly, SGD. OUT/distill-I.json holds every completion `generate` returned (all 8 prompts', on
+every process), the blocks of prompts the process sampled itself and the final loss; process 0 writes OUT/distill-params.npz, the student's
+parameters at the end.
 """
 
 from __future__ import annotations
@@ -136,6 +143,7 @@ def main() -> None:
     (Path(args.out) / f"resumed-{pid}.json").write_text(json.dumps(resumed))
 
     run_ppo(cfg, Path(args.out), pid)
+    run_distill(cfg, data, Path(args.out), pid)
 
 
 def run_ppo(grpo_cfg, out: Path, pid: int) -> None:
@@ -197,6 +205,76 @@ def run_ppo(grpo_cfg, out: Path, pid: int) -> None:
         if pid == 0:
             flat = {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
             np.savez(out / f"{name}.npz", **flat)
+
+
+def run_distill(grpo_cfg, data: Path, out: Path, pid: int) -> None:
+    """On-policy distillation over the same model shape, mesh and processes (see the module
+    docstring)."""
+    from flax import nnx
+
+    from postax.data import DataConfig
+    from postax.recipes import distill
+    from postax.recipes.common import ModelSource, gathered
+    from postax.train.optim import OptimizerConfig
+    from postax.train.trainer import TrainerConfig
+
+    sampled: list = []
+    student_sampler = distill.student_sampler
+
+    def recording(*a, **kw):
+        generate = student_sampler(*a, **kw)
+
+        def recorded(prompts, step):
+            completions = generate(prompts, step)
+            sampled.append([list(map(int, c)) for c in completions])
+            return completions
+
+        return recorded
+
+    trainers: list = []
+    make_trainer = distill.make_trainer
+
+    def caught(*a, **kw):
+        trainers.append(make_trainer(*a, **kw))
+        return trainers[-1]
+
+    shares: list = []
+    process_share = distill.process_share
+
+    def share(count, *a):
+        block = process_share(count, *a)
+        shares.append([block.start, block.stop])
+        return block
+
+    distill.student_sampler, distill.make_trainer = recording, caught
+    distill.process_share = share
+    student = grpo_cfg.model
+    cfg = distill.DistillConfig(
+        output_dir=str(out / "distill"),
+        tokenizer=grpo_cfg.tokenizer,
+        model=student,
+        teacher=ModelSource(config=student.config, seed=1),
+        data=DataConfig(path=str(data / "train.jsonl"), seq_len=24, batch_size=8),
+        trainer=TrainerConfig(
+            steps=3, log_every=1, progress=False, mesh=grpo_cfg.run.mesh, scan_layers=False
+        ),
+        on_policy=distill.OnPolicyConfig(fraction=0.7, max_new_tokens=8, seed=0),
+        # SGD: Adam's step on a rare token's tiny gradient (|g| ~ eps) magnifies its float
+        # rounding (one embedding entry 2e-6 apart at 1e-3, 6e-6 at 3e-3)
+        optimizer=OptimizerConfig(
+            name="sgd", learning_rate=1.0, beta1=0.0, schedule="constant", max_grad_norm=None
+        ),
+        checkpoint=grpo_cfg.checkpoint,
+        distributed=grpo_cfg.distributed,
+        export=False,
+    )
+    summary = distill.run(cfg)
+    ran = {"sampled": sampled, "shares": shares, "final_loss": summary["final_loss"]}
+    (out / f"distill-{pid}.json").write_text(json.dumps(ran))
+    params = nnx.state(gathered(trainers[0].model.student), nnx.Param)  # a collective
+    if pid == 0:
+        flat = {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
+        np.savez(out / "distill-params.npz", **flat)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from postax.data import DataConfig, PreferenceDataConfig, PreferenceDataset, SFTDataset
-from postax.data.dataset import EncodingShare
+from postax.data.iteration import EncodingShare
 from postax.rl.prompts import PromptDataConfig, PromptDataset
 from postax.tokenizer import build_tokenizer, load_tokenizer
 

@@ -20,12 +20,13 @@ that do not fit in memory.
 """
 
 from postax.data.config import DataConfig
-from postax.data.dataset import Batch, DataIterator, DataStats, SFTDataset
+from postax.data.dataset import Batch, DataStats, SFTDataset
 from postax.data.formats import Document, RecordError
+from postax.data.iteration import DataIterator
 from postax.data.packing import pack
-from postax.data.preference import (
+from postax.data.preference import PreferenceDataset
+from postax.data.preference_batches import (
     PreferenceBatch,
-    PreferenceDataset,
     PreferenceStats,
     SharedPromptBatch,
     UnpairedPreferenceBatch,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from postax.data.dataset import shuffled_order
+from postax.data.iteration import shuffled_order
 from postax.data.packing import layout
 
 # generate(prompts, step) -> one completion (token ids) per prompt

@@ -33,7 +33,7 @@ import jax
 from flax import nnx
 
 from postax.configs import load_config, to_dict
-from postax.data.dataset import EncodingShare
+from postax.data.iteration import EncodingShare
 from postax.models import ModelConfig, build_model, load_model, preset, save_model
 from postax.models.hf import FAMILY_OF_CONFIG, read_hf_config
 from postax.models.lora import LoRAConfig, apply_lora, merge_lora, save_adapter

@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from postax.data.dataset import DataIterator, EncodingShare, shuffled_order
 from postax.data.images import (
     IMAGE_PART,
     IMAGE_PATH_KEY,
@@ -50,6 +49,7 @@ from postax.data.images import (
     check_image_file,
     resolve_path,
 )
+from postax.data.iteration import DataIterator, EncodingShare, shuffled_order
 from postax.data.sources import BadRecord, DataError, Record, iter_records
 from postax.tokenizer import Tokenizer
 from postax.validation import ConfigError

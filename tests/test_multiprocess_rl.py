@@ -17,8 +17,9 @@ within one, and the sampler log-probs come from a 4-device rather than an 8-devi
 The same processes then run a tiny PPO (2 iterations, the KL in the reward, a value head):
 the same completions and rewards, values, returns and advantages within 1e-6 / 5e-6
 (`TARGETS_ATOL`), losses and final parameters (policy and value head) within 1e-6, and the
-checkpoint the pair wrote restores its parameters bitwise. The tests after the runs check the
-pieces in this process.
+checkpoint the pair wrote restores its parameters bitwise. Then on-policy distillation, GRPO
+with `env:` episodes and GRPO with asynchronous rollouts (see the script). The tests after the runs check the pieces in this
+process.
 """
 
 from __future__ import annotations
@@ -130,6 +131,28 @@ def assert_scored_in_halves(one: list, parts: list[list], sizes: list[int]) -> N
         start += size
 
 
+def assert_played_in_halves(one: list, parts: list[list], sizes: list[int]) -> None:
+    """As `assert_scored_in_halves` for episodes' turns, whose order within a batch is turn by
+    turn (every running episode's first turn, then their second): batch by batch, the turns
+    one process stepped are the two processes' together (as multisets), and each process
+    stepped the episodes of its own block of the prompts only."""
+    assert [len(p) for p in parts] == [sum(sizes) // 2] * 2 and len(one) == sum(sizes)
+    start, half = 0, 0
+    for size in sizes:
+        batch = one[start : start + size]
+        mine = [part[half : half + size // 2] for part in parts]
+
+        def key(r):
+            return (r["prompt"], r["turn"], r["completion"], r["reward"])
+
+        assert sorted(map(key, mine[0] + mine[1])) == sorted(map(key, batch))
+        first_turns = [r["prompt"] for r in batch if r["turn"] == 0]
+        for pid, part in enumerate(mine):  # each prompt's episodes on the process owning it
+            block = first_turns[pid * len(first_turns) // 2 : (pid + 1) * len(first_turns) // 2]
+            assert sorted(r["prompt"] for r in part if r["turn"] == 0) == sorted(block)
+        start, half = start + size, half + size // 2
+
+
 def test_grpo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
     one = seen(runs / "one", 0)
     parts = [seen(runs / "two", pid) for pid in (0, 1)]
@@ -235,9 +258,6 @@ def test_ppo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
         np.testing.assert_array_equal(restored[name], b[name], err_msg=name)
 
 
-# -- in one process: the pieces ------------------------------------------------------------------
-
-
 def test_on_policy_distillation_on_two_processes_equals_one(runs):
     one = json.loads((runs / "one" / "distill-0.json").read_text())
     parts = [json.loads((runs / "two" / f"distill-{pid}.json").read_text()) for pid in (0, 1)]
@@ -255,6 +275,75 @@ def test_on_policy_distillation_on_two_processes_equals_one(runs):
     assert a.files == b.files and len(a.files) > 5
     for name in a.files:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
+    # the Hugging Face export of the pair (process 0, gathered weights) is the trained student
+    from safetensors.numpy import load_file
+
+    exported = load_file(runs / "two" / "distill" / "final" / "model.safetensors")
+    single = load_file(runs / "one" / "distill" / "final" / "model.safetensors")
+    assert exported.keys() == single.keys()
+    common = set(exported) & set(b.files)  # the parameters' own names
+    assert len(common) > 5
+    for name in common:
+        np.testing.assert_array_equal(exported[name], b[name], err_msg=name)
+    for name in single:
+        np.testing.assert_allclose(exported[name], single[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_grpo_episodes_on_two_processes_equal_one(runs):
+    """GRPO with `env:` (a two-turn environment whose turn rewards are digit shares): each
+    process played the episodes of its own prompts (their environments ran there), every
+    process got all of them; the same turns, returns and advantages as one process, bitwise,
+    the same held-out episode metrics, and the same losses."""
+    one = json.loads((runs / "one" / "episodes-0.json").read_text())
+    parts = [json.loads((runs / "two" / f"episodes-{pid}.json").read_text()) for pid in (0, 1)]
+    # turns stepped per batch: eval before (8 records x 1 episode x 2 turns), 2 iterations of 4
+    # prompts x 4 episodes x 2 turns, eval after
+    assert_played_in_halves(one["seen"], [p["seen"] for p in parts], [16, 32, 32, 16])
+    assert {r["turn"] for r in one["seen"]} == {0, 1}
+    assert len({r["completion"] for r in one["seen"]}) > 8  # sampled, not all alike
+    assert len(one["advantages"]) == 2
+    assert parts[0]["advantages"] == parts[1]["advantages"] == one["advantages"]
+    assert any(a != 0 for row in one["advantages"][0] for a in row)
+    assert parts[0]["evals"] == parts[1]["evals"] == one["evals"]
+    assert one["evals"]["eval_before"]["turns"] == 2.0
+    rows_one = iteration_rows(runs / "one" / "episodes")
+    rows_two = iteration_rows(runs / "two" / "episodes")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for name in ("loss", "policy_loss", "kl", "grad_norm"):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
+        for name in ("reward", "turns", "episode_length"):
+            assert b[name] == a[name], name
+
+
+def test_asynchronous_grpo_on_two_processes_equals_one(runs):
+    """GRPO with `rollout.max_staleness: 1`: each process's producer thread sampled and scored
+    its own prompts from the published local copies and exchanged them through the
+    coordinator's store; batches sampled by the same policy versions as one process's (the
+    second and third one version behind), the same completions, rewards and advantages
+    bitwise, losses within 1e-6."""
+    one = json.loads((runs / "one" / "async-0.json").read_text())
+    parts = [json.loads((runs / "two" / f"async-{pid}.json").read_text()) for pid in (0, 1)]
+    # eval before (main thread), 3 iterations (the producer thread), eval after
+    assert_scored_in_halves(one["seen"], [p["seen"] for p in parts], [8, 16, 16, 16, 8])
+    assert len(one["advantages"]) == 3
+    assert parts[0]["advantages"] == parts[1]["advantages"] == one["advantages"]
+    for run in (one, *parts):
+        stats = run["summary"]["async_rollouts"]
+        assert stats["staleness_histogram"] == {"0": 1, "1": 2}
+        assert stats["dropped_stale_batches"] == 0
+    assert parts[0]["summary"]["eval_after"] == one["summary"]["eval_after"]
+    rows_one = iteration_rows(runs / "one" / "async")
+    rows_two = iteration_rows(runs / "two" / "async")
+    assert [r["policy_version"] for r in rows_one] == [0.0, 0.0, 1.0]
+    assert [r["step"] for r in rows_two] == [1, 2, 3]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert b["policy_version"] == a["policy_version"]
+        for name in ("loss", "policy_loss", "kl", "grad_norm"):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
+
+
+# -- in one process: the pieces ------------------------------------------------------------------
 
 
 def test_prompt_blocks_cover_the_batch_in_order(monkeypatch):
@@ -275,7 +364,7 @@ def test_one_process_gathers_only_its_own_objects():
     assert process_share(5) == range(5)
 
 
-def test_several_processes_need_whole_groups_each_and_synchronous_rollouts(monkeypatch):
+def test_several_processes_need_whole_groups_each(monkeypatch):
     import jax
 
     class Cfg:
@@ -289,11 +378,15 @@ def test_several_processes_need_whole_groups_each_and_synchronous_rollouts(monke
         check_prompt_split(Cfg, "grpo")
     Cfg.data = PromptDataConfig(path="unused.jsonl", batch_size=4)
     check_prompt_split(Cfg, "grpo")
-    Cfg.rollout = RolloutConfig(samples_per_prompt=4, max_staleness=0)
-    with pytest.raises(ConfigError, match=r"rollout.max_staleness=0 is not supported by postax"):
-        check_prompt_split(Cfg, "grpo")
-    Cfg.rollout, Cfg.env = RolloutConfig(samples_per_prompt=4), "guess_number"
-    with pytest.raises(ConfigError, match=r"env='guess_number' is not supported .* 2 processes"):
+    Cfg.rollout = RolloutConfig(samples_per_prompt=4, max_staleness=1)
+    check_prompt_split(Cfg, "grpo")  # asynchronous rollouts: the thread exchanges via the store
+    check_prompt_split(Cfg, "ppo", episodes=False)
+    Cfg.env = "guess_number"
+    check_prompt_split(Cfg, "grpo")  # episodes: each process plays its own prompts' groups
+    with pytest.raises(ConfigError, match=r"env='guess_number' is not supported by postax ppo"):
+        check_prompt_split(Cfg, "ppo", episodes=False)
+    Cfg.data = PromptDataConfig(path="unused.jsonl", batch_size=5)
+    with pytest.raises(ConfigError, match=r"split evenly over 2 .*=4 episodes \(a multiple of 2"):
         check_prompt_split(Cfg, "grpo")
 
 
@@ -346,10 +439,10 @@ def test_merged_groups_are_the_batch_in_global_prompt_order():
     assert merged.records == ["r0", "r1"]
 
 
-def test_ppo_refuses_on_several_processes_what_grpo_refuses(tmp_path, monkeypatch):
+def test_ppo_refuses_episodes_on_several_processes(tmp_path, monkeypatch):
     """One line naming the recipe, before any data or model is read (not a silent wrong run):
     PPO runs on several processes (test_ppo_on_two_processes_of_four_devices_equals_one_of_eight)
-    but, as GRPO, refuses asynchronous rollouts (and `env:`) there."""
+    but, unlike GRPO (test_grpo_episodes_on_two_processes_equal_one), not with `env:`."""
     import jax
 
     from postax.configs import from_dict
@@ -365,8 +458,8 @@ def test_ppo_refuses_on_several_processes_what_grpo_refuses(tmp_path, monkeypatc
             "tokenizer": str(example / "tokenizer"),
             "model": {"config": model},
             "data": {"path": str(example / "train.jsonl"), "batch_size": 8},
-            "rollout": {"samples_per_prompt": 1, "max_staleness": 0},
-            "rewards": [{"name": f"{__name__}:test_one_process_gathers_only_its_own_objects"}],
+            "rollout": {"samples_per_prompt": 1},
+            "env": "guess_number",
             "iterations": 1,
         },
     )
@@ -376,6 +469,6 @@ def test_ppo_refuses_on_several_processes_what_grpo_refuses(tmp_path, monkeypatc
         with pytest.raises(ConfigError) as error:
             ppo.run(cfg)
     assert str(error.value) == (
-        "rollout.max_staleness=0 is not supported by postax ppo with 2 processes: null "
-        "(synchronous rollouts), or run it as one process"
+        "env='guess_number' is not supported by postax ppo with 2 processes: null, or run it as "
+        "one process"
     )

@@ -26,8 +26,9 @@ policy and reference logits cover whole rows (`rl_common.config.logits_window`).
 `rollout.overlong_filter` masks episodes cut by a budget out of the loss.
 
 With several processes (`jax.distributed`) each samples and scores its own prompts on its own
-devices and every process then holds the whole scored batch (`rl_common.local`); the host
-steps are those of one process, the scoring passes and updates run over the global mesh.
+devices (with `env:`, plays their episodes there) and every process then holds the whole
+scored batch (`rl_common.local`); the host steps are those of one process, the scoring passes
+and updates run over the global mesh.
 
 With a vision-language model (Gemma 3, `postax.models.gemma3_vlm`) chat prompts may hold
 images (content parts `{"type": "image", "path": ...}`, `postax.rl.prompts`): each prompt's

@@ -36,7 +36,8 @@ the reference, values and recomputed log-probs run over the global mesh on the r
 process's devices hold (`score_inputs`) and come back whole to every host (`gather_to_host`),
 so GAE, the whitening over the batch and the minibatch shuffle are the host steps of one
 process on the same values; the updates of policy and critic run over the global mesh.
-`env:` and asynchronous rollouts are refused there (`check_prompt_split`).
+`env:` episodes (which GRPO plays on several processes) and asynchronous rollouts are refused
+there (`check_prompt_split`).
 
 Deviations from Ouyang et al.: no pretraining-mix term (PPO-ptx); the KL
 coefficient is fixed (no adaptive controller); advantages are whitened per
@@ -356,7 +357,8 @@ def gae_targets(
 def run(cfg: PPOConfig) -> dict:
     """PPO from a config; returns the run summary."""
     out = start_run(cfg)
-    check_prompt_split(cfg, "ppo")  # several processes: what they support, whole groups each
+    # several processes: what they support (episodes: not yet), whole groups each
+    check_prompt_split(cfg, "ppo", episodes=False)
     num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
     data = load_run_data(cfg, num_rows)
 

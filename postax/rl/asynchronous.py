@@ -123,6 +123,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -214,9 +215,19 @@ class AsyncProducer:
     inner: the synchronous producer; it must sample from `module` (its Sampler's model).
     module: the producer's own policy module, updated only by the producer thread.
     max_staleness: k, in policy versions.
+    snapshot: (policy, donated ids) -> the state published to `module`, taken in the
+      trainer's thread (default `snapshot`; several processes: a whole copy on this
+      process's devices, `postax.train.processes.local_copy`, a collective).
     """
 
-    def __init__(self, inner: Any, *, module: nnx.Module, max_staleness: int):
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        module: nnx.Module,
+        max_staleness: int,
+        snapshot: Callable[[nnx.Module, set[int]], nnx.State] = snapshot,
+    ):
         require(
             is_int(max_staleness) and max_staleness >= 0,
             "max_staleness",
@@ -226,6 +237,7 @@ class AsyncProducer:
         self.inner = inner
         self.module = module
         self.max_staleness = max_staleness
+        self.snapshot = snapshot
         self._cond = threading.Condition()
         self._snapshots: dict[int, nnx.State] = {}  # published versions not yet passed
         self._stop = threading.Event()  # the running thread's (each launch has its own)
@@ -267,7 +279,7 @@ class AsyncProducer:
             self._consumed_state = self.inner.state()
         # the thread puts it in its module (sharing the trainer's current frozen arrays, which a
         # restore replaced) before it samples
-        self._publish_snapshot(self._version, snapshot(policy, donated))
+        self._publish_snapshot(self._version, self.snapshot(policy, donated))
         self._launch(first_iteration, self._version)
         _LIVE.add(self)
 
@@ -317,7 +329,7 @@ class AsyncProducer:
         self._busy_total += busy
         if version >= self._last_iteration:
             return  # no batch is sampled after the last iteration
-        self._publish_snapshot(version, snapshot(policy, donated))
+        self._publish_snapshot(version, self.snapshot(policy, donated))
 
     def iteration_metrics(self) -> dict[str, float]:
         """The row metrics of the iteration whose batch `produce` returned last."""

@@ -276,6 +276,59 @@ def allgather_objects(value: Any) -> list[Any]:
     return [pickle.loads(gathered[i, : int(n)].tobytes()) for i, n in enumerate(lengths)]
 
 
+class KeyValueExchange:
+    """`allgather_objects` through the coordinator's key-value store instead of a device
+    collective: safe from any thread (an RL producer thread exchanges its scored rollouts
+    there while the trainer's thread runs collectives, whose order across processes it must
+    not disturb).
+
+    `exchange(key, value)`: every process's `value` (picklable), in process order; `key` (a
+    string naming this exchange, the same on every process, never reused within
+    `namespace`) pairs the processes' calls, so an exchange abandoned on some processes (a
+    producer thread stopped mid-batch) cannot be confused with a later one. Each process's
+    entry of an exchange is deleted at its next exchange: by then every process has read it
+    (a process posts to its next exchange only after reading all of this one). A peer that
+    does not post within `timeout_s` seconds raises `DistributedError` naming it. With one
+    process: `[value]`, no store."""
+
+    def __init__(self, namespace: str, *, timeout_s: float = 1800.0):
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self._posted: str | None = None
+
+    def __call__(self, key: str, value: Any) -> list[Any]:
+        if not multi_process():
+            return [value]
+        from jax._src import distributed  # the store of jax.distributed (as Orbax uses it)
+
+        client = distributed.global_state.client
+        if client is None:
+            raise DistributedError("KeyValueExchange: jax.distributed is not initialised")
+        me, count = jax.process_index(), jax.process_count()
+        prefix = f"postax/{self.namespace}/{key}"
+        mine = f"{prefix}/{me}"
+        client.key_value_set_bytes(mine, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        parts = []
+        for process in range(count):
+            if process == me:
+                parts.append(value)
+                continue
+            try:
+                data = client.blocking_key_value_get_bytes(
+                    f"{prefix}/{process}", int(self.timeout_s * 1000)
+                )
+            except Exception as error:  # a deadline or a coordinator that went away
+                raise DistributedError(
+                    f"process {me}: no {key!r} from process {process} within "
+                    f"{self.timeout_s:.0f} s ({type(error).__name__}: {error})"
+                ) from error
+            parts.append(pickle.loads(data))
+        if self._posted is not None:
+            client.key_value_delete(self._posted)
+        self._posted = mine
+        return parts
+
+
 def _local_sharding(sharding: Any, local: Mesh) -> NamedSharding:
     spec = sharding.spec if isinstance(sharding, NamedSharding) else P()
     return NamedSharding(local, spec)

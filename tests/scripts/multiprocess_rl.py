@@ -35,8 +35,20 @@ On-policy distillation, in the same processes: `postax distill` (`distill.run`) 
 OUT/distill, 3 steps of 8 prompts of the training file (`on_policy.fraction` 0.7, seed 0: steps
 0 and 2 on-policy, step 1 the dataset's), a teacher of the same shape with other weights, on
 the fly, SGD. OUT/distill-I.json holds every completion `generate` returned (all 8 prompts', on
-every process), the blocks of prompts the process sampled itself and the final loss; process 0 writes OUT/distill-params.npz, the student's
-parameters at the end.
+every process), the blocks of prompts the process sampled itself and the final loss; process 0
+writes OUT/distill-params.npz, the student's parameters at the end, and exports the student to
+OUT/distill/final.
+
+Episodes, in the same processes: `postax grpo` with `env:` (`DigitsEnv`: two turns, each
+rewarded with its share of digits, "Again." between them) into OUT/episodes, 2 iterations of 4
+prompts x 4 episodes and 8 greedy held-out episodes before and after. OUT/episodes-I.json holds
+every turn the process's environments stepped (prompt, turn, text, reward), the advantages and
+the held-out results.
+
+Asynchronous rollouts, in the same processes: `postax grpo` with `rollout.max_staleness: 1`
+(the importance-corrected loss) into OUT/async, 3 iterations (the third batch sampled by the
+weights after the first). OUT/async-I.json holds what the producer thread's reward function
+scored, the advantages and the run summary.
 """
 
 from __future__ import annotations
@@ -58,6 +70,21 @@ def digits(prompts, completions, **fields):
     for prompt, completion, score in zip(prompts, completions, scores, strict=True):
         SEEN.append({"prompt": prompt, "completion": completion, "reward": score})
     return scores
+
+
+class DigitsEnv:
+    """A two-turn environment for the episodes run: each turn's reward is the share of digits
+    in it (`digits`), "Again." between the turns; records what it saw in SEEN."""
+
+    def reset(self, example):
+        self.prompt, self.turn = example["prompt"], 0
+        return [{"role": "user", "content": example["prompt"]}]
+
+    def step(self, text):
+        (score,) = digits([self.prompt], [str(text)])
+        SEEN[-1]["turn"] = self.turn
+        self.turn += 1
+        return ("Again.", score, self.turn == 2, {})
 
 
 def main() -> None:
@@ -144,6 +171,10 @@ def main() -> None:
 
     run_ppo(cfg, Path(args.out), pid)
     run_distill(cfg, data, Path(args.out), pid)
+    advantages.clear()
+    run_episodes(cfg, Path(args.out), pid, advantages)
+    advantages.clear()
+    run_async(cfg, Path(args.out), pid, advantages)
 
 
 def run_ppo(grpo_cfg, out: Path, pid: int) -> None:
@@ -266,7 +297,7 @@ def run_distill(grpo_cfg, data: Path, out: Path, pid: int) -> None:
         ),
         checkpoint=grpo_cfg.checkpoint,
         distributed=grpo_cfg.distributed,
-        export=False,
+        export=True,  # OUT/distill/final, written by process 0 from the gathered weights
     )
     summary = distill.run(cfg)
     ran = {"sampled": sampled, "shares": shares, "final_loss": summary["final_loss"]}
@@ -275,6 +306,46 @@ def run_distill(grpo_cfg, data: Path, out: Path, pid: int) -> None:
     if pid == 0:
         flat = {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
         np.savez(out / "distill-params.npz", **flat)
+
+
+def run_episodes(grpo_cfg, out: Path, pid: int, advantages: list) -> None:
+    """GRPO with `env:` (`DigitsEnv`, two turns) over the same model, mesh and processes (see
+    the module docstring)."""
+    from postax.recipes import grpo
+    from postax.rl.envs.config import EnvConfig
+
+    SEEN.clear()
+    cfg = dataclasses.replace(
+        grpo_cfg,
+        output_dir=str(out / "episodes"),
+        rewards=(),
+        env=EnvConfig(name=f"{__name__}:DigitsEnv", max_turns=3, max_turn_tokens=6),
+        export=False,
+    )
+    summary = grpo.run(cfg)
+    evals = {k: summary[k] for k in ("eval_before", "eval_after")}
+    ran = {"seen": list(SEEN), "advantages": advantages, "evals": evals}
+    (out / f"episodes-{pid}.json").write_text(json.dumps(ran))
+
+
+def run_async(grpo_cfg, out: Path, pid: int, advantages: list) -> None:
+    """GRPO with asynchronous rollouts (`rollout.max_staleness: 1`) over the same model, mesh
+    and processes (see the module docstring)."""
+    from postax.losses.policy import PolicyLossConfig
+    from postax.recipes import grpo
+
+    SEEN.clear()
+    cfg = dataclasses.replace(
+        grpo_cfg,
+        output_dir=str(out / "async"),
+        iterations=3,
+        rollout=dataclasses.replace(grpo_cfg.rollout, max_staleness=1),
+        policy=PolicyLossConfig(kl_coef=0.05, importance_cap=2.0),
+        export=False,
+    )
+    summary = grpo.run(cfg)
+    ran = {"seen": list(SEEN), "advantages": advantages, "summary": summary}
+    (out / f"async-{pid}.json").write_text(json.dumps(ran, default=str))
 
 
 if __name__ == "__main__":

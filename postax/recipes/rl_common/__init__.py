@@ -8,8 +8,9 @@ its own steps and imports these from their modules:
 - `evaluation`: held-out greedy evaluation scored by the reward functions;
 - `loop`: the run's data, policy and trainer, and the loop object that
   starts, ends each iteration and finishes the run.
-- `local`: several processes: each samples and scores its own prompts on a
-  copy of the policy on its devices, then every process holds the whole batch.
+- `local`: several processes: each samples and scores its own prompts (or plays
+  their episodes) on a copy of the policy on its devices, then every process
+  holds the whole batch.
 
 Rollout production (prompts -> samples -> rewards) is `postax.rl.producer`;
 rollout groups, dynamic sampling and training rows are `postax.rl.groups`. The settings

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from postax.recipes.rl_common.local import LocalPolicy
+from postax.recipes.rl_common.local import LocalPolicy, play_share
 from postax.recipes.rl_common.producers import episode_runner
 from postax.rl.envs import EpisodeRunner, episode_metrics, episode_returns, record_example
 from postax.rl.envs.tools import tool_metrics
@@ -95,18 +95,25 @@ class EpisodeEvaluator:
     with tools, `tool_calls` and `tool_error_rate`.
 
     every: iterations between evaluations (0: only before and after training).
+    local: several processes: the `LocalPolicy` the runner's sampler samples; each process
+    plays its block of the records (`play_share`), the metrics are those of all episodes.
     """
 
     runner: EpisodeRunner
     records: list[PromptRecord]
     every: int
+    local: LocalPolicy | None = None
 
     def due(self, iteration: int) -> bool:
         """Whether iteration `iteration` ends with an evaluation."""
         return bool(self.every) and iteration % self.every == 0
 
     def __call__(self) -> dict[str, float]:
-        episodes = self.runner.run([record_example(r) for r in self.records], seed=0)
+        if self.local is None:
+            episodes = self.runner.run([record_example(r) for r in self.records], seed=0)
+        else:
+            with self.local.use():
+                episodes = play_share(self.runner, self.records, seed=0)
         returns = episode_returns(episodes)
         metrics = episode_metrics(episodes)
         out = {"accuracy": float(returns.mean()), "reward": float(returns.mean())}
@@ -127,7 +134,7 @@ def make_evaluator(cfg, sampler: Sampler, data, local=None) -> Evaluator | Episo
         return None
     if cfg.env is not None:
         runner = episode_runner(cfg, sampler, data, group_size=1, temperature=0.0)
-        return EpisodeEvaluator(runner, data.eval_records, cfg.eval.every)
+        return EpisodeEvaluator(runner, data.eval_records, cfg.eval.every, local)
     return Evaluator(
         sampler,
         data.runner,

@@ -28,6 +28,18 @@ completion's random stream is that of a single-process run (sample id = global p
 x group size + sample index, under the same seed): completions do not depend on the process
 count (up to the float rounding of a different device layout, which can flip a sampled token
 only at a near-tie of two probabilities).
+
+Episodes (`env:`) split the same way (`SplitEpisodeProducer`, `play_share`): each process plays
+the episodes of its block of the prompts, its environments (and tools, and reward functions)
+run there, and episode numbers, hence random streams, are the whole batch's.
+
+Asynchronous rollouts (`rollout.max_staleness`): the producer thread may not run collectives,
+whose order across processes the trainer's thread owns. So the trainer's thread publishes each
+policy version as a whole copy on this process's devices (`local_copy`, in `AsyncProducer`'s
+`snapshot`, a collective at a point every process reaches), and the thread exchanges its scored
+groups through the coordinator's key-value store (`processes.KeyValueExchange`) instead of a
+collective. Which version samples which batch is the single-process rule, the same on every
+process, so the batches (and drops) are those of one process.
 """
 
 from __future__ import annotations
@@ -42,10 +54,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from postax.rl.envs import EpisodeGroups, EpisodeProducer, episode_returns, record_example
+from postax.rl.envs.episode import Episode, EpisodeRunner
 from postax.rl.groups import Groups, score_completions
 from postax.rl.producer import RolloutProducer, rollout_seed
 from postax.sampling.config import SamplingConfig
 from postax.train.processes import (
+    KeyValueExchange,
     allgather_objects,
     gather_to_host,
     host_batch,
@@ -56,27 +71,25 @@ from postax.train.processes import (
 from postax.validation import ConfigError
 
 
-def check_prompt_split(cfg, recipe: str) -> None:
-    """With several processes: what an RL run supports there (single-turn, synchronous
-    rollouts) and `data.batch_size` prompts split evenly over the processes; ConfigError
+def check_prompt_split(cfg, recipe: str, *, episodes: bool = True) -> None:
+    """With several processes: what an RL run supports there (`env:` episodes where
+    `episodes`) and `data.batch_size` prompts split evenly over the processes; ConfigError
     naming the field otherwise. Nothing with one process."""
     n = jax.process_count()
     if n == 1:
         return
-    for field, value, allowed in (
-        ("env", getattr(cfg, "env", None), "null"),
-        ("rollout.max_staleness", cfg.rollout.max_staleness, "null (synchronous rollouts)"),
-    ):
-        if value is not None:
-            raise ConfigError(
-                f"{field}={value!r} is not supported by postax {recipe} with {n} processes: "
-                f"{allowed}, or run it as one process"
-            )
+    env = getattr(cfg, "env", None)
+    if env is not None and not episodes:
+        raise ConfigError(
+            f"env={getattr(env, 'name', env)!r} is not supported by postax {recipe} with {n} "
+            "processes: null, or run it as one process"
+        )
     if cfg.data.batch_size % n:
+        unit = "episodes" if getattr(cfg, "env", None) is not None else "completions"
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} prompts do not split evenly over {n} "
             f"processes: each samples data.batch_size / processes whole groups of "
-            f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt} completions (a "
+            f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt} {unit} (a "
             f"multiple of {n})"
         )
 
@@ -140,22 +153,104 @@ def merge_groups(records: list, parts: list[tuple], offsets: list[int]) -> Group
     )
 
 
-@dataclasses.dataclass
-class SplitRolloutProducer(RolloutProducer):
-    """`RolloutProducer` of a multi-process run: each draw's prompts are split over the
-    processes, each samples its share on its own devices (`local`, refreshed for every batch)
-    and scores it, then every process gets the whole scored batch (`merge_groups`)."""
+def play_share(
+    runner: EpisodeRunner, records: list, *, seed: int, timer=None, gather=allgather_objects
+) -> list[Episode]:
+    """The episodes of `records` (example-major) on several processes: each plays its block of
+    the records (`process_share`) with the runner's sampler (a local copy of the policy) under
+    the whole batch's episode numbers, so every episode draws what one process would draw;
+    one exchange (`gather`) gives every process all of them, in the records' order. The
+    environments of an episode run on the process that plays it (rewards where the rows are)."""
+    timer = timer or (lambda phase: contextlib.nullcontext())
+    share = process_share(len(records))
+    mine = runner.run(
+        [record_example(r) for r in records[share.start : share.stop]],
+        seed=seed,
+        timer=timer,
+        first_example=share.start,
+    )
+    with timer("gather"):
+        parts = gather(mine)
+    return [episode for part in parts for episode in part]
 
-    local: LocalPolicy | None = None
 
-    def produce(self, iteration: int, timer=None) -> Groups:
-        timer = timer or (lambda phase: contextlib.nullcontext())
+class _Split:
+    """What the producers of a multi-process run share: the weights they sample and the
+    exchange of their results.
+
+    local: the `LocalPolicy` their sampler samples, refreshed for every batch (a collective:
+      synchronous rollouts, in the trainer's thread); None when the weights come otherwise
+      (asynchronous rollouts: `AsyncProducer` publishes local copies to its module).
+    exchange: None: `allgather_objects` (a collective, in the trainer's thread); a
+      `KeyValueExchange` (asynchronous rollouts: safe in the producer's thread), keyed by the
+      batch and by how often the position was restored (a re-draw after a restore never
+      reads an abandoned exchange of the same batch)."""
+
+    local: LocalPolicy | None
+    exchange: KeyValueExchange | None
+    restores: int
+
+    @contextlib.contextmanager
+    def fresh_weights(self, timer):
+        if self.local is None:
+            yield
+            return
         with timer("weights"):
             self.local.refresh()
         try:
-            return super().produce(iteration, timer)
+            yield
         finally:
             self.local.release()
+
+    def gather(self, key: str, value: Any) -> list[Any]:
+        if self.exchange is None:
+            return allgather_objects(value)
+        return self.exchange(f"{self.restores}/{key}", value)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        super().restore(state)
+        self.restores += 1
+
+
+@dataclasses.dataclass
+class SplitEpisodeProducer(_Split, EpisodeProducer):
+    """`EpisodeProducer` of a multi-process run: each process plays the episodes of its block
+    of every prompt batch on its own devices and every process gets all of them
+    (`play_share`)."""
+
+    local: LocalPolicy | None = None
+    exchange: KeyValueExchange | None = None
+    restores: int = 0
+
+    def produce(self, iteration: int, timer=None) -> EpisodeGroups:
+        timer = timer or (lambda phase: contextlib.nullcontext())
+        records = list(next(self.prompts).records)
+        with self.fresh_weights(timer):
+            episodes = play_share(
+                self.runner,
+                records,
+                seed=rollout_seed(self.seed, iteration, 0),
+                timer=timer,
+                gather=lambda value: self.gather(f"episodes/{iteration}", value),
+            )
+        group = self.runner.config.episodes_per_example
+        return EpisodeGroups(records, episodes, episode_returns(episodes), group)
+
+
+@dataclasses.dataclass
+class SplitRolloutProducer(_Split, RolloutProducer):
+    """`RolloutProducer` of a multi-process run: each draw's prompts are split over the
+    processes, each samples its share on its own devices and scores it, then every process
+    gets the whole scored batch (`merge_groups`)."""
+
+    local: LocalPolicy | None = None
+    exchange: KeyValueExchange | None = None
+    restores: int = 0
+
+    def produce(self, iteration: int, timer=None) -> Groups:
+        timer = timer or (lambda phase: contextlib.nullcontext())
+        with self.fresh_weights(timer):
+            return super().produce(iteration, timer)
 
     def draw(self, iteration: int, round_index: int, *, timer=None) -> Groups:
         timer = timer or (lambda phase: contextlib.nullcontext())
@@ -177,8 +272,9 @@ class SplitRolloutProducer(RolloutProducer):
         with timer("reward"):
             part = score_completions(self.runner, self.tokenizer, mine, completions, group)
         with timer("gather"):
-            parts = allgather_objects(
-                (part.completions, part.rewards, part.per_function, part.failures, part.timeouts)
+            parts = self.gather(
+                f"rollouts/{iteration}/{round_index}",
+                (part.completions, part.rewards, part.per_function, part.failures, part.timeouts),
             )
         offsets = [process_share(len(records), p).start for p in range(len(parts))]
         return merge_groups(records, parts, offsets)
@@ -203,9 +299,11 @@ def score_inputs(trainer, rows: dict[str, np.ndarray]) -> dict[str, Any]:
 
 __all__ = [
     "LocalPolicy",
+    "SplitEpisodeProducer",
     "SplitRolloutProducer",
     "check_prompt_split",
     "gather_to_host",
     "merge_groups",
+    "play_share",
     "score_inputs",
 ]

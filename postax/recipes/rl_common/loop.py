@@ -26,6 +26,7 @@ episodes, asynchronous rollouts, several processes, and recipes that do not pass
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from postax.data.images import image_inputs
 from postax.recipes.common import encoding_share, export, finish_run, load_data, make_trainer
@@ -55,12 +57,16 @@ from postax.rl.tools.render import with_tools
 from postax.sampling.sampler import Sampler
 from postax.tokenizer.jinja_env import ChatTemplateError
 from postax.train.plot import plot_metrics, plot_skipped_because
-from postax.train.processes import multi_process
+from postax.train.processes import KeyValueExchange, local_copy, multi_process
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
 PLOT_FILE = "rewards.png"
 PLOTTED = ("reward", "eval_accuracy")  # metrics.jsonl columns drawn over iterations
+# asynchronous runs started in this process: each one's exchange keys in the coordinator's store
+# (every process runs the same program, so the count agrees; a later run never reads an
+# earlier one's keys)
+_ASYNC_RUNS = itertools.count()
 
 
 @dataclasses.dataclass
@@ -373,9 +379,20 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
             producer_data = dataclasses.replace(data, runner=SharedRewards(data.runner, lock))
             eval_data = dataclasses.replace(data, runner=eval_runner)
     # steps 1-3 of every iteration (another producer with the same interface plugs in here)
-    producer = make_producer(cfg, producer_sampler, producer_data, local)
-    if staleness is not None:
+    if staleness is None:
+        producer = make_producer(cfg, producer_sampler, producer_data, local)
+    elif local is None:
+        producer = make_producer(cfg, producer_sampler, producer_data)
         producer = AsyncProducer(producer, module=producer_sampler.model, max_staleness=staleness)
+    else:  # several processes: the thread exchanges through the store, samples local copies
+        exchange = KeyValueExchange(f"async-rollouts/{next(_ASYNC_RUNS)}")
+        producer = make_producer(cfg, producer_sampler, producer_data, exchange=exchange)
+        producer = AsyncProducer(
+            producer,
+            module=producer_sampler.model,
+            max_staleness=staleness,
+            snapshot=lambda live, donated: local_copy(nnx.state(live), trainer.mesh),
+        )
     numbers, resumed = trainer.start_iterations(
         cfg.iterations, cfg.update.steps_per_iteration, producer
     )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from postax.recipes.rl_common.config import SINGLE_TURN_ENV
-from postax.recipes.rl_common.local import SplitRolloutProducer
+from postax.recipes.rl_common.local import SplitEpisodeProducer, SplitRolloutProducer
 from postax.rl.envs import EnvSpec, EpisodeProducer, EpisodeRunner, make_env
 from postax.rl.envs.tools import ToolEnv
 from postax.rl.groups import rollout_metrics
@@ -79,10 +79,15 @@ def episode_runner(cfg, sampler: Sampler, data, *, group_size: int, temperature:
     return EpisodeRunner(sampler, factory, config, tokenizer=data.tokenizer)
 
 
-def make_producer(cfg, sampler: Sampler, data, local=None) -> RolloutProducer | EpisodeProducer:
+def make_producer(
+    cfg, sampler: Sampler, data, local=None, exchange=None
+) -> RolloutProducer | EpisodeProducer:
     """Episodes with `env:`, else single-turn rollouts scored by `RunData.runner`; with
-    several processes (`local`: this process's `LocalPolicy`, which `sampler` samples) a
-    `SplitRolloutProducer` (`postax.recipes.rl_common.local`)."""
+    several processes a `SplitEpisodeProducer` or `SplitRolloutProducer`
+    (`postax.recipes.rl_common.local`): synchronous, `local` is this process's `LocalPolicy`
+    (which `sampler` samples); asynchronous, `exchange` is the producer thread's
+    `KeyValueExchange`."""
+    split = local is not None or exchange is not None
     if cfg.env is not None:
         runner = episode_runner(
             cfg,
@@ -91,10 +96,14 @@ def make_producer(cfg, sampler: Sampler, data, local=None) -> RolloutProducer | 
             group_size=cfg.rollout.samples_per_prompt,
             temperature=float(cfg.rollout.temperature),
         )
+        if split:
+            return SplitEpisodeProducer(
+                runner, data.prompts.iterator(), cfg.run.seed, local, exchange
+            )
         return EpisodeProducer(runner, data.prompts.iterator(), cfg.run.seed)
-    producer = RolloutProducer if local is None else SplitRolloutProducer
-    # several processes: `local`; one process: the pixels of image prompts (or None)
-    extra = {"images": data.images} if local is None else {"local": local}
+    producer = SplitRolloutProducer if split else RolloutProducer
+    # several processes: `local` or `exchange`; one process: the pixels of image prompts
+    extra = {"local": local, "exchange": exchange} if split else {"images": data.images}
     return producer(
         sampler,
         data.runner,

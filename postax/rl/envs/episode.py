@@ -249,15 +249,22 @@ class EpisodeRunner:
         self.stop_ids = tuple(sampler.default_stop_ids() if stop_ids is None else stop_ids)
 
     def run(
-        self, examples: Sequence[Mapping[str, Any]], *, seed: int, timer: PhaseTimer = untimed
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        *,
+        seed: int,
+        timer: PhaseTimer = untimed,
+        first_example: int = 0,
     ) -> list[Episode]:
         """`episodes_per_example` episodes of each example, example-major; `timer("generate")`
-        and `timer("environment")` time sampling and environment steps."""
+        and `timer("environment")` time sampling and environment steps. `first_example`: the
+        number of `examples[0]` in a larger batch (a process's block of it): example and
+        episode numbers, and so every episode's random stream, are those of the whole batch."""
         cfg = self.config
         done: dict[int, Episode] = {}
         live: list[_Live] = []
         with timer("environment"):
-            for i, example in enumerate(examples):
+            for i, example in enumerate(examples, start=first_example):
                 for j in range(cfg.episodes_per_example):
                     state = self._start(i * cfg.episodes_per_example + j, i, j, example)
                     if len(state.prompt_ids) >= cfg.max_tokens:

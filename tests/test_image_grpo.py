@@ -44,7 +44,6 @@ from postax.models.config import ModelConfig
 from postax.models.hf import save_model
 from postax.recipes import grpo, ppo
 from postax.recipes.common import CheckpointSettings, ModelSource, copy_tokenizer_files
-from postax.recipes.rl_common import loop as rl_loop
 from postax.recipes.rl_common.config import RunSettings, UpdateConfig
 from postax.recipes.sft import SFTAlgorithm, SFTConfig
 from postax.rl.groups import rollout_rows
@@ -374,16 +373,6 @@ def test_refused_with_image_prompts(setup, changes, message):
     with pytest.raises(ConfigError) as error:
         grpo.run(image_config(root, tokenizer_dir, config, **changes))
     assert str(error.value) == message
-
-
-def test_several_processes_refused(setup, monkeypatch):
-    root, tokenizer_dir, _, config = setup
-    monkeypatch.setattr(rl_loop, "multi_process", lambda: True)
-    with pytest.raises(
-        ConfigError,
-        match=r"^distributed: \d+ processes are not supported with image prompts yet: run one process$",
-    ):
-        grpo.run(image_config(root, tokenizer_dir, config))
 
 
 def test_ppo_refuses_image_prompts(setup):

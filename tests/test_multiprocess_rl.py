@@ -18,7 +18,8 @@ The same processes then run a tiny PPO (2 iterations, the KL in the reward, a va
 the same completions and rewards, values, returns and advantages within 1e-6 / 5e-6
 (`TARGETS_ATOL`), losses and final parameters (policy and value head) within 1e-6, and the
 checkpoint the pair wrote restores its parameters bitwise. Then on-policy distillation, GRPO
-with `env:` episodes and GRPO with asynchronous rollouts (see the script). The tests after the runs check the pieces in this
+with `env:` episodes, GRPO with asynchronous rollouts and GRPO with image prompts on a tiny
+vision-language model (see the script). The tests after the runs check the pieces in this
 process.
 """
 
@@ -50,8 +51,9 @@ TIMEOUT = 240
 # bitwise. The critic's scoring pass is the same SPMD program over the same mesh, but its
 # collectives sum through gloo across the processes and through XLA's all-reduce within one
 # (iteration 1, the same weights and tokens: values up to 1.2e-7 apart); the KL in the rewards
-# reads the sampler's log-probs, from a 4-device rather than an 8-device layout. Measured:
-# values 1.2e-7, returns 1.6e-7, advantages 4.8e-7 (whitening divides by the batch's std).
+# reads the sampler's log-probs, from a 4-device rather than an 8-device layout. Measured (the
+# episodes of the PPO run): values 1.2e-7, returns 1.8e-7, advantages 7.2e-7 (whitening
+# divides by the batch's std).
 TARGETS_ATOL = {"values": 1e-6, "returns": 1e-6, "advantages": 5e-6}
 
 
@@ -211,8 +213,9 @@ def test_grpo_resumes_on_two_processes_as_on_one(runs):
 
 
 def test_ppo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
-    """PPO in the same processes (tests/scripts/multiprocess_rl.py: 2 iterations, then the
-    same command again, restoring the last checkpoint). Each process scored its own prompts;
+    """PPO with `env:` episodes in the same processes (tests/scripts/multiprocess_rl.py: 2
+    iterations, then the same command again, restoring the last checkpoint). Each process
+    played its own prompts' episodes;
     the critic's values (a scoring pass over the global mesh, gathered), the GAE advantages
     and returns every process computed, the losses and the final policy and value head equal
     the single process's; the checkpoint the pair wrote restores their parameters."""
@@ -220,9 +223,9 @@ def test_ppo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
     parts = [json.loads((runs / "two" / f"ppo-{pid}.json").read_text()) for pid in (0, 1)]
     for run in (one, *parts):
         assert (run["resumed"], run["resumed_again"]) == (False, True)
-    assert_scored_in_halves(one["seen"], [p["seen"] for p in parts], [16, 16])
+    assert_played_in_halves(one["seen"], [p["seen"] for p in parts], [32, 32])
     assert len({r["completion"] for r in one["seen"]}) > 8  # sampled, not all alike
-    assert [r["prompt"] for r in one["seen"][:16]] != [r["prompt"] for r in one["seen"][16:]]
+    assert {r["prompt"] for r in one["seen"][:32]} != {r["prompt"] for r in one["seen"][32:]}
 
     assert len(one["targets"]) == 2
     for index, expected in enumerate(one["targets"]):
@@ -244,7 +247,7 @@ def test_ppo_on_two_processes_of_four_devices_equals_one_of_eight(runs):
     for a, b in zip(rows_one, rows_two, strict=True):
         for name in ("loss", "policy_loss", "value_loss", "value_error", "grad_norm", "kl_reward"):
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
-        for name in ("reward", "reward_std", "completion_length"):
+        for name in ("reward", "reward_std", "turns", "episode_length"):
             assert b[name] == a[name], name
 
     a = np.load(runs / "one" / "ppo-params.npz")
@@ -343,6 +346,30 @@ def test_asynchronous_grpo_on_two_processes_equals_one(runs):
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
 
 
+def test_grpo_with_image_prompts_on_two_processes_equals_one(runs):
+    """GRPO on a tiny vision-language model with image prompts: each process sampled its own
+    prompts with their pixels, the rows (with every row's images) were scored over the global
+    mesh; the same completions, rewards, advantages and held-out results as one process,
+    bitwise, and the trainer's log-probs of the rows (read with their images) are the
+    sampler's."""
+    one = json.loads((runs / "one" / "images-0.json").read_text())
+    parts = [json.loads((runs / "two" / f"images-{pid}.json").read_text()) for pid in (0, 1)]
+    # eval before (6 prompts), 2 iterations of 4 prompts x 2 samples, eval after
+    assert_scored_in_halves(one["seen"], [p["seen"] for p in parts], [6, 8, 8, 6])
+    assert all("<start_of_image>" in r["prompt"] for r in one["seen"])
+    assert len({r["completion"] for r in one["seen"]}) > 4  # sampled, not all alike
+    assert len(one["advantages"]) == 2
+    assert parts[0]["advantages"] == parts[1]["advantages"] == one["advantages"]
+    assert parts[0]["evals"] == parts[1]["evals"] == one["evals"]
+    rows_one = iteration_rows(runs / "one" / "images")
+    rows_two = iteration_rows(runs / "two" / "images")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert b["first_logprob_mismatch"] < 1e-5  # the images reached the rows they belong to
+        for name in ("loss", "policy_loss", "grad_norm", "first_logprob_mismatch"):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
+
+
 # -- in one process: the pieces ------------------------------------------------------------------
 
 
@@ -372,22 +399,19 @@ def test_several_processes_need_whole_groups_each(monkeypatch):
         data = PromptDataConfig(path="unused.jsonl", batch_size=3)
         rollout = RolloutConfig(samples_per_prompt=4)
 
-    check_prompt_split(Cfg, "grpo")  # one process: anything goes
+    check_prompt_split(Cfg)  # one process: anything goes
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ConfigError, match=r"data.batch_size=3 prompts do not split evenly over 2"):
-        check_prompt_split(Cfg, "grpo")
+        check_prompt_split(Cfg)
     Cfg.data = PromptDataConfig(path="unused.jsonl", batch_size=4)
-    check_prompt_split(Cfg, "grpo")
+    check_prompt_split(Cfg)
     Cfg.rollout = RolloutConfig(samples_per_prompt=4, max_staleness=1)
-    check_prompt_split(Cfg, "grpo")  # asynchronous rollouts: the thread exchanges via the store
-    check_prompt_split(Cfg, "ppo", episodes=False)
+    check_prompt_split(Cfg)  # asynchronous rollouts: the thread exchanges via the store
     Cfg.env = "guess_number"
-    check_prompt_split(Cfg, "grpo")  # episodes: each process plays its own prompts' groups
-    with pytest.raises(ConfigError, match=r"env='guess_number' is not supported by postax ppo"):
-        check_prompt_split(Cfg, "ppo", episodes=False)
+    check_prompt_split(Cfg)  # episodes: each process plays its own prompts' groups
     Cfg.data = PromptDataConfig(path="unused.jsonl", batch_size=5)
     with pytest.raises(ConfigError, match=r"split evenly over 2 .*=4 episodes \(a multiple of 2"):
-        check_prompt_split(Cfg, "grpo")
+        check_prompt_split(Cfg)
 
 
 def test_merged_groups_are_the_batch_in_global_prompt_order():
@@ -437,38 +461,3 @@ def test_merged_groups_are_the_batch_in_global_prompt_order():
     np.testing.assert_array_equal(merged.per_function["f"], [1, 2, 3, 4])
     assert merged.failures == {"f": 3} and merged.timeouts == {"f": 1}
     assert merged.records == ["r0", "r1"]
-
-
-def test_ppo_refuses_episodes_on_several_processes(tmp_path, monkeypatch):
-    """One line naming the recipe, before any data or model is read (not a silent wrong run):
-    PPO runs on several processes (test_ppo_on_two_processes_of_four_devices_equals_one_of_eight)
-    but, unlike GRPO (test_grpo_episodes_on_two_processes_equal_one), not with `env:`."""
-    import jax
-
-    from postax.configs import from_dict
-    from postax.recipes import common, ppo
-
-    example = ROOT / "examples" / "arithmetic"
-    model = {"family": "llama", "vocab_size": 320, "hidden_size": 16, "intermediate_size": 16}
-    model.update(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8)
-    cfg = from_dict(
-        ppo.PPOConfig,
-        {
-            "output_dir": str(tmp_path / "ppo"),
-            "tokenizer": str(example / "tokenizer"),
-            "model": {"config": model},
-            "data": {"path": str(example / "train.jsonl"), "batch_size": 8},
-            "rollout": {"samples_per_prompt": 1},
-            "env": "guess_number",
-            "iterations": 1,
-        },
-    )
-    with monkeypatch.context() as patch:  # 2 processes, as far as the recipe's own checks go
-        patch.setattr(jax, "process_count", lambda: 2)
-        patch.setattr(common, "multi_process", lambda: False)  # no config exchange to join
-        with pytest.raises(ConfigError) as error:
-            ppo.run(cfg)
-    assert str(error.value) == (
-        "env='guess_number' is not supported by postax ppo with 2 processes: null, or run it as "
-        "one process"
-    )

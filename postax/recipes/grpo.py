@@ -35,8 +35,9 @@ images (content parts `{"type": "image", "path": ...}`, `postax.rl.prompts`): ea
 pixels go with it through sampling, the rollout rows (`images`, repeated per sample), the
 reference and recomputed log-prob passes, the policy update and the held-out evaluation. The
 vision tower and projector stay frozen unless `train_vision_tower: true` (as in SFT).
-`env:`, asynchronous rollouts and several processes are refused with image prompts
-(`rl_common.loop.check_image_prompts`).
+`env:` and asynchronous rollouts are refused with image prompts
+(`rl_common.loop.check_image_prompts`); with several processes each samples its own image
+prompts, as it does text ones.
 
 Variants are configuration (docs/algorithms.md lists the settings that
 reproduce each paper): GRPO `advantage: grpo`, `policy.aggregation:
@@ -239,7 +240,7 @@ def compute_advantages(
 def run(cfg: GRPOConfig) -> dict:
     """GRPO-family RL from a config; returns the run summary."""
     out = start_run(cfg)
-    check_prompt_split(cfg, "grpo")  # several processes: what they support, whole groups each
+    check_prompt_split(cfg)  # several processes: whole groups each
     num_rows = cfg.data.batch_size * cfg.group_size
     data = load_run_data(cfg, num_rows, image_prompts=True)
 

@@ -36,8 +36,7 @@ the reference, values and recomputed log-probs run over the global mesh on the r
 process's devices hold (`score_inputs`) and come back whole to every host (`gather_to_host`),
 so GAE, the whitening over the batch and the minibatch shuffle are the host steps of one
 process on the same values; the updates of policy and critic run over the global mesh.
-`env:` episodes (which GRPO plays on several processes) and asynchronous rollouts are refused
-there (`check_prompt_split`).
+With `env:` each process plays its own prompts' episodes, as in GRPO.
 
 Deviations from Ouyang et al.: no pretraining-mix term (PPO-ptx); the KL
 coefficient is fixed (no adaptive controller); advantages are whitened per
@@ -357,8 +356,7 @@ def gae_targets(
 def run(cfg: PPOConfig) -> dict:
     """PPO from a config; returns the run summary."""
     out = start_run(cfg)
-    # several processes: what they support (episodes: not yet), whole groups each
-    check_prompt_split(cfg, "ppo", episodes=False)
+    check_prompt_split(cfg)  # several processes: whole groups each
     num_rows = cfg.data.batch_size * cfg.rollout.samples_per_prompt
     data = load_run_data(cfg, num_rows)
 

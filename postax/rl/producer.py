@@ -154,28 +154,36 @@ class RolloutProducer:
 
     def draw(self, iteration: int, round_index: int, *, timer: PhaseTimer = _untimed) -> Groups:
         """Samples and scores the next prompt batch (draw `round_index` of `iteration`)."""
+        sampling = self.sampling(iteration, round_index)
+        records = next(self.prompts).records
+        with timer("generate"):
+            completions = self.sample(records, sampling)
+        with timer("reward"):
+            return score_completions(
+                self.runner, self.tokenizer, records, completions, sampling.num_samples
+            )
+
+    def sampling(self, iteration: int, round_index: int) -> SamplingConfig:
+        """How draw `round_index` of `iteration` samples: `rollout.samples_per_prompt` per
+        prompt at `rollout.temperature`, its own seed; with image prompts a sampled image
+        token also stops a completion."""
         stop_ids = self.rollout.stop_token_ids
         if self.images is not None:  # a sampled image token ends its completion
             stop_ids = image_stop_ids(self.sampler, stop_ids)
-        sampling = SamplingConfig(
+        return SamplingConfig(
             max_new_tokens=self.rollout.max_new_tokens,
             temperature=float(self.rollout.temperature),
             num_samples=self.rollout.samples_per_prompt,
             seed=rollout_seed(self.seed, iteration, round_index),
             stop_token_ids=stop_ids,
         )
-        records = next(self.prompts).records
-        with timer("generate"):
-            requests = [(r.ids, sampling) for r in records]
-            if self.images is None:
-                completions = self.sampler.generate_many(requests)
-            else:
-                pixels = [self.images.pixels(r) for r in records]
-                completions = self.sampler.generate_many(requests, images=pixels)
-        with timer("reward"):
-            return score_completions(
-                self.runner, self.tokenizer, records, completions, sampling.num_samples
-            )
+
+    def sample(self, records, sampling: SamplingConfig, seed_offsets=None) -> list:
+        """The completions of `records` (with their pixels, for image prompts); `seed_offsets`:
+        each record's first sample id (default: as a batch of its own)."""
+        requests = [(r.ids, sampling) for r in records]
+        pixels = None if self.images is None else [self.images.pixels(r) for r in records]
+        return self.sampler.generate_many(requests, images=pixels, seed_offsets=seed_offsets)
 
     def state(self) -> dict[str, Any]:
         """The prompt position to checkpoint."""

@@ -19,13 +19,14 @@ checkpoint of the second (every process restores its part) and runs the third: O
 holds what its reward function scored (the third iteration, the evaluation after) and
 `summary["resumed"]`.
 
-PPO, in the same processes (no second start-up, join or sampler compile: the same rollout
-shapes): `postax ppo` (`ppo.run`) into OUT/ppo for 2 iterations of 4 prompts x 4 samples (a
-value head with random initial weights, so the values are not 0; the KL in the reward: a
-reference scoring pass; recomputed old log-probs; 1 epoch of 2 minibatches; Adam at 1e-3; no
-held-out evaluation or export, which are GRPO's code, tested above). OUT/ppo-I.json holds
-what the reward function scored and, per iteration, the values, advantages and returns the
-recipe computed (a wrapper around `ppo.gae_targets`). Then the same command runs again: it
+PPO with `env:` episodes, in the same processes (no second start-up or join): `postax ppo`
+(`ppo.run`) into OUT/ppo for 2 iterations of 4 prompts x 4 episodes of `DigitsEnv` (two turns,
+each rewarded with its share of digits, "Again." between them; the turn rewards on each turn's
+last token); a value head with random initial weights, so the values are not 0; the KL in the
+reward: a reference scoring pass; recomputed old log-probs; 1 epoch of 2 minibatches; Adam at
+1e-3; no held-out evaluation or export, which are GRPO's code, tested above. OUT/ppo-I.json
+holds every turn the process's environments stepped and, per iteration, the values,
+advantages and returns the recipe computed (a wrapper around `ppo.gae_targets`). Then the same command runs again: it
 restores the last checkpoint and has nothing left to run. Process 0 writes OUT/ppo-params.npz
 and OUT/ppo-restored.npz, every trained parameter (policy and value head) at the end of the
 run and as restored (the trainers caught by a wrapper around `ppo.make_rl_trainer`, their
@@ -49,6 +50,12 @@ Asynchronous rollouts, in the same processes: `postax grpo` with `rollout.max_st
 (the importance-corrected loss) into OUT/async, 3 iterations (the third batch sampled by the
 weights after the first). OUT/async-I.json holds what the producer thread's reward function
 scored, the advantages and the run summary.
+
+Image prompts, in the same processes: `postax grpo` on a tiny random Gemma 3 vision-language
+model (tests/image_fixtures.py) into OUT/images, 2 iterations of 4 image prompts x 2 samples
+(rewards: completion lengths) and 6 held-out image prompts before and after, over an fsdp=8
+mesh. OUT/images-I.json holds what the reward function scored, the advantages and the
+held-out results.
 """
 
 from __future__ import annotations
@@ -85,6 +92,14 @@ class DigitsEnv:
         SEEN[-1]["turn"] = self.turn
         self.turn += 1
         return ("Again.", score, self.turn == 2, {})
+
+
+def lengths(prompts, completions, **fields):
+    """The completion's length in characters / 10 (rewards vary), recording what it scores."""
+    scores = [len(c) / 10 for c in completions]
+    for prompt, completion, score in zip(prompts, completions, scores, strict=True):
+        SEEN.append({"prompt": prompt, "completion": completion, "reward": score})
+    return scores
 
 
 def main() -> None:
@@ -175,6 +190,8 @@ def main() -> None:
     run_episodes(cfg, Path(args.out), pid, advantages)
     advantages.clear()
     run_async(cfg, Path(args.out), pid, advantages)
+    advantages.clear()
+    run_images(cfg, Path(args.out), pid, advantages)
 
 
 def run_ppo(grpo_cfg, out: Path, pid: int) -> None:
@@ -184,6 +201,7 @@ def run_ppo(grpo_cfg, out: Path, pid: int) -> None:
     from postax.recipes import ppo
     from postax.recipes.common import gathered
     from postax.recipes.rl_common.config import UpdateConfig
+    from postax.rl.envs.config import EnvConfig
     from postax.train.optim import OptimizerConfig
 
     targets: list[dict] = []
@@ -213,9 +231,9 @@ def run_ppo(grpo_cfg, out: Path, pid: int) -> None:
         tokenizer=grpo_cfg.tokenizer,
         model=grpo_cfg.model,
         data=grpo_cfg.data,
-        rewards=grpo_cfg.rewards,
+        env=EnvConfig(name=f"{__name__}:DigitsEnv", max_turns=3, max_turn_tokens=6),
         iterations=2,
-        rollout=grpo_cfg.rollout,  # GRPO's shapes: its compiled sampler serves
+        rollout=grpo_cfg.rollout,
         value=ppo.ValueConfig(head_std=0.05),
         update=UpdateConfig(epochs=1, minibatches=2, old_logprobs="recompute"),
         # Adam at 3e-3 put rare tokens' embedding rows 9.5e-7 apart (tiny gradients, scaled up)
@@ -346,6 +364,63 @@ def run_async(grpo_cfg, out: Path, pid: int, advantages: list) -> None:
     summary = grpo.run(cfg)
     ran = {"seen": list(SEEN), "advantages": advantages, "summary": summary}
     (out / f"async-{pid}.json").write_text(json.dumps(ran, default=str))
+
+
+def run_images(grpo_cfg, out: Path, pid: int, advantages: list) -> None:
+    """GRPO with image prompts on a tiny Gemma 3 vision-language model (see the module
+    docstring)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the image fixtures
+    from image_fixtures import (
+        COLOURS,
+        QUESTION,
+        colour_image,
+        make_gemma3_tokenizer_dir,
+        tiny_vlm_config,
+    )
+
+    from postax.parallel import MeshConfig
+    from postax.recipes import grpo
+    from postax.recipes.common import ModelSource
+    from postax.recipes.rl_common.config import RunSettings
+    from postax.rl.prompts import PromptDataConfig
+    from postax.rl.rewards import RewardConfig
+    from postax.tokenizer import load_tokenizer
+
+    data = out / f"images-data-{pid}"  # each process its own copy: no concurrent writes
+    tokenizer_dir = make_gemma3_tokenizer_dir(data / "tokenizer")
+    paths = {}
+    for name, per_colour in (("train", 3), ("eval", 2)):
+        (data / name).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(per_colour):
+            for c, (colour, rgb) in enumerate(COLOURS.items()):
+                image = f"{name}/{colour}{i}.png"
+                colour_image(rgb, i * 10 + c).save(data / image)
+                parts = [{"type": "image", "path": image}, {"type": "text", "text": QUESTION}]
+                lines.append(json.dumps({"prompt": [{"role": "user", "content": parts}]}) + "\n")
+        paths[name] = data / f"{name}.jsonl"
+        paths[name].write_text("".join(lines))
+    SEEN.clear()
+    cfg = dataclasses.replace(
+        grpo_cfg,
+        output_dir=str(out / "images"),
+        tokenizer=str(tokenizer_dir),
+        model=ModelSource(config=tiny_vlm_config(load_tokenizer(tokenizer_dir)), seed=0),
+        data=PromptDataConfig(path=str(paths["train"]), batch_size=4),
+        eval_data=PromptDataConfig(path=str(paths["eval"]), batch_size=6, shuffle=False),
+        rewards=(RewardConfig(name=f"{__name__}:lengths", timeout=None),),
+        rollout=dataclasses.replace(grpo_cfg.rollout, samples_per_prompt=2, max_new_tokens=4),
+        policy=dataclasses.replace(grpo_cfg.policy, kl_coef=0.0),  # one scoring pass: recompute
+        update=dataclasses.replace(grpo_cfg.update, minibatches=1),
+        run=RunSettings(progress=False, mesh=MeshConfig(fsdp=8)),
+        export=False,
+    )
+    summary = grpo.run(cfg)
+    evals = {k: summary[k] for k in ("eval_before", "eval_after")}
+    ran = {"seen": list(SEEN), "advantages": advantages, "evals": evals}
+    (out / f"images-{pid}.json").write_text(json.dumps(ran))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ from postax.rl.envs import EpisodeGroups, EpisodeProducer, episode_returns, reco
 from postax.rl.envs.episode import Episode, EpisodeRunner
 from postax.rl.groups import Groups, score_completions
 from postax.rl.producer import RolloutProducer, rollout_seed
-from postax.sampling.config import SamplingConfig
 from postax.train.processes import (
     KeyValueExchange,
     allgather_objects,
@@ -71,19 +70,12 @@ from postax.train.processes import (
 from postax.validation import ConfigError
 
 
-def check_prompt_split(cfg, recipe: str, *, episodes: bool = True) -> None:
-    """With several processes: what an RL run supports there (`env:` episodes where
-    `episodes`) and `data.batch_size` prompts split evenly over the processes; ConfigError
-    naming the field otherwise. Nothing with one process."""
+def check_prompt_split(cfg) -> None:
+    """With several processes: `data.batch_size` prompts split evenly over the processes
+    (whole groups each); ConfigError naming the field otherwise. Nothing with one process."""
     n = jax.process_count()
     if n == 1:
         return
-    env = getattr(cfg, "env", None)
-    if env is not None and not episodes:
-        raise ConfigError(
-            f"env={getattr(env, 'name', env)!r} is not supported by postax {recipe} with {n} "
-            "processes: null, or run it as one process"
-        )
     if cfg.data.batch_size % n:
         unit = "episodes" if getattr(cfg, "env", None) is not None else "completions"
         raise ConfigError(
@@ -254,21 +246,13 @@ class SplitRolloutProducer(_Split, RolloutProducer):
 
     def draw(self, iteration: int, round_index: int, *, timer=None) -> Groups:
         timer = timer or (lambda phase: contextlib.nullcontext())
-        group = self.rollout.samples_per_prompt
-        sampling = SamplingConfig(
-            max_new_tokens=self.rollout.max_new_tokens,
-            temperature=float(self.rollout.temperature),
-            num_samples=group,
-            seed=rollout_seed(self.seed, iteration, round_index),
-            stop_token_ids=self.rollout.stop_token_ids,
-        )
+        sampling = self.sampling(iteration, round_index)
+        group = sampling.num_samples
         records = next(self.prompts).records
         share = process_share(len(records))
         mine = records[share.start : share.stop]
         with timer("generate"):  # the streams of a single process: global sample ids
-            completions = self.sampler.generate_many(
-                [(r.ids, sampling) for r in mine], seed_offsets=[i * group for i in share]
-            )
+            completions = self.sample(mine, sampling, seed_offsets=[i * group for i in share])
         with timer("reward"):
             part = score_completions(self.runner, self.tokenizer, mine, completions, group)
         with timer("gather"):

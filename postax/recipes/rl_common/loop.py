@@ -19,8 +19,9 @@ prompt sets read image parts with the model's image processor and tokens
 the training rows (`Loop.rollout_rows`: `images` [rows, data.max_images_per_row, 3, S, S],
 each prompt's pixels repeated for its samples) and the held-out evaluation. What does not
 take images yet is refused before any model is built (`check_image_prompts`): `env:`
-episodes, asynchronous rollouts, several processes, and recipes that do not pass
-`image_prompts=True` (PPO: its value model reads no images).
+episodes, asynchronous rollouts, and recipes that do not pass `image_prompts=True` (PPO: its
+value model reads no images). With several processes each decodes the pixels of the prompts
+it samples and, for the rows, of the whole batch.
 """
 
 from __future__ import annotations
@@ -141,11 +142,6 @@ def check_image_prompts(cfg, *, image_prompts: bool) -> None:
     ):
         if value is not None:
             raise ConfigError(f"{field}={value!r} is not supported with image prompts: {allowed}")
-    if multi_process():
-        raise ConfigError(
-            f"distributed: {jax.process_count()} processes are not supported with image "
-            "prompts yet: run one process"
-        )
 
 
 def load_run_data(cfg, num_rows: int, *, image_prompts: bool = False) -> RunData:

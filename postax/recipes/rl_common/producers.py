@@ -102,8 +102,7 @@ def make_producer(
             )
         return EpisodeProducer(runner, data.prompts.iterator(), cfg.run.seed)
     producer = SplitRolloutProducer if split else RolloutProducer
-    # several processes: `local` or `exchange`; one process: the pixels of image prompts
-    extra = {"local": local, "exchange": exchange} if split else {"images": data.images}
+    extra = {"local": local, "exchange": exchange} if split else {}  # several processes
     return producer(
         sampler,
         data.runner,
@@ -112,6 +111,7 @@ def make_producer(
         cfg.rollout,
         cfg.data.batch_size,
         cfg.run.seed,
+        data.images,  # the pixels of image prompts (None: text only)
         **extra,
     )
 

@@ -370,6 +370,31 @@ def test_grpo_with_image_prompts_on_two_processes_equals_one(runs):
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
 
 
+def test_local_copies_are_whole_on_each_process_without_the_host(runs):
+    """`local_copy` (what every sampling process samples from): each process's copy lives on
+    its own devices only, under the global array's partition spec, and holds the global
+    array's values; on the pair the arrays moved device to device (`process_mesh`), the PRNG
+    key through the host."""
+    for pid in (0, 1):
+        report = json.loads((runs / "two" / f"local-copy-{pid}.json").read_text())
+        assert report["device_path"] is True
+        assert report["sharded"] == {
+            "local": True,
+            "devices": 4,
+            "spec": ["fsdp", "tensor"],
+            "equal": True,
+        }
+        for name in ("replicated", "key"):
+            assert report[name] == {
+                "local": True,
+                "devices": 4,
+                "spec": [],
+                "equal": True,
+            }, name
+    one = json.loads((runs / "one" / "local-copy-0.json").read_text())
+    assert one["sharded"]["devices"] == 8  # one process: the array itself
+
+
 # -- in one process: the pieces ------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ cache is found or has to be computed by a collective pass).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
@@ -334,17 +335,55 @@ def _local_sharding(sharding: Any, local: Mesh) -> NamedSharding:
     return NamedSharding(local, spec)
 
 
+def process_mesh(mesh: Mesh) -> Mesh | None:
+    """A global mesh `("processes", *mesh.axis_names)` whose block for process p is p's
+    `local_mesh` (its devices, laid out as there): an array sharded over it by a spec of
+    `mesh`'s axis names is replicated across the processes and, within each, laid out as on
+    its local mesh. None when the processes' local meshes differ in shape."""
+    blocks = [mesh._local_mesh(p).devices for p in range(jax.process_count())]
+    if len({block.shape for block in blocks}) != 1:
+        return None
+    return Mesh(np.stack(blocks), ("processes", *mesh.axis_names))
+
+
 def local_copy(tree: Any, mesh: Mesh) -> Any:
     """A copy of `tree` (arrays placed on the global `mesh`, or replicated) whole on this
-    process's devices only: each array gathered from every process (`gather_to_host`) and
-    placed on `mesh.local_mesh` (this process's devices, the same axis names) under the same
-    partition spec. Computations on the copy involve no other process. A collective: every
-    process must call it, in the same order. With one process the tree itself is returned."""
+    process's devices only: placed on `mesh.local_mesh` (this process's devices, the same axis
+    names) under the same partition spec. Computations on the copy involve no other process.
+    A collective: every process must call it, in the same order. With one process the tree
+    itself is returned.
+
+    Device to device: one jitted reshard onto `process_mesh` (the gathers across processes
+    run over the devices' interconnect) whose shards on this process's devices are the local
+    copy's; no weight passes through the host, and no device holds more than its share of
+    the local copy. PRNG keys, and every array when the processes' local meshes differ in
+    shape, go through the host (`gather_to_host`)."""
     if not multi_process():
         return tree
     local = mesh.local_mesh
+    per_process = process_mesh(mesh)
+    leaves, treedef = jax.tree.flatten(tree)
 
-    def copy(x):
+    def spec_of(x) -> P:
+        return x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
+
+    on_device = [
+        i
+        for i, x in enumerate(leaves)
+        if per_process is not None
+        and isinstance(x, jax.Array)
+        and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ]
+    if on_device:
+        targets = tuple(NamedSharding(per_process, spec_of(leaves[i])) for i in on_device)
+        moved = _reshard(targets)([leaves[i] for i in on_device])
+        for i, y in zip(on_device, moved, strict=True):
+            shards = [shard.data for shard in y.addressable_shards]
+            sharding = NamedSharding(local, spec_of(leaves[i]))
+            leaves[i] = jax.make_array_from_single_device_arrays(y.shape, sharding, shards)
+    done = set(on_device)
+
+    def through_host(x):
         if not isinstance(x, jax.Array):
             return x
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -353,4 +392,12 @@ def local_copy(tree: Any, mesh: Mesh) -> Any:
             return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
         return jax.device_put(gather_to_host(x), _local_sharding(x.sharding, local))
 
-    return jax.tree.map(copy, tree)
+    leaves = [x if i in done else through_host(x) for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@functools.lru_cache(maxsize=16)
+def _reshard(targets: tuple[NamedSharding, ...]):
+    """A jitted identity of a list of arrays onto `targets` (one per layout: its compiled
+    programs are cached by jit per shape)."""
+    return jax.jit(lambda arrays: arrays, out_shardings=list(targets))

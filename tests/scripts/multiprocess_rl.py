@@ -172,6 +172,7 @@ def main() -> None:
     )
     grpo.run(cfg)
     pid = jax.process_index()
+    check_local_copy(Path(args.out), pid)
     seen = {"seen": SEEN, "advantages": advantages}
     (Path(args.out) / f"seen-{pid}.json").write_text(json.dumps(seen))
     if pid == 0:  # the resumed run writes its own summary (no evaluation before)
@@ -192,6 +193,43 @@ def main() -> None:
     run_async(cfg, Path(args.out), pid, advantages)
     advantages.clear()
     run_images(cfg, Path(args.out), pid, advantages)
+
+
+def check_local_copy(out: Path, pid: int) -> None:
+    """`processes.local_copy` of arrays on the run's global mesh (fsdp=4 x tensor=2): written
+    to OUT/local-copy-I.json, whether it took the device path (`process_mesh`), each copy's
+    devices and spec, and whether its values equal the global array's."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from postax.parallel import MeshConfig, make_mesh
+    from postax.train.processes import gather_to_host, local_copy, process_mesh
+
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+    values = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+
+    def placed(host: np.ndarray, spec: P) -> jax.Array:  # each process its own shards
+        return jax.make_array_from_callback(
+            host.shape, NamedSharding(mesh, spec), lambda index: host[index]
+        )
+
+    tree = {
+        "sharded": placed(values, P("fsdp", "tensor")),
+        "replicated": placed(values[0], P()),
+        "key": jax.random.wrap_key_data(placed(np.asarray([0, 3], np.uint32), P())),
+    }
+    copy = local_copy(tree, mesh)
+    report = {"device_path": process_mesh(mesh) is not None}
+    for name, array in copy.items():
+        data = jax.random.key_data(array) if name == "key" else array
+        original = jax.random.key_data(tree[name]) if name == "key" else tree[name]
+        report[name] = {
+            "local": {d.process_index for d in array.sharding.device_set} == {pid},
+            "devices": len(array.sharding.device_set),
+            "spec": [str(axis) for axis in array.sharding.spec],
+            "equal": bool(np.array_equal(np.asarray(data), gather_to_host(original))),
+        }
+    (out / f"local-copy-{pid}.json").write_text(json.dumps(report))
 
 
 def run_ppo(grpo_cfg, out: Path, pid: int) -> None:

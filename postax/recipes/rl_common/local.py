@@ -7,8 +7,9 @@ done): as one SPMD program over the global mesh, every process would have to tak
 host decisions for rows it does not hold. Instead each process samples from a copy of the
 policy on its own devices (`LocalPolicy`, `processes.local_copy` over `mesh.local_mesh`): no
 collective runs during generation, and the Sampler is the single-process one, unchanged. The
-copy costs one gather of the weights per rollout batch (and per held-out evaluation) and lives
-only while sampling (`release` frees it before the updates).
+copy costs one all-gather of the weights across processes per rollout batch (and per held-out
+evaluation), device to device (`processes.process_mesh`), and lives only while sampling
+(`release` frees it before the updates).
 
 After sampling and scoring, one exchange (`processes.allgather_objects`: token ids, sampler
 log-probs, rewards; kilobytes to megabytes, small beside the sampling) gives every process

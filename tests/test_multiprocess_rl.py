@@ -19,7 +19,8 @@ the same completions and rewards, values, returns and advantages within 1e-6 / 5
 (`TARGETS_ATOL`), losses and final parameters (policy and value head) within 1e-6, and the
 checkpoint the pair wrote restores its parameters bitwise. Then on-policy distillation, GRPO
 with `env:` episodes, GRPO with asynchronous rollouts and GRPO with image prompts on a tiny
-vision-language model (see the script). The tests after the runs check the pieces in this
+vision-language model, then the preference and reward-model recipes with their exports (see
+the script). The tests after the runs check the pieces in this
 process.
 """
 
@@ -368,6 +369,29 @@ def test_grpo_with_image_prompts_on_two_processes_equals_one(runs):
         assert b["first_logprob_mismatch"] < 1e-5  # the images reached the rows they belong to
         for name in ("loss", "policy_loss", "grad_norm", "first_logprob_mismatch"):
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), name
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_pair_recipes_and_their_exports_on_two_processes_equal_one(runs, recipe):
+    """`postax preference` (DPO with its reference cache) and `postax reward-model` on the pair
+    of processes: the losses of one process, and the Hugging Face export (written once, by
+    process 0, from the gathered weights) within 1e-6 of one process's."""
+    from safetensors.numpy import load_file
+
+    def losses(run: Path) -> list[float]:
+        rows = metric_rows(run / recipe)
+        return [r["loss"] for r in rows if "loss" in r and "step" in r]
+
+    one, two = losses(runs / "one"), losses(runs / "two")
+    assert len(one) == 2
+    assert two == pytest.approx(one, rel=1e-6, abs=1e-7)
+    a = load_file(runs / "one" / recipe / "final" / "model.safetensors")
+    b = load_file(runs / "two" / recipe / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 5
+    if recipe == "reward":
+        assert "score.weight" in a  # the reward head, exported with the decoder
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_local_copies_are_whole_on_each_process_without_the_host(runs):

@@ -56,6 +56,10 @@ model (tests/image_fixtures.py) into OUT/images, 2 iterations of 4 image prompts
 (rewards: completion lengths) and 6 held-out image prompts before and after, over an fsdp=8
 mesh. OUT/images-I.json holds what the reward function scored, the advantages and the
 held-out results.
+
+Pairs, in the same processes: `postax preference` (DPO, its reference cache) into OUT/dpo and
+`postax reward-model` into OUT/reward, 2 SGD steps each over the first 32 pairs of
+examples/preference_tiny in batches of 8, each exported to OUT/<run>/final (process 0, gathered weights).
 """
 
 from __future__ import annotations
@@ -193,6 +197,7 @@ def main() -> None:
     run_async(cfg, Path(args.out), pid, advantages)
     advantages.clear()
     run_images(cfg, Path(args.out), pid, advantages)
+    run_pairs(cfg, Path(args.out), pid)
 
 
 def check_local_copy(out: Path, pid: int) -> None:
@@ -459,6 +464,37 @@ def run_images(grpo_cfg, out: Path, pid: int, advantages: list) -> None:
     evals = {k: summary[k] for k in ("eval_before", "eval_after")}
     ran = {"seen": list(SEEN), "advantages": advantages, "evals": evals}
     (out / f"images-{pid}.json").write_text(json.dumps(ran))
+
+
+def run_pairs(grpo_cfg, out: Path, pid: int) -> None:
+    """The preference recipe (DPO with its reference cache) and the reward-model recipe, each
+    exported, over the same model, mesh and processes (see the module docstring)."""
+    from postax.data.preference import PreferenceDataConfig
+    from postax.recipes import preference, reward_model
+    from postax.train.optim import OptimizerConfig
+    from postax.train.trainer import TrainerConfig
+
+    source = Path(__file__).resolve().parents[2] / "examples" / "preference_tiny" / "train.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = out / f"pairs-{pid}.jsonl"  # 32 pairs, each process its own copy
+    pairs.write_text("".join(source.read_text().splitlines(keepends=True)[:32]))
+    common = dict(
+        tokenizer=grpo_cfg.tokenizer,
+        model=grpo_cfg.model,
+        data=PreferenceDataConfig(path=str(pairs), seq_len=48, batch_size=8),
+        trainer=TrainerConfig(
+            steps=2, log_every=1, progress=False, mesh=grpo_cfg.run.mesh, scan_layers=False
+        ),
+        # SGD: see run_distill
+        optimizer=OptimizerConfig(
+            name="sgd", learning_rate=0.5, beta1=0.0, schedule="constant", max_grad_norm=None
+        ),
+        checkpoint=grpo_cfg.checkpoint,
+        distributed=grpo_cfg.distributed,
+        export=True,
+    )
+    preference.run(preference.PreferenceConfig(output_dir=str(out / "dpo"), **common))
+    reward_model.run(reward_model.RewardModelConfig(output_dir=str(out / "reward"), **common))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ collectives through gloo instead of shared memory, and two XLA runtimes sharing 
 The model is Llama-shaped (vocab 8192, hidden 256, 4 layers, 8 heads; float32, AdamW, random
 tokens, every position trained). Reported per layout: the median step time over `--steps`
 steps after the first (each step waited for), tokens/s of the whole global batch, and the
-first step (compile) apart. Each layout runs in fresh processes.
+first step (compile) apart. Each layout runs in fresh processes. With two processes also the
+time to copy the weights whole onto each process (what RL samples from,
+`postax.train.processes.local_copy`): device to device against through the host.
 """
 
 from __future__ import annotations
@@ -83,6 +85,20 @@ def worker(args: argparse.Namespace) -> None:
         metrics = trainer.train_step(local, local=True)
         float(jax.device_get(metrics["loss"]))
         times.append(time.perf_counter() - start)
+    copies = {}
+    if args.num_processes > 1:  # the weights RL samples from: a whole copy on each process
+        from flax import nnx
+
+        from postax.train.processes import local_copy
+
+        state = nnx.state(trainer.model)
+        for path, via_host in (("device", False), ("host", True)):
+            seconds = []
+            for _ in range(6):
+                start = time.perf_counter()
+                jax.block_until_ready(local_copy(state, trainer.mesh, via_host=via_host))
+                seconds.append(time.perf_counter() - start)
+            copies[path] = statistics.median(seconds[1:])
     if jax.process_index() == 0:
         step = statistics.median(times[1:])
         result = {
@@ -91,6 +107,7 @@ def worker(args: argparse.Namespace) -> None:
             "first_step_s": times[0],
             "step_s": step,
             "tokens_per_second": args.batch * args.seq / step,
+            "weights_copy_s": copies,
         }
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -146,6 +163,12 @@ def main() -> None:
         )
     ratio = results[1]["tokens_per_second"] / results[0]["tokens_per_second"]
     print(f"2 x 1 / 1 x 2 tokens/s: {ratio:.2f}")
+    copies = results[1]["weights_copy_s"]
+    print(
+        "2 x 1, the weights whole on each process (local_copy, median of 5 after the first): "
+        f"device to device {copies['device'] * 1e3:.1f} ms, through the host "
+        f"{copies['host'] * 1e3:.1f} ms"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -323,13 +324,28 @@ def test_grpo_episodes_on_two_processes_equal_one(runs):
 def test_asynchronous_grpo_on_two_processes_equals_one(runs):
     """GRPO with `rollout.max_staleness: 1`: each process's producer thread sampled and scored
     its own prompts from the published local copies and exchanged them through the
-    coordinator's store; batches sampled by the same policy versions as one process's (the
-    second and third one version behind), the same completions, rewards and advantages
-    bitwise, losses within 1e-6."""
+    coordinator's store (no cross-process collective in the thread), while the trainer's
+    thread also ran a held-out evaluation; batches sampled by the same policy versions as one
+    process's (the second and third one version behind), the same completions, rewards and
+    advantages bitwise, the same held-out results, losses within 1e-6."""
     one = json.loads((runs / "one" / "async-0.json").read_text())
     parts = [json.loads((runs / "two" / f"async-{pid}.json").read_text()) for pid in (0, 1)]
-    # eval before (main thread), 3 iterations (the producer thread), eval after
-    assert_scored_in_halves(one["seen"], [p["seen"] for p in parts], [8, 16, 16, 16, 8])
+
+    def scored(run: dict, in_thread: bool) -> list:
+        return [r for r in run["seen"] if ("thread" in r) == in_thread]
+
+    # the producer thread: 3 iterations; the trainer's thread: evaluations before, after the
+    # second iteration (while the thread sampled the third batch) and after the run
+    for in_thread, sizes in ((True, [16, 16, 16]), (False, [8, 8, 8])):
+        assert_scored_in_halves(
+            scored(one, in_thread), [scored(p, in_thread) for p in parts], sizes
+        )
+    assert {r["thread"] for r in scored(parts[0], True)} == {"postax-rollout-producer"}
+    # the producer threads exchanged through the store: no cross-process collective ran there
+    # (the trainer's thread ran them, and Orbax's checkpoint threads their own)
+    for part in parts:
+        assert "MainThread" in part["collectives"]
+        assert "postax-rollout-producer" not in part["collectives"]
     assert len(one["advantages"]) == 3
     assert parts[0]["advantages"] == parts[1]["advantages"] == one["advantages"]
     for run in (one, *parts):
@@ -337,6 +353,16 @@ def test_asynchronous_grpo_on_two_processes_equals_one(runs):
         assert stats["staleness_histogram"] == {"0": 1, "1": 2}
         assert stats["dropped_stale_batches"] == 0
     assert parts[0]["summary"]["eval_after"] == one["summary"]["eval_after"]
+    evals = [
+        [
+            (r["step"], r["eval_reward"])
+            for r in metric_rows(runs / run / "async")
+            if "eval_reward" in r
+        ]
+        for run in ("one", "two")
+    ]
+    assert [step for step, _ in evals[0]] == [0, 2, 3]  # before, after iteration 2, after the run
+    assert evals[0] == evals[1]
     rows_one = iteration_rows(runs / "one" / "async")
     rows_two = iteration_rows(runs / "two" / "async")
     assert [r["policy_version"] for r in rows_one] == [0.0, 0.0, 1.0]
@@ -402,6 +428,7 @@ def test_local_copies_are_whole_on_each_process_without_the_host(runs):
     for pid in (0, 1):
         report = json.loads((runs / "two" / f"local-copy-{pid}.json").read_text())
         assert report["device_path"] is True
+        assert report["through_host"] == [[2]]  # the PRNG key's data only
         assert report["sharded"] == {
             "local": True,
             "devices": 4,
@@ -510,3 +537,140 @@ def test_merged_groups_are_the_batch_in_global_prompt_order():
     np.testing.assert_array_equal(merged.per_function["f"], [1, 2, 3, 4])
     assert merged.failures == {"f": 3} and merged.timeouts == {"f": 1}
     assert merged.records == ["r0", "r1"]
+
+
+class FakeStore:
+    """The coordinator's key-value store for `KeyValueExchange` in one process: `posts` holds
+    what peers will post (key -> value) after `delay` reads of a missing key."""
+
+    def __init__(self, posts: dict, delay: int = 0):
+        self.entries = {k: pickle.dumps(v) for k, v in posts.items()}
+        self.delay = delay
+        self.deleted: list[str] = []
+
+    def key_value_set_bytes(self, key, data):
+        self.entries[key] = data
+
+    def blocking_key_value_get_bytes(self, key, timeout_ms):
+        if self.delay:
+            self.delay -= 1
+            raise RuntimeError("DEADLINE_EXCEEDED: not there yet")
+        if key not in self.entries:
+            raise RuntimeError("DEADLINE_EXCEEDED: never posted")
+        return self.entries[key]
+
+    def key_value_delete(self, key):
+        self.deleted.append(key)
+        del self.entries[key]
+
+
+def test_key_value_exchange_pairs_keys_polls_and_deletes_what_was_read(monkeypatch):
+    """Process 1 of 2: its value and process 0's, in process order, under the exchange's key;
+    the stop check polled while process 0 has not posted; its own entry deleted at its next
+    exchange (and an abandoned one with it); a peer that never posts named after the timeout."""
+    import jax
+
+    from postax.parallel import DistributedError
+    from postax.train import processes
+
+    store = FakeStore({"postax/run/a/0": "zero-a", "postax/run/b/0": "zero-b"}, delay=2)
+    monkeypatch.setattr(processes, "multi_process", lambda: True)
+    monkeypatch.setattr(processes, "_store", lambda: store)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(processes.KeyValueExchange, "POLL_S", 0.001)
+    exchange = processes.KeyValueExchange("run")
+    polls = []
+    assert exchange("a", "one-a", poll=lambda: polls.append(1)) == ["zero-a", "one-a"]
+    assert len(polls) == 3  # two waits, then the read
+    assert store.deleted == [] and pickle.loads(store.entries["postax/run/a/1"]) == "one-a"
+
+    class Stopped(Exception):
+        pass
+
+    def stop():
+        raise Stopped
+
+    with pytest.raises(Stopped):  # a stopped thread leaves an exchange whose peer never posts
+        exchange("abandoned", "one-x", poll=stop)
+    assert exchange("b", "one-b") == ["zero-b", "one-b"]
+    assert store.deleted == ["postax/run/a/1", "postax/run/abandoned/1"]
+    patient = processes.KeyValueExchange("run", timeout_s=0.005)
+    with pytest.raises(DistributedError, match=r"process 0 posted no 'postax/run/c' within"):
+        patient("c", "one-c")
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process():
+    """`share_outcome`: the failing process raises its own error; the others, given its
+    `_Failed` part, raise the same type and message, noted with the process; an error that
+    does not pickle comes back as text; a stop of the producer thread is not exchanged."""
+    from postax.recipes.rl_common.local import _Failed, _pickles, share_outcome
+    from postax.rl.asynchronous import ProducerStopped
+    from postax.rl.envs import EpisodeError
+
+    error = EpisodeError("episode 5 (example 2, sample 1) of DigitsEnv: step() raised")
+    peer = _Failed(1, _pickles(error), f"EpisodeError: {error}")
+    with pytest.raises(EpisodeError, match=r"^episode 5 \(example 2") as raised:
+        share_outcome(lambda: ["mine"], lambda value: [value, peer])
+    assert raised.value.__notes__ == ["(raised on process 1 of this run)"]
+
+    exchanged = []
+
+    def failing():
+        raise error
+
+    with pytest.raises(EpisodeError) as raised:
+        share_outcome(failing, lambda value: exchanged.append(value) or [value, ["theirs"]])
+    assert raised.value is error and isinstance(exchanged[0], _Failed)
+    assert exchanged[0].process == 0 and exchanged[0].text.startswith("EpisodeError: episode 5")
+
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no")
+
+    assert _pickles(Unpicklable("x")) is None
+    text = _Failed(1, None, "Unpicklable: x")
+    with pytest.raises(RuntimeError, match=r"^process 1 failed: Unpicklable: x$"):
+        share_outcome(lambda: [], lambda value: [value, text])
+
+    def stopped():
+        raise ProducerStopped
+
+    with pytest.raises(ProducerStopped):
+        share_outcome(stopped, lambda value: pytest.fail("a stop is not exchanged"))
+
+
+def test_local_snapshots_copy_frozen_arrays_once(monkeypatch):
+    """`LocalSnapshots`: every published version copies the donated arrays; the others once,
+    while the trainer keeps them (a replaced one is copied again)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from postax.recipes.rl_common import local
+
+    copied = []
+
+    def fake_copy(leaves, mesh):
+        copied.append(len(leaves))
+        return [jnp.array(x) for x in leaves]
+
+    monkeypatch.setattr(local, "local_copy", fake_copy)
+
+    class Policy(nnx.Module):
+        def __init__(self):
+            self.frozen = nnx.Variable(jnp.ones(3))
+            self.trained = nnx.Param(jnp.zeros(3))
+
+    policy = Policy()
+    snapshots = local.LocalSnapshots(mesh=None)
+    first = snapshots(policy, donated={id(policy.trained[...])})
+    assert copied == [2]
+    policy.trained[...] = jnp.full(3, 2.0)  # the next version (a new array, donated)
+    second = snapshots(policy, donated={id(policy.trained[...])})
+    assert copied == [2, 1]
+    assert second["frozen"][...] is first["frozen"][...]  # shared, not copied again
+    np.testing.assert_array_equal(second["trained"][...], np.full(3, 2.0))
+    policy.frozen[...] = jnp.full(3, 5.0)  # a resume replaced the frozen array
+    third = snapshots(policy, donated={id(policy.trained[...])})
+    assert copied == [2, 1, 2]
+    np.testing.assert_array_equal(third["frozen"][...], np.full(3, 5.0))

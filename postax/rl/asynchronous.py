@@ -38,6 +38,11 @@ the producer needs next the producer still holds its previous one until it
 wakes: max(k + 1, 2) extra copies of the parameters at worst (2 in the
 lockstep k = 0 case). With LoRA only the adapters are copied. The
 producer's sampler also allocates its own KV cache while it decodes.
+With several processes (`snapshot`: `postax.recipes.rl_common.local.LocalSnapshots`)
+each version is a whole copy on this process's devices (the producer samples
+its own prompts there): the donated arrays copied per version as above, a
+frozen base copied once and shared, so each process holds one whole copy of
+the base besides its shard of the trainer's.
 
 The loss correction (k > 0 requires it: `check_staleness` in
 `postax.recipes.rl_common.config`): the batch's sampler log-probs come from
@@ -143,7 +148,7 @@ class RolloutProducerError(RuntimeError):
     """The producer thread failed; `__cause__` is the original exception."""
 
 
-class _Stopped(Exception):
+class ProducerStopped(Exception):
     """Raised in the producer thread at a phase boundary once its stop event is set."""
 
 
@@ -510,7 +515,7 @@ class AsyncProducer:
     def _run(self, first: int, floor_version: int, stop: threading.Event) -> None:
         def check_stop() -> None:
             if stop.is_set():
-                raise _Stopped
+                raise ProducerStopped
 
         iteration = first
         try:
@@ -537,7 +542,7 @@ class AsyncProducer:
                 self._idling(False)
                 if not put:
                     return
-        except _Stopped:  # left mid-batch: close() drops it, a restart restores the position
+        except ProducerStopped:  # left mid-batch: close() drops it, a restart restores the position
             self._idling(False)
         except BaseException as error:  # handed to the trainer thread, raised there
             self._idling(False)

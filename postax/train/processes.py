@@ -283,51 +283,74 @@ class KeyValueExchange:
     there while the trainer's thread runs collectives, whose order across processes it must
     not disturb).
 
-    `exchange(key, value)`: every process's `value` (picklable), in process order; `key` (a
-    string naming this exchange, the same on every process, never reused within
+    `exchange(key, value, poll=None)`: every process's `value` (picklable), in process order;
+    `key` (a string naming this exchange, the same on every process, never reused within
     `namespace`) pairs the processes' calls, so an exchange abandoned on some processes (a
-    producer thread stopped mid-batch) cannot be confused with a later one. Each process's
-    entry of an exchange is deleted at its next exchange: by then every process has read it
-    (a process posts to its next exchange only after reading all of this one). A peer that
-    does not post within `timeout_s` seconds raises `DistributedError` naming it. With one
-    process: `[value]`, no store."""
+    producer thread stopped mid-batch) cannot be confused with a later one. While waiting
+    for a peer it calls `poll()` every `POLL_S` seconds (the producer's stop check: raising
+    there leaves the exchange). This process's entries are deleted at its next completed
+    exchange: by then every process has read the last one (a process posts to its next
+    exchange only after reading all of this one), and an abandoned one is read by nobody.
+    A peer that has not posted within `timeout_s` seconds (None: wait while the peers live;
+    a dead one ends the run through jax.distributed's heartbeats) raises `DistributedError`
+    naming it. With one process: `[value]`, no store."""
 
-    def __init__(self, namespace: str, *, timeout_s: float = 1800.0):
+    POLL_S = 1.0
+
+    def __init__(self, namespace: str, *, timeout_s: float | None = None):
         self.namespace = namespace
         self.timeout_s = timeout_s
-        self._posted: str | None = None
+        self._pending: list[str] = []  # this process's entries, not yet known to be read
 
-    def __call__(self, key: str, value: Any) -> list[Any]:
+    def __call__(self, key: str, value: Any, *, poll: Callable[[], None] | None = None) -> list:
         if not multi_process():
             return [value]
-        from jax._src import distributed  # the store of jax.distributed (as Orbax uses it)
-
-        client = distributed.global_state.client
-        if client is None:
-            raise DistributedError("KeyValueExchange: jax.distributed is not initialised")
+        client = _store()
         me, count = jax.process_index(), jax.process_count()
         prefix = f"postax/{self.namespace}/{key}"
         mine = f"{prefix}/{me}"
         client.key_value_set_bytes(mine, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-        parts = []
-        for process in range(count):
-            if process == me:
-                parts.append(value)
-                continue
-            try:
-                data = client.blocking_key_value_get_bytes(
-                    f"{prefix}/{process}", int(self.timeout_s * 1000)
-                )
-            except Exception as error:  # a deadline or a coordinator that went away
-                raise DistributedError(
-                    f"process {me}: no {key!r} from process {process} within "
-                    f"{self.timeout_s:.0f} s ({type(error).__name__}: {error})"
-                ) from error
-            parts.append(pickle.loads(data))
-        if self._posted is not None:
-            client.key_value_delete(self._posted)
-        self._posted = mine
+        self._pending.append(mine)
+        parts = [
+            value if process == me else self._read(client, f"{prefix}/{process}", poll)
+            for process in range(count)
+        ]
+        for done in self._pending[:-1]:
+            client.key_value_delete(done)
+        self._pending = self._pending[-1:]
         return parts
+
+    def _read(self, client, entry: str, poll: Callable[[], None] | None) -> Any:
+        waited = 0.0
+        while True:
+            if poll is not None:
+                poll()
+            try:
+                data = client.blocking_key_value_get_bytes(entry, int(self.POLL_S * 1000))
+                return pickle.loads(data)
+            except Exception as error:  # DEADLINE_EXCEEDED: not posted yet; anything else: fatal
+                if "DEADLINE_EXCEEDED" not in str(error):
+                    raise DistributedError(
+                        f"process {jax.process_index()}: reading {entry!r} from the "
+                        f"coordinator failed: {type(error).__name__}: {error}"
+                    ) from error
+            waited += self.POLL_S
+            if self.timeout_s is not None and waited >= self.timeout_s:
+                process = entry.rsplit("/", 1)[1]
+                raise DistributedError(
+                    f"process {jax.process_index()}: process {process} posted no "
+                    f"{entry.rsplit('/', 1)[0]!r} within {self.timeout_s:.0f} s"
+                )
+
+
+def _store():
+    """jax.distributed's key-value store client (the coordinator's; Orbax uses it too)."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise DistributedError("KeyValueExchange: jax.distributed is not initialised")
+    return client
 
 
 def _local_sharding(sharding: Any, local: Mesh) -> NamedSharding:
@@ -339,14 +362,20 @@ def process_mesh(mesh: Mesh) -> Mesh | None:
     """A global mesh `("processes", *mesh.axis_names)` whose block for process p is p's
     `local_mesh` (its devices, laid out as there): an array sharded over it by a spec of
     `mesh`'s axis names is replicated across the processes and, within each, laid out as on
-    its local mesh. None when the processes' local meshes differ in shape."""
+    its local mesh. None when the processes' local meshes differ in shape or do not follow
+    one another in the mesh's device order."""
     blocks = [mesh._local_mesh(p).devices for p in range(jax.process_count())]
     if len({block.shape for block in blocks}) != 1:
         return None
-    return Mesh(np.stack(blocks), ("processes", *mesh.axis_names))
+    stacked = np.stack(blocks)
+    # a jitted reshard needs the same device order on both sides: the processes' blocks must
+    # follow one another in the mesh's own order (process-major, as on GPU hosts)
+    if list(stacked.flat) != list(mesh.devices.flat):
+        return None
+    return Mesh(stacked, ("processes", *mesh.axis_names))
 
 
-def local_copy(tree: Any, mesh: Mesh) -> Any:
+def local_copy(tree: Any, mesh: Mesh, *, via_host: bool = False) -> Any:
     """A copy of `tree` (arrays placed on the global `mesh`, or replicated) whole on this
     process's devices only: placed on `mesh.local_mesh` (this process's devices, the same axis
     names) under the same partition spec. Computations on the copy involve no other process.
@@ -356,12 +385,13 @@ def local_copy(tree: Any, mesh: Mesh) -> Any:
     Device to device: one jitted reshard onto `process_mesh` (the gathers across processes
     run over the devices' interconnect) whose shards on this process's devices are the local
     copy's; no weight passes through the host, and no device holds more than its share of
-    the local copy. PRNG keys, and every array when the processes' local meshes differ in
-    shape, go through the host (`gather_to_host`)."""
+    the local copy. PRNG keys, arrays not placed on `mesh`, and every array when
+    `process_mesh` has none (or with `via_host`: benchmarks/multihost.py compares the two) go
+    through the host (`gather_to_host`)."""
     if not multi_process():
         return tree
     local = mesh.local_mesh
-    per_process = process_mesh(mesh)
+    per_process = None if via_host else process_mesh(mesh)
     leaves, treedef = jax.tree.flatten(tree)
 
     def spec_of(x) -> P:
@@ -373,6 +403,8 @@ def local_copy(tree: Any, mesh: Mesh) -> Any:
         if per_process is not None
         and isinstance(x, jax.Array)
         and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        and isinstance(x.sharding, NamedSharding)
+        and x.sharding.mesh == mesh
     ]
     if on_device:
         targets = tuple(NamedSharding(per_process, spec_of(leaves[i])) for i in on_device)

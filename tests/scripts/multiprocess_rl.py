@@ -48,8 +48,10 @@ the held-out results.
 
 Asynchronous rollouts, in the same processes: `postax grpo` with `rollout.max_staleness: 1`
 (the importance-corrected loss) into OUT/async, 3 iterations (the third batch sampled by the
-weights after the first). OUT/async-I.json holds what the producer thread's reward function
-scored, the advantages and the run summary.
+weights after the first) and a held-out evaluation every 2 (the second while the producer
+thread samples the third batch). OUT/async-I.json holds what the reward function scored (in
+the producer thread: marked with its name), the advantages, the run summary and the threads
+that ran a cross-process collective (`process_allgather`, recorded by a wrapper).
 
 Image prompts, in the same processes: `postax grpo` on a tiny random Gemma 3 vision-language
 model (tests/image_fixtures.py) into OUT/images, 2 iterations of 4 image prompts x 2 samples
@@ -67,6 +69,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import jax
@@ -78,8 +81,11 @@ SEEN: list[dict] = []
 def digits(prompts, completions, **fields):
     """The share of digits in each completion (rewards vary), recording what it scores."""
     scores = [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    thread = threading.current_thread().name
     for prompt, completion, score in zip(prompts, completions, scores, strict=True):
         SEEN.append({"prompt": prompt, "completion": completion, "reward": score})
+        if thread != "MainThread":
+            SEEN[-1]["thread"] = thread
     return scores
 
 
@@ -202,8 +208,9 @@ def main() -> None:
 
 def check_local_copy(out: Path, pid: int) -> None:
     """`processes.local_copy` of arrays on the run's global mesh (fsdp=4 x tensor=2): written
-    to OUT/local-copy-I.json, whether it took the device path (`process_mesh`), each copy's
-    devices and spec, and whether its values equal the global array's."""
+    to OUT/local-copy-I.json, whether it took the device path (`process_mesh`), the shapes of
+    the arrays it sent through the host, each copy's devices and spec, and whether its values
+    equal the global array's."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -223,8 +230,16 @@ def check_local_copy(out: Path, pid: int) -> None:
         "replicated": placed(values[0], P()),
         "key": jax.random.wrap_key_data(placed(np.asarray([0, 3], np.uint32), P())),
     }
-    copy = local_copy(tree, mesh)
-    report = {"device_path": process_mesh(mesh) is not None}
+    from postax.train import processes
+
+    through_host = []  # the arrays local_copy sends through the host
+    gather = processes.gather_to_host
+    processes.gather_to_host = lambda x: through_host.append(x.shape) or gather(x)
+    try:
+        copy = local_copy(tree, mesh)
+    finally:
+        processes.gather_to_host = gather
+    report = {"device_path": process_mesh(mesh) is not None, "through_host": through_host}
     for name, array in copy.items():
         data = jax.random.key_data(array) if name == "key" else array
         original = jax.random.key_data(tree[name]) if name == "key" else tree[name]
@@ -392,20 +407,40 @@ def run_episodes(grpo_cfg, out: Path, pid: int, advantages: list) -> None:
 def run_async(grpo_cfg, out: Path, pid: int, advantages: list) -> None:
     """GRPO with asynchronous rollouts (`rollout.max_staleness: 1`) over the same model, mesh
     and processes (see the module docstring)."""
+    from jax.experimental import multihost_utils
+
     from postax.losses.policy import PolicyLossConfig
     from postax.recipes import grpo
+    from postax.recipes.rl_common.config import EvalConfig
 
+    collectives: set[str] = set()  # the threads that ran a cross-process collective
+    allgather = multihost_utils.process_allgather
+
+    def recorded(*a, **kw):
+        collectives.add(threading.current_thread().name)
+        return allgather(*a, **kw)
+
+    multihost_utils.process_allgather = recorded
     SEEN.clear()
     cfg = dataclasses.replace(
         grpo_cfg,
         output_dir=str(out / "async"),
+        eval=EvalConfig(every=2),  # the second evaluation while the thread samples the third batch
         iterations=3,
         rollout=dataclasses.replace(grpo_cfg.rollout, max_staleness=1),
         policy=PolicyLossConfig(kl_coef=0.05, importance_cap=2.0),
         export=False,
     )
-    summary = grpo.run(cfg)
-    ran = {"seen": list(SEEN), "advantages": advantages, "summary": summary}
+    try:
+        summary = grpo.run(cfg)
+    finally:
+        multihost_utils.process_allgather = allgather
+    ran = {
+        "seen": list(SEEN),
+        "advantages": advantages,
+        "summary": summary,
+        "collectives": sorted(collectives),
+    }
     (out / f"async-{pid}.json").write_text(json.dumps(ran, default=str))
 
 

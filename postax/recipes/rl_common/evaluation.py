@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from postax.recipes.rl_common.local import LocalPolicy, play_share
+from postax.recipes.rl_common.local import LocalPolicy, play_share, share_outcome
 from postax.recipes.rl_common.producers import episode_runner
 from postax.rl.envs import EpisodeRunner, episode_metrics, episode_returns, record_example
 from postax.rl.envs.tools import tool_metrics
@@ -55,21 +55,23 @@ class Evaluator:
         share = process_share(len(self.records))
         records = self.records[share.start : share.stop]
         names = [spec.name for spec in self.runner.specs]
-        values = {n: np.zeros(0, np.float32) for n in names}
-        rewards, lengths = np.zeros(0, np.float32), np.zeros(0, np.float64)
-        if records:
-            with self.local.use() if self.local else contextlib.nullcontext():
-                pixels = None if self.images is None else [self.images.pixels(r) for r in records]
-                completions = self.sampler.generate_many(
-                    [(r.ids, self._sampling()) for r in records], images=pixels
-                )
+
+        def sample_and_score() -> tuple:
+            if not records:
+                empty = np.zeros(0, np.float32)
+                return {n: empty for n in names}, empty, np.zeros(0, np.float64)
+            pixels = None if self.images is None else [self.images.pixels(r) for r in records]
+            completions = self.sampler.generate_many(
+                [(r.ids, self._sampling()) for r in records], images=pixels
+            )
             groups = score_completions(self.runner, self.tokenizer, records, completions, 1)
-            values, rewards = groups.per_function, groups.rewards
             lengths = np.asarray([c.num_tokens for c in groups.completions], np.float64)
-        elif self.local:  # the copy is a collective: taken by every process
-            with self.local.use():
-                pass
-        parts = allgather_objects((values, rewards, lengths))
+            return groups.per_function, groups.rewards, lengths
+
+        # the copy is a collective, taken by every process (also one without records); a
+        # failure on one process's records is raised on all (`share_outcome`)
+        with self.local.use() if self.local else contextlib.nullcontext():
+            parts = share_outcome(sample_and_score, allgather_objects)
         per_function = {n: np.concatenate([p[0][n] for p in parts]) for n in names}
         metric = self.metric or names[0]
         out = {f"reward_{n}": float(np.mean(v)) for n, v in per_function.items()}

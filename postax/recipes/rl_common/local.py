@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pickle
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -55,6 +57,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from postax.rl.asynchronous import ProducerStopped
 from postax.rl.envs import EpisodeGroups, EpisodeProducer, episode_returns, record_example
 from postax.rl.envs.episode import Episode, EpisodeRunner
 from postax.rl.groups import Groups, score_completions
@@ -120,6 +123,35 @@ class LocalPolicy:
             self.release()
 
 
+class LocalSnapshots:
+    """`AsyncProducer`'s `snapshot` with several processes: each published policy version as a
+    whole copy on this process's devices (`local_copy`, a collective the trainer's thread
+    takes at the same point on every process). Arrays the train step donates (the trained
+    parameters, mutable RNG state) are copied for every version; the others (a frozen LoRA or
+    quantised base) once, and shared by every later version while the trainer keeps the same
+    array (a resume that replaced it is copied again), as one process shares them. Which
+    arrays are copied depends only on the program's own state, so every process takes the
+    same collective."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self._kept: dict[int, tuple[Any, Any]] = {}  # leaf position -> (global array, copy)
+
+    def __call__(self, policy: nnx.Module, donated: set[int]) -> nnx.State:
+        leaves, treedef = jax.tree.flatten(nnx.state(policy))
+        fresh = [
+            i
+            for i, x in enumerate(leaves)
+            if id(x) in donated or i not in self._kept or self._kept[i][0] is not x
+        ]
+        copies = dict(zip(fresh, local_copy([leaves[i] for i in fresh], self.mesh), strict=True))
+        out = [copies[i] if i in copies else self._kept[i][1] for i in range(len(leaves))]
+        self._kept = {
+            i: (leaves[i], out[i]) for i in range(len(leaves)) if id(leaves[i]) not in donated
+        }
+        return jax.tree.unflatten(treedef, out)
+
+
 def merge_groups(records: list, parts: list[tuple], offsets: list[int]) -> Groups:
     """The scored groups of every process (`parts`: per process, its completions, rewards,
     per-function scores, failures and timeouts, in process order) as one batch of `records`,
@@ -146,25 +178,77 @@ def merge_groups(records: list, parts: list[tuple], offsets: list[int]) -> Group
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    """What a process that failed on its share sends in place of its part: the exception
+    (None when it does not pickle) and its text."""
+
+    process: int
+    error: BaseException | None
+    text: str
+
+
+def _pickles(error: BaseException) -> BaseException | None:
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:
+        return None
+
+
+def share_outcome(compute: Callable[[], Any], gather: Callable[[Any], list]) -> list:
+    """Every process's `compute()` (this process's share of a batch), exchanged by `gather`;
+    when any process's raised, every process raises: its own error where it failed, else the
+    first failed process's (the same type and message, noted with the process). So a failure
+    on one process's share (an environment that raised, a sampling error) ends every process
+    with it instead of leaving the others waiting in the exchange. A stop of the producer
+    thread (`ProducerStopped`) is not exchanged: it leaves at once."""
+    failed_here = None
+    try:
+        value = compute()
+    except ProducerStopped:
+        raise
+    except Exception as error:
+        failed_here = error
+        value = _Failed(jax.process_index(), _pickles(error), f"{type(error).__name__}: {error}")
+    parts = gather(value)
+    if failed_here is not None:
+        raise failed_here
+    for part in parts:
+        if isinstance(part, _Failed):
+            if part.error is None:
+                raise RuntimeError(f"process {part.process} failed: {part.text}")
+            part.error.add_note(f"(raised on process {part.process} of this run)")
+            raise part.error
+    return parts
+
+
 def play_share(
     runner: EpisodeRunner, records: list, *, seed: int, timer=None, gather=allgather_objects
 ) -> list[Episode]:
     """The episodes of `records` (example-major) on several processes: each plays its block of
     the records (`process_share`) with the runner's sampler (a local copy of the policy) under
     the whole batch's episode numbers, so every episode draws what one process would draw;
-    one exchange (`gather`) gives every process all of them, in the records' order. The
-    environments of an episode run on the process that plays it (rewards where the rows are)."""
+    one exchange (`gather`, through `share_outcome`: an environment error on one process is
+    raised on all) gives every process all of them, in the records' order. The environments
+    of an episode, and so its rewards, run on the process that plays it."""
     timer = timer or (lambda phase: contextlib.nullcontext())
     share = process_share(len(records))
-    mine = runner.run(
-        [record_example(r) for r in records[share.start : share.stop]],
-        seed=seed,
-        timer=timer,
-        first_example=share.start,
-    )
-    with timer("gather"):
-        parts = gather(mine)
+
+    def play() -> list[Episode]:
+        return runner.run(
+            [record_example(r) for r in records[share.start : share.stop]],
+            seed=seed,
+            timer=timer,
+            first_example=share.start,
+        )
+
+    parts = share_outcome(play, lambda value: _timed(timer, "gather", gather, value))
     return [episode for part in parts for episode in part]
+
+
+def _timed(timer, phase: str, function: Callable[[Any], Any], value: Any) -> Any:
+    with timer(phase):
+        return function(value)
 
 
 class _Split:
@@ -195,10 +279,13 @@ class _Split:
         finally:
             self.local.release()
 
-    def gather(self, key: str, value: Any) -> list[Any]:
+    def gather(self, key: str, value: Any, timer=None) -> list[Any]:
+        """Every process's `value`; while waiting on the store, the producer thread's stop
+        check (`timer.on_phase`, a `Timer`'s) is polled."""
         if self.exchange is None:
             return allgather_objects(value)
-        return self.exchange(f"{self.restores}/{key}", value)
+        poll = getattr(timer, "on_phase", None)
+        return self.exchange(f"{self.restores}/{key}", value, poll=poll)
 
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
@@ -224,7 +311,7 @@ class SplitEpisodeProducer(_Split, EpisodeProducer):
                 records,
                 seed=rollout_seed(self.seed, iteration, 0),
                 timer=timer,
-                gather=lambda value: self.gather(f"episodes/{iteration}", value),
+                gather=lambda value: self.gather(f"episodes/{iteration}", value, timer),
             )
         group = self.runner.config.episodes_per_example
         return EpisodeGroups(records, episodes, episode_returns(episodes), group)
@@ -252,15 +339,20 @@ class SplitRolloutProducer(_Split, RolloutProducer):
         records = next(self.prompts).records
         share = process_share(len(records))
         mine = records[share.start : share.stop]
-        with timer("generate"):  # the streams of a single process: global sample ids
-            completions = self.sample(mine, sampling, seed_offsets=[i * group for i in share])
-        with timer("reward"):
-            part = score_completions(self.runner, self.tokenizer, mine, completions, group)
-        with timer("gather"):
-            parts = self.gather(
-                f"rollouts/{iteration}/{round_index}",
-                (part.completions, part.rewards, part.per_function, part.failures, part.timeouts),
-            )
+
+        def sample_and_score() -> tuple:
+            with timer("generate"):  # the streams of a single process: global sample ids
+                offsets = [i * group for i in share]
+                completions = self.sample(mine, sampling, seed_offsets=offsets)
+            with timer("reward"):
+                part = score_completions(self.runner, self.tokenizer, mine, completions, group)
+            return part.completions, part.rewards, part.per_function, part.failures, part.timeouts
+
+        key = f"rollouts/{iteration}/{round_index}"
+        parts = share_outcome(
+            sample_and_score,
+            lambda value: _timed(timer, "gather", lambda v: self.gather(key, v, timer), value),
+        )
         offsets = [process_share(len(records), p).start for p in range(len(parts))]
         return merge_groups(records, parts, offsets)
 
@@ -284,6 +376,7 @@ def score_inputs(trainer, rows: dict[str, np.ndarray]) -> dict[str, Any]:
 
 __all__ = [
     "LocalPolicy",
+    "LocalSnapshots",
     "SplitEpisodeProducer",
     "SplitRolloutProducer",
     "check_prompt_split",
@@ -291,4 +384,5 @@ __all__ = [
     "merge_groups",
     "play_share",
     "score_inputs",
+    "share_outcome",
 ]

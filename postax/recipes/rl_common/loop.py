@@ -37,13 +37,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from postax.data.images import image_inputs
 from postax.recipes.common import encoding_share, export, finish_run, load_data, make_trainer
 from postax.recipes.rl_common.config import check_rows
 from postax.recipes.rl_common.evaluation import Evaluator, make_evaluator
-from postax.recipes.rl_common.local import LocalPolicy
+from postax.recipes.rl_common.local import LocalPolicy, LocalSnapshots
 from postax.recipes.rl_common.producers import NoRewards, make_producer
 from postax.recipes.rl_common.reference import Reference
 from postax.recipes.sft import source_config
@@ -58,7 +57,7 @@ from postax.rl.tools.render import with_tools
 from postax.sampling.sampler import Sampler
 from postax.tokenizer.jinja_env import ChatTemplateError
 from postax.train.plot import plot_metrics, plot_skipped_because
-from postax.train.processes import KeyValueExchange, local_copy, multi_process
+from postax.train.processes import KeyValueExchange, multi_process
 from postax.train.trainer import Trainer, TrainerConfig
 from postax.validation import ConfigError
 
@@ -387,7 +386,7 @@ def start_loop(cfg, trainer: Trainer, data: RunData, policy) -> Loop:
             producer,
             module=producer_sampler.model,
             max_staleness=staleness,
-            snapshot=lambda live, donated: local_copy(nnx.state(live), trainer.mesh),
+            snapshot=LocalSnapshots(trainer.mesh),
         )
     numbers, resumed = trainer.start_iterations(
         cfg.iterations, cfg.update.steps_per_iteration, producer

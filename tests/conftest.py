@@ -87,6 +87,43 @@ def smollm2(tmp_path_factory):
     return gguf_file, out
 
 
+# The files that take longest, longest first (seconds of one worker in a `-n 2` run with the
+# flags above, measured 2026-12-04; a name missing or renamed only costs balance). pytest-xdist's
+# --dist loadfile hands whole files to workers in collection order, by default reordered by
+# test count, which puts the single-launch files (one long subprocess run, few tests) last: one
+# worker then idles while the other finishes them. Longest first, the run ends on short files.
+# test_smollm2_export.py waits for test_smollm2.py's conversion (the `smollm2` fixture's lock),
+# so it starts a few files later.
+LONGEST_FILES_FIRST = (
+    "test_multiprocess_rl.py",  # ~100-160 s
+    "test_smollm2.py",  # ~85 s, converts SmolLM2 for both files
+    "test_preference_recipe.py",  # ~60-110 s
+    "test_configs.py",  # ~75 s
+    "test_smollm2_export.py",  # ~80 s
+    "test_trainer.py",  # ~50 s
+    "test_moe_recipes.py",
+    "test_models.py",
+    "test_multiprocess.py",
+    "test_memory_options.py",
+    "test_presets.py",
+    "test_stack.py",
+    "test_sampling.py",
+    "test_launch.py",
+    "test_async_rollouts.py",  # ~30 s; every other file under ~20 s
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files in LONGEST_FILES_FIRST first, in its order; the others after, as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_unconfigure(config):
     """The process that made the run's compilation cache removes it."""
     if os.environ.get("POSTAX_TEST_XLA_CACHE_OWNER") == str(os.getpid()):

@@ -342,28 +342,60 @@ def test_command_line_runs_both_recipes_with_overrides(files):
     assert rm_config["architectures"] == ["LlamaForSequenceClassification"]
 
 
-def test_dpo_on_eight_devices_equals_one_device(tmp_path):
-    """Pairs split over a data axis and weights over a tensor axis: same losses and update."""
-    script = Path(__file__).parent / "scripts" / "dpo_tiny.py"
+@pytest.fixture(scope="module")
+def eight_devices(files, tmp_path_factory) -> dict[int, tuple[dict, dict]]:
+    """Devices (1, 8) -> (tests/scripts/dpo_tiny.py's results, the recipe's summary.json).
 
-    def run(out, *args, devices):
+    One subprocess per device count runs both: the script's DPO steps on a data x tensor mesh,
+    then the whole recipe (`postax preference`, reference cache and held-out evaluation
+    included) on the same mesh from a YAML file."""
+    root = tmp_path_factory.mktemp("eight_devices")
+    script = Path(__file__).parent / "scripts" / "dpo_tiny.py"
+    model = ", ".join(
+        f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in MODEL.items()
+    )
+    out = {}
+    for devices, mesh, overrides in (
+        (1, [], []),
+        (
+            8,
+            ["--data", "4", "--tensor", "2"],
+            ["trainer.mesh.data=4", "trainer.mesh.fsdp=1", "trainer.mesh.tensor=2"],
+        ),
+    ):
+        name = f"devices{devices}"
+        (root / f"{name}.yaml").write_text(
+            f"output_dir: {root / name}\ntokenizer: {files['tokenizer']}\n"
+            f"model: {{config: {{{model}}}}}\n"
+            f"data: {{path: {files['train']}, seq_len: 24, batch_size: 4}}\n"
+            f"eval_data: {{path: {files['heldout']}, seq_len: 24, batch_size: 4, shuffle: false}}\n"
+            "optimizer: {learning_rate: 3.0e-3, warmup_steps: 0, schedule: constant}\n"
+            "trainer: {steps: 3, progress: false}\nexport: false\n"
+        )
         env = dict(
             os.environ,
             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
             PYTHONPATH=str(Path(__file__).parents[1]),
         )
+        recipe = ["--recipe", str(root / f"{name}.yaml"), *overrides]
         done = subprocess.run(
-            [sys.executable, str(script), str(out), *args],
+            [sys.executable, str(script), str(root / f"{name}.json"), *mesh, *recipe],
             env=env,
             capture_output=True,
             text=True,
             timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        return json.loads(out.read_text())
+        out[devices] = (
+            json.loads((root / f"{name}.json").read_text()),
+            json.loads((root / name / "summary.json").read_text()),
+        )
+    return out
 
-    single = run(tmp_path / "one.json", devices=1)
-    sharded = run(tmp_path / "eight.json", "--data", "4", "--tensor", "2", devices=8)
+
+def test_dpo_on_eight_devices_equals_one_device(eight_devices):
+    """Pairs split over a data axis and weights over a tensor axis: same losses and update."""
+    (single, _), (sharded, _) = eight_devices[1], eight_devices[8]
     assert sharded["sharded"] > 0
     np.testing.assert_allclose(single["losses"], sharded["losses"], rtol=1e-5)
     assert single["losses"][0] != single["losses"][-1]
@@ -460,39 +492,9 @@ def test_per_pair_margins_reach_the_reward_model_loss(files, tmp_path):
         PreferenceDataset(data(str(tmp_path / "bad.jsonl"), margin_field="strength"), tokenizer)
 
 
-def test_dpo_recipe_on_eight_devices_equals_one_device(files, tmp_path):
+def test_dpo_recipe_on_eight_devices_equals_one_device(eight_devices):
     """The whole recipe, reference cache included, on a data x tensor mesh of fake devices."""
-    model = ", ".join(
-        f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in MODEL.items()
-    )
-
-    def run(name: str, devices: int, *overrides: str) -> dict:
-        (tmp_path / f"{name}.yaml").write_text(
-            f"output_dir: {tmp_path / name}\ntokenizer: {files['tokenizer']}\n"
-            f"model: {{config: {{{model}}}}}\n"
-            f"data: {{path: {files['train']}, seq_len: 24, batch_size: 4}}\n"
-            f"eval_data: {{path: {files['heldout']}, seq_len: 24, batch_size: 4, shuffle: false}}\n"
-            "optimizer: {learning_rate: 3.0e-3, warmup_steps: 0, schedule: constant}\n"
-            "trainer: {steps: 3, progress: false}\nexport: false\n"
-        )
-        env = dict(
-            os.environ,
-            XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
-            PYTHONPATH=str(Path(__file__).parents[1]),
-        )
-        command = [sys.executable, "-m", "postax.cli", "preference"]
-        done = subprocess.run(
-            [*command, "--config", str(tmp_path / f"{name}.yaml"), *overrides],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return json.loads((tmp_path / name / "summary.json").read_text())
-
-    single = run("one", 1)
-    sharded = run("eight", 8, "trainer.mesh.data=4", "trainer.mesh.fsdp=1", "trainer.mesh.tensor=2")
+    (_, single), (_, sharded) = eight_devices[1], eight_devices[8]
     assert sharded["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
     for key in ("loss", "accuracy", "margin", "reward_chosen"):
         assert sharded["eval"][key] == pytest.approx(single["eval"][key], rel=1e-4, abs=1e-6)

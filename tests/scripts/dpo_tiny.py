@@ -1,9 +1,11 @@
 """A few DPO steps of a tiny model on fixed random pairs; used by tests in subprocesses.
 
     python tests/scripts/dpo_tiny.py OUT_FILE [--data 4 --fsdp 1 --tensor 2]
+        [--recipe CONFIG [KEY=VALUE ...]]
 
 Writes OUT_FILE as JSON: {"losses": [...], "accuracy": [...], "params_sum": float,
-"sharded": number of parameters split over more than one device}.
+"sharded": number of parameters split over more than one device}. With --recipe, the same
+process then runs `postax preference --config CONFIG KEY=VALUE ...` (one JAX start for both).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--data", type=int, default=1)
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--recipe", nargs="+", metavar="CONFIG [KEY=VALUE]")
     args = parser.parse_args()
     trainer = Trainer(
         postax.build_model(TINY, seed=0),
@@ -88,6 +91,11 @@ def main() -> None:
             }
         )
     )
+    if args.recipe:
+        from postax.cli import main as postax_main
+
+        config, *overrides = args.recipe
+        assert postax_main(["preference", "--config", config, *overrides]) == 0
 
 
 if __name__ == "__main__":

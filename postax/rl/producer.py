@@ -182,8 +182,12 @@ class RolloutProducer:
         """The completions of `records` (with their pixels, for image prompts); `seed_offsets`:
         each record's first sample id (default: as a batch of its own)."""
         requests = [(r.ids, sampling) for r in records]
-        pixels = None if self.images is None else [self.images.pixels(r) for r in records]
-        return self.sampler.generate_many(requests, images=pixels, seed_offsets=seed_offsets)
+        options = {}  # only what is asked for: any sampler with generate_many(requests) serves
+        if self.images is not None:
+            options["images"] = [self.images.pixels(r) for r in records]
+        if seed_offsets is not None:
+            options["seed_offsets"] = seed_offsets
+        return self.sampler.generate_many(requests, **options)
 
     def state(self) -> dict[str, Any]:
         """The prompt position to checkpoint."""

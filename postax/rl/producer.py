@@ -31,10 +31,8 @@ interrupted one would have.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,11 +40,10 @@ import numpy as np
 from postax.rl.groups import Groups, collect_groups, score_completions
 from postax.rl.prompts import PromptImages
 from postax.rl.rewards import RewardRunner
+from postax.rl.timing import PhaseTimer, untimed
 from postax.sampling.config import SamplingConfig
 from postax.sampling.sampler import Sampler
 from postax.validation import ConfigError, is_int, is_number, require
-
-PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,10 +114,6 @@ def image_stop_ids(sampler: Sampler, stop_token_ids: tuple[int, ...] | None) -> 
     return stop if image_token in stop else (*stop, image_token)
 
 
-def _untimed(phase: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
 @dataclasses.dataclass
 class RolloutProducer:
     """Scored rollout groups from the live policy, one batch per iteration, in the caller's
@@ -141,7 +134,7 @@ class RolloutProducer:
     seed: int
     images: PromptImages | None = None
 
-    def produce(self, iteration: int, timer: PhaseTimer = _untimed) -> Groups:
+    def produce(self, iteration: int, timer: PhaseTimer = untimed) -> Groups:
         """The groups of iteration `iteration`'s rollout batch; `timer("generate")` and
         `timer("reward")` time the sampling and the scoring."""
         return collect_groups(
@@ -152,7 +145,7 @@ class RolloutProducer:
             rounds=self.rollout.max_sampling_rounds,
         )
 
-    def draw(self, iteration: int, round_index: int, *, timer: PhaseTimer = _untimed) -> Groups:
+    def draw(self, iteration: int, round_index: int, *, timer: PhaseTimer = untimed) -> Groups:
         """Samples and scores the next prompt batch (draw `round_index` of `iteration`)."""
         sampling = self.sampling(iteration, round_index)
         records = next(self.prompts).records

@@ -7,6 +7,13 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 
+PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
+
+
+def untimed(phase: str) -> contextlib.AbstractContextManager:
+    """The timer of a caller that does not time its phases."""
+    return contextlib.nullcontext()
+
 
 class Timer:
     """Seconds per phase name, summed over repeated phases; `began` is when it was made.

@@ -62,6 +62,7 @@ from postax.rl.envs import EpisodeGroups, EpisodeProducer, episode_returns, reco
 from postax.rl.envs.episode import Episode, EpisodeRunner
 from postax.rl.groups import Groups, score_completions
 from postax.rl.producer import RolloutProducer, rollout_seed
+from postax.rl.timing import PhaseTimer, untimed
 from postax.train.processes import (
     KeyValueExchange,
     allgather_objects,
@@ -102,17 +103,14 @@ class LocalPolicy:
         self.mesh = mesh
         graphdef, state = nnx.split(policy)
         self.module = nnx.merge(graphdef, state, copy=True)  # its own Variables
-        self.fresh = False
 
     def refresh(self) -> None:
         nnx.update(self.module, local_copy(nnx.state(self.policy), self.mesh))
-        self.fresh = True
 
     def release(self) -> None:
         for leaf in jax.tree.leaves(nnx.state(self.module)):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()
-        self.fresh = False
 
     @contextlib.contextmanager
     def use(self):
@@ -231,7 +229,7 @@ def play_share(
     one exchange (`gather`, through `share_outcome`: an environment error on one process is
     raised on all) gives every process all of them, in the records' order. The environments
     of an episode, and so its rewards, run on the process that plays it."""
-    timer = timer or (lambda phase: contextlib.nullcontext())
+    timer = timer or untimed
     share = process_share(len(records))
 
     def play() -> list[Episode]:
@@ -242,13 +240,8 @@ def play_share(
             first_example=share.start,
         )
 
-    parts = share_outcome(play, lambda value: _timed(timer, "gather", gather, value))
+    parts = share_outcome(play, gather)
     return [episode for part in parts for episode in part]
-
-
-def _timed(timer, phase: str, function: Callable[[Any], Any], value: Any) -> Any:
-    with timer(phase):
-        return function(value)
 
 
 class _Split:
@@ -279,13 +272,14 @@ class _Split:
         finally:
             self.local.release()
 
-    def gather(self, key: str, value: Any, timer=None) -> list[Any]:
-        """Every process's `value`; while waiting on the store, the producer thread's stop
-        check (`timer.on_phase`, a `Timer`'s) is polled."""
-        if self.exchange is None:
-            return allgather_objects(value)
-        poll = getattr(timer, "on_phase", None)
-        return self.exchange(f"{self.restores}/{key}", value, poll=poll)
+    def gather(self, key: str, value: Any, timer: PhaseTimer) -> list[Any]:
+        """Every process's `value`, timed as the "gather" phase; while waiting on the store,
+        the producer thread's stop check (`timer.on_phase`, a `Timer`'s) is polled."""
+        with timer("gather"):
+            if self.exchange is None:
+                return allgather_objects(value)
+            poll = getattr(timer, "on_phase", None)
+            return self.exchange(f"{self.restores}/{key}", value, poll=poll)
 
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
@@ -303,7 +297,7 @@ class SplitEpisodeProducer(_Split, EpisodeProducer):
     restores: int = 0
 
     def produce(self, iteration: int, timer=None) -> EpisodeGroups:
-        timer = timer or (lambda phase: contextlib.nullcontext())
+        timer = timer or untimed
         records = list(next(self.prompts).records)
         with self.fresh_weights(timer):
             episodes = play_share(
@@ -328,12 +322,12 @@ class SplitRolloutProducer(_Split, RolloutProducer):
     restores: int = 0
 
     def produce(self, iteration: int, timer=None) -> Groups:
-        timer = timer or (lambda phase: contextlib.nullcontext())
+        timer = timer or untimed
         with self.fresh_weights(timer):
             return super().produce(iteration, timer)
 
     def draw(self, iteration: int, round_index: int, *, timer=None) -> Groups:
-        timer = timer or (lambda phase: contextlib.nullcontext())
+        timer = timer or untimed
         sampling = self.sampling(iteration, round_index)
         group = sampling.num_samples
         records = next(self.prompts).records
@@ -349,10 +343,7 @@ class SplitRolloutProducer(_Split, RolloutProducer):
             return part.completions, part.rewards, part.per_function, part.failures, part.timeouts
 
         key = f"rollouts/{iteration}/{round_index}"
-        parts = share_outcome(
-            sample_and_score,
-            lambda value: _timed(timer, "gather", lambda v: self.gather(key, v, timer), value),
-        )
+        parts = share_outcome(sample_and_score, lambda value: self.gather(key, value, timer))
         offsets = [process_share(len(records), p).start for p in range(len(parts))]
         return merge_groups(records, parts, offsets)
 

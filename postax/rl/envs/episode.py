@@ -43,7 +43,6 @@ single-turn rollout (`generate_many` with num_samples G, seed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -60,14 +59,9 @@ from postax.rl.envs.protocol import (
 )
 from postax.rl.envs.registry import EnvSpec, make_env
 from postax.rl.envs.render import ChatRenderer
+from postax.rl.timing import PhaseTimer, untimed
 from postax.sampling.config import FINISH_LENGTH, SamplingConfig
 from postax.validation import ConfigError, is_int, is_number, require
-
-PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
-
-
-def untimed(phase: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

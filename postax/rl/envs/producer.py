@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from postax.rl.envs.episode import Episode, EpisodeRunner, PhaseTimer, untimed
+from postax.rl.envs.episode import Episode, EpisodeRunner
 from postax.rl.envs.pack import episode_metrics, episode_returns, pack_episodes
 from postax.rl.envs.tools import tool_metrics
 from postax.rl.producer import rollout_seed
 from postax.rl.prompts import PromptRecord
 from postax.rl.rollout import RolloutRows
+from postax.rl.timing import PhaseTimer, untimed
 
 
 def record_example(record: PromptRecord) -> dict[str, Any]:
